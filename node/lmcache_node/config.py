@@ -1,0 +1,330 @@
+"""The node's configuration: one pydantic-settings model, keys named as in LMCache.
+
+Precedence: CLI > config file (``--config`` or ``LMCACHE_CONFIG_FILE``, YAML) >
+``LMCACHE_*`` environment variables > defaults. Errors name the key, the value, what is
+allowed and where the value came from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+from lmcache_node.kvspec import (
+    KVSpecError,
+    LayerGroup,
+    check_mla,
+    groups_from_kv_shape,
+    parse_shape_spec,
+)
+from lmcache_node.sizes import SizeError, size_to_bytes, size_to_gb
+
+ENV_PREFIX = "LMCACHE_"
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+SECRET_KEYS = frozenset({"remote_url"})
+
+Device = Literal["cpu", "cuda", "xpu"]
+KVDtype = Literal["float16", "float32", "bfloat16", "uint8"]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says what, where from and what to do."""
+
+
+class NodeConfig(BaseSettings):
+    """Every setting of a cache node (server, engine and tiers)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        case_sensitive=False,
+    )
+
+    # --- engine (LMCache names) ---
+    chunk_size: int = Field(256, gt=0, le=1 << 20, description="Tokens per chunk (cache key unit).")
+    local_cpu: bool = Field(True, description="Keep chunks in the CPU memory tier (L1).")
+    max_local_cpu_size: float = Field(
+        5.0, ge=0, description="L1 pool size in GB (GiB); also accepts quantities like 4Gi."
+    )
+    local_disk: str | None = Field(
+        None, description="Local disk tier (L2) directory as file:///path/, or null for none."
+    )
+    max_local_disk_size: float = Field(
+        0.0, ge=0, description="L2 cap in GB (GiB); also accepts quantities like 100Gi."
+    )
+    remote_url: str | None = Field(
+        None,
+        description="Remote tier (L3): redis://, rediss://, unix://, valkey:// or redis-sentinel://",
+    )
+    remote_serde: Literal["naive", "zstd", "lz4"] = Field(
+        "naive", description="Remote value encoding: naive (raw), zstd or lz4 compression."
+    )
+    save_unfull_chunk: bool = Field(False, description="Also store a trailing partial chunk.")
+    extra_config: dict[str, Any] = Field(
+        default_factory=dict, description="Extra engine options, e.g. {use_odirect: true}."
+    )
+    cache_policy: Literal["LRU"] = Field("LRU", description="L1 eviction policy.")
+    blocking_timeout_secs: float = Field(
+        10.0, gt=0, description="Upper bound for blocking operations (seconds)."
+    )
+    internal_api_server_enabled: bool = Field(
+        False, description="Serve the HTTP API (the server always does; kept for LMCache configs)."
+    )
+    internal_api_server_port_start: int = Field(
+        6999, ge=1, le=65535, description="HTTP API port of the standalone starter."
+    )
+    # --- our additions ---
+    l1_page_size: int = Field(
+        1024**2,
+        gt=0,
+        description="L1 page size in bytes (quantities like 1Mi accepted); entries span pages.",
+    )
+    lock_ttl_secs: float = Field(
+        30.0, gt=0, description="Default lifetime of a lookup lock when the client names none."
+    )
+    write_policy: Literal["write_through", "write_on_evict"] = Field(
+        "write_through", description="When chunks flow from L1 to the lower tiers."
+    )
+    remote_timeout_secs: float = Field(1.0, gt=0, description="Timeout of each remote call.")
+    remote_ttl_secs: float | None = Field(
+        None, gt=0, description="Expiry of remote entries (seconds); null keeps them."
+    )
+    heartbeat_timeout_secs: float = Field(
+        30.0, gt=0, description="A client silent for this long is dropped with its resources."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level."
+    )
+    # --- server ---
+    host: str = Field("localhost", description="Address the ZMQ server binds (0.0.0.0 in pods).")
+    port: int = Field(5555, ge=1, le=65535, description="ZMQ port.")
+    http_port: int = Field(8080, ge=0, le=65535, description="HTTP API port (0 disables it).")
+    max_workers: int = Field(1, ge=1, le=256, description="Request worker threads.")
+    device: Device = Field("cpu", description="Device of the KV caches: cpu, cuda or xpu.")
+    # --- standalone starter / worker identity ---
+    model_name: str = Field("default", min_length=1, description="Model name (key namespace).")
+    worker_id: int = Field(0, ge=0, description="Worker rank (key namespace).")
+    world_size: int = Field(1, ge=1, description="Number of workers (key namespace).")
+    kv_dtype: KVDtype = Field("float16", description="KV dtype of the standalone buffers.")
+    kv_shape: str = Field(
+        "2,2,256,4,16", description="num_layers,2,chunk_size,num_kv_heads,head_size"
+    )
+    kvcache_shape_spec: str | None = Field(
+        None, description="Layer groups: (shape):dtype:layer_count;... (overrides kv_shape)."
+    )
+    use_mla: bool = Field(False, description="MLA layout (one latent vector per token).")
+    fmt: Literal["vllm"] = Field("vllm", description="KV layout family.")
+
+    @field_validator("max_local_cpu_size", "max_local_disk_size", mode="before")
+    @classmethod
+    def _gb(cls, value: object) -> float:
+        try:
+            return size_to_gb(value)
+        except SizeError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("l1_page_size", mode="before")
+    @classmethod
+    def _page_bytes(cls, value: object) -> int:
+        try:
+            return size_to_bytes(value, bare_unit=1)
+        except SizeError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("cache_policy", "log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("local_disk")
+    @classmethod
+    def _disk_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme != "file" or not parsed.path:
+            raise ValueError("use a file:// URL such as file:///var/cache/lmcache/")
+        return value
+
+    @field_validator("remote_url")
+    @classmethod
+    def _remote_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme = urlparse(value).scheme
+        allowed = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-sentinel")
+        if scheme not in allowed:
+            raise ValueError(f"the scheme must be one of {', '.join(allowed)}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> NodeConfig:
+        if self.local_disk is not None and self.max_local_disk_size <= 0:
+            raise ValueError(
+                "local_disk is set but max_local_disk_size is 0: give the disk tier a cap "
+                "(e.g. max_local_disk_size: 20)"
+            )
+        self.layer_groups()  # raises with the format and an example
+        return self
+
+    # --- derived values ---
+    @property
+    def l1_capacity_bytes(self) -> int:
+        return int(self.max_local_cpu_size * 1024**3) if self.local_cpu else 0
+
+    @property
+    def disk_path(self) -> Path | None:
+        return Path(urlparse(self.local_disk).path) if self.local_disk else None
+
+    @property
+    def disk_capacity_bytes(self) -> int:
+        return int(self.max_local_disk_size * 1024**3)
+
+    def layer_groups(self) -> list[LayerGroup]:
+        """The KV layer groups of the standalone starter, validated."""
+        try:
+            if self.kvcache_shape_spec:
+                groups = parse_shape_spec(self.kvcache_shape_spec)
+            else:
+                groups = groups_from_kv_shape(self.kv_shape, self.kv_dtype)
+            if self.use_mla:
+                check_mla(groups)
+        except KVSpecError as exc:
+            raise ValueError(str(exc)) from None
+        return groups
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective config with secrets hidden (for /config and logs)."""
+        data = self.model_dump()
+        for key in SECRET_KEYS:
+            if data.get(key):
+                data[key] = _redact_url(str(data[key]))
+        return data
+
+
+def _redact_url(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
+    return parsed._replace(netloc=netloc).geturl()
+
+
+def config_keys() -> list[str]:
+    """All configuration keys, in declaration order."""
+    return list(NodeConfig.model_fields)
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML config file into a mapping, with errors that name the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(
+            f"Config file {str(file)!r} does not exist or is not a file: pass an existing YAML "
+            f"file with --config or {CONFIG_FILE_ENV}"
+        )
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file {str(file)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"Config file {str(file)!r} must hold a mapping of keys to values, "
+            f"not a {type(data).__name__}"
+        )
+    unknown = sorted(str(k) for k in data if str(k) not in NodeConfig.model_fields)
+    if unknown:
+        raise ConfigError(
+            f"Config file {str(file)!r} has unknown key(s) {', '.join(unknown)}; "
+            f"known keys: {', '.join(config_keys())}"
+        )
+    return {str(k): v for k, v in data.items()}
+
+
+def load_config(
+    cli: Mapping[str, Any] | None = None,
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    require_file: bool = False,
+) -> NodeConfig:
+    """Build the effective config: CLI > config file > LMCACHE_* environment > defaults.
+
+    ``cli`` holds only the options the user gave (None values are ignored).
+    """
+    env = os.environ if environ is None else environ
+    cli_values = {k: v for k, v in (cli or {}).items() if v is not None}
+    unknown = sorted(k for k in cli_values if k not in NodeConfig.model_fields)
+    if unknown:
+        raise ConfigError(
+            f"Unknown setting(s) {', '.join(unknown)}; known keys: {', '.join(config_keys())}"
+        )
+    file_name = config_file or env.get(CONFIG_FILE_ENV) or None
+    if file_name is None and require_file:
+        raise ConfigError(
+            f"No config file specified: pass --config FILE or set {CONFIG_FILE_ENV}=FILE"
+        )
+    file_values = read_config_file(file_name) if file_name else {}
+    origins = {k: f"config file {file_name}" for k in file_values}
+    origins.update({k: "the command line" for k in cli_values})
+    merged = {**file_values, **cli_values}
+    saved_env: dict[str, str] | None = None
+    if environ is not None:  # pydantic-settings reads os.environ: swap it in for the call
+        saved_env = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(environ)
+    try:
+        return NodeConfig(**merged)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, origins, env)) from None
+    except SettingsError as exc:
+        raise ConfigError(f"An {ENV_PREFIX}* environment variable could not be parsed: {exc}")
+    finally:
+        if saved_env is not None:
+            os.environ.clear()
+            os.environ.update(saved_env)
+
+
+def _origin(key: str, origins: Mapping[str, str], env: Mapping[str, str]) -> str:
+    if key in origins:
+        return origins[key]
+    env_name = ENV_PREFIX + key.upper()
+    if any(name.upper() == env_name for name in env):
+        return f"environment variable {env_name}"
+    return "the default"
+
+
+def _explain(exc: ValidationError, origins: Mapping[str, str], env: Mapping[str, str]) -> str:
+    lines = ["Invalid configuration:"]
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        key = loc[0] if loc else "(whole config)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            lines.append(
+                f"  - unknown key {key!r} (from {_origin(key, origins, env)}); "
+                f"known keys: {', '.join(config_keys())}"
+            )
+            continue
+        if not loc:
+            lines.append(f"  - {message}")
+            continue
+        allowed = ""
+        ctx = error.get("ctx") or {}
+        if "expected" in ctx:
+            allowed = f"; allowed: {ctx['expected']}"
+        where = _origin(key, origins, env)
+        value = error.get("input")
+        lines.append(f"  - {'.'.join(loc)} = {value!r} (from {where}): {message}{allowed}")
+    return "\n".join(lines)

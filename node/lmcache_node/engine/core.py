@@ -1,0 +1,370 @@
+"""The cache engine: L1 index over the memory pool, with reservations, pins and locks.
+
+Thread-safe: one lock guards the index; byte copies run outside it. A store is a
+reserve -> write -> commit sequence (a concurrent duplicate store is skipped, a failed one
+aborts and releases its pages); a retrieve pins entries so they cannot be evicted mid-copy;
+a lookup may lock its hits for a TTL so they survive until the retrieve comes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lmcache_node.engine.memory import MemoryPool, PageSpan, as_bytes
+from lmcache_node.engine.policy import EvictionPolicy, LRUPolicy
+from lmcache_node.engine.types import EntryState, StoreOutcome
+from lmcache_node.keys import ChunkKey
+
+log = logging.getLogger(__name__)
+
+EvictListener = Callable[[ChunkKey, PageSpan], None]
+CommitListener = Callable[[ChunkKey, PageSpan], None]
+
+
+@dataclass(eq=False)
+class Entry:
+    key: ChunkKey
+    span: PageSpan
+    state: EntryState = EntryState.WRITING
+    pins: int = 0
+    locks: int = 0
+    detached: bool = False  # removed from the index; pages freed when the last pin goes
+
+    @property
+    def evictable(self) -> bool:
+        return self.state is EntryState.READY and self.pins == 0 and self.locks == 0
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Pages reserved for one key; write into ``span`` then commit or abort."""
+
+    key: ChunkKey
+    span: PageSpan
+    entry: Entry = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """A committed entry held for reading; release with ``CacheEngine.unpin``."""
+
+    key: ChunkKey
+    span: PageSpan
+    entry: Entry = field(repr=False)
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    hits: int  # leading keys found
+    lock_id: int | None = None
+
+
+@dataclass
+class _Lock:
+    lock_id: int
+    entries: list[Entry]
+    expires_at: float
+    owner: str
+
+
+@dataclass
+class EngineStats:
+    capacity_bytes: int = 0
+    used_bytes: int = 0
+    page_size: int = 0
+    free_pages: int = 0
+    entries: int = 0
+    lookups: int = 0
+    lookup_keys: int = 0
+    hit_keys: int = 0
+    stores: int = 0
+    stored_bytes: int = 0
+    duplicates: int = 0
+    no_space: int = 0
+    aborted: int = 0
+    retrieves: int = 0
+    retrieved_bytes: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+    active_locks: int = 0
+    expired_locks: int = 0
+    pinned_entries: int = 0
+
+
+class CacheEngine:
+    """The in-process engine (L1 memory tier); lower tiers attach through listeners."""
+
+    def __init__(
+        self,
+        capacity_bytes: int,
+        page_size: int = 1024**2,
+        *,
+        policy: EvictionPolicy | None = None,
+        pin_memory: bool | None = None,
+        backing: torch.Tensor | None = None,
+        default_lock_ttl: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = MemoryPool(capacity_bytes, page_size, pin_memory=pin_memory, backing=backing)
+        self.policy: EvictionPolicy = policy or LRUPolicy()
+        self.default_lock_ttl = default_lock_ttl
+        self._clock = clock
+        self._mutex = threading.Lock()
+        self._index: dict[ChunkKey, Entry] = {}
+        self._locks: dict[int, _Lock] = {}
+        self._lock_expiry: list[tuple[float, int]] = []
+        self._lock_ids = itertools.count(1)
+        self._stats = EngineStats(
+            capacity_bytes=self.pool.capacity_bytes, page_size=self.pool.page_size
+        )
+        self.evict_listeners: list[EvictListener] = []
+        self.commit_listeners: list[CommitListener] = []
+
+    # ----- lookups and locks -----
+    def contains(self, key: ChunkKey) -> bool:
+        with self._mutex:
+            entry = self._index.get(key)
+            return entry is not None and entry.state is EntryState.READY
+
+    def lookup(
+        self,
+        keys: Sequence[ChunkKey],
+        *,
+        lock: bool = False,
+        lock_ttl: float | None = None,
+        owner: str = "",
+    ) -> LookupResult:
+        """Count the leading keys present; with ``lock``, hold them until unlock or TTL."""
+        with self._mutex:
+            self._expire_locks_locked()
+            found: list[Entry] = []
+            for key in keys:
+                entry = self._index.get(key)
+                if entry is None or entry.state is not EntryState.READY:
+                    break
+                found.append(entry)
+                self.policy.accessed(key)
+            self._stats.lookups += 1
+            self._stats.lookup_keys += len(keys)
+            self._stats.hit_keys += len(found)
+            if not lock or not found:
+                return LookupResult(hits=len(found))
+            lock_id = next(self._lock_ids)
+            ttl = self.default_lock_ttl if lock_ttl is None else lock_ttl
+            expires = self._clock() + ttl
+            for entry in found:
+                entry.locks += 1
+            self._locks[lock_id] = _Lock(lock_id, found, expires, owner)
+            heapq.heappush(self._lock_expiry, (expires, lock_id))
+            return LookupResult(hits=len(found), lock_id=lock_id)
+
+    def unlock(self, lock_id: int) -> bool:
+        """Release a lookup lock; False if it was unknown or already expired."""
+        with self._mutex:
+            return self._release_lock_locked(lock_id)
+
+    def unlock_owner(self, owner: str) -> int:
+        """Release every lock taken by ``owner`` (a session that ended or died)."""
+        with self._mutex:
+            ids = [lock.lock_id for lock in self._locks.values() if lock.owner == owner]
+            for lock_id in ids:
+                self._release_lock_locked(lock_id)
+            return len(ids)
+
+    def expire_locks(self) -> int:
+        with self._mutex:
+            return self._expire_locks_locked()
+
+    def _release_lock_locked(self, lock_id: int) -> bool:
+        record = self._locks.pop(lock_id, None)
+        if record is None:
+            return False
+        for entry in record.entries:
+            entry.locks -= 1
+        return True
+
+    def _expire_locks_locked(self) -> int:
+        now = self._clock()
+        expired = 0
+        while self._lock_expiry and self._lock_expiry[0][0] <= now:
+            _, lock_id = heapq.heappop(self._lock_expiry)
+            if self._release_lock_locked(lock_id):
+                expired += 1
+        if expired:
+            self._stats.expired_locks += expired
+            log.debug("expired %d lookup lock(s)", expired)
+        return expired
+
+    # ----- stores -----
+    def reserve(self, key: ChunkKey, nbytes: int) -> tuple[StoreOutcome, Reservation | None]:
+        """Reserve pages for ``key``; evicts unpinned, unlocked entries when needed."""
+        if self.pool.num_pages == 0:
+            return StoreOutcome.DISABLED, None
+        npages = self.pool.pages_for(nbytes)
+        if npages > self.pool.num_pages:
+            return StoreOutcome.TOO_LARGE, None
+        with self._mutex:
+            self._expire_locks_locked()
+            if key in self._index:
+                self._stats.duplicates += 1
+                return StoreOutcome.DUPLICATE, None
+            pages = self.pool.alloc(npages)
+            if pages is None and self._evict_locked(npages):
+                pages = self.pool.alloc(npages)
+            if pages is None:
+                self._stats.no_space += 1
+                return StoreOutcome.NO_SPACE, None
+            entry = Entry(key=key, span=self.pool.span(pages, nbytes))
+            self._index[key] = entry
+            return StoreOutcome.RESERVED, Reservation(key, entry.span, entry)
+
+    def commit(self, reservation: Reservation) -> None:
+        """Make a written reservation visible to lookups."""
+        entry = reservation.entry
+        with self._mutex:
+            if entry.detached:  # cleared while being written: drop it
+                self.pool.release(entry.span.pages)
+                return
+            entry.state = EntryState.READY
+            self.policy.inserted(entry.key)
+            self._stats.stores += 1
+            self._stats.stored_bytes += entry.span.nbytes
+            listeners = list(self.commit_listeners)
+        for listener in listeners:
+            listener(entry.key, entry.span)
+
+    def abort(self, reservation: Reservation) -> None:
+        """Give back a reservation whose write failed."""
+        entry = reservation.entry
+        with self._mutex:
+            if not entry.detached:
+                self._index.pop(entry.key, None)
+            self.pool.release(entry.span.pages)
+            entry.detached = True
+            self._stats.aborted += 1
+
+    def put(self, key: ChunkKey, data: torch.Tensor) -> StoreOutcome:
+        """Store a contiguous tensor's bytes under ``key`` (reserve, copy, commit)."""
+        src = as_bytes(data)
+        outcome, reservation = self.reserve(key, src.numel())
+        if reservation is None:
+            return outcome
+        try:
+            reservation.span.write([src])
+        except BaseException:
+            self.abort(reservation)
+            raise
+        self.commit(reservation)
+        return outcome
+
+    def _evict_locked(self, npages: int) -> bool:
+        """Evict in policy order until ``npages`` are free; evict nothing if that cannot be."""
+        need = npages - self.pool.free_pages
+        victims: list[Entry] = []
+        for key in self.policy.candidates():
+            entry = self._index.get(key)
+            if entry is None or not entry.evictable:
+                continue
+            victims.append(entry)
+            need -= len(entry.span.pages)
+            if need <= 0:
+                break
+        if need > 0:
+            return False
+        for entry in victims:
+            for listener in self.evict_listeners:
+                listener(entry.key, entry.span)
+            self._remove_locked(entry)
+            self._stats.evictions += 1
+            self._stats.evicted_bytes += entry.span.nbytes
+        return True
+
+    def _remove_locked(self, entry: Entry) -> None:
+        self._index.pop(entry.key, None)
+        self.policy.removed(entry.key)
+        entry.detached = True
+        if entry.pins == 0 and entry.state is EntryState.READY:
+            self.pool.release(entry.span.pages)
+
+    # ----- retrieves -----
+    def pin(self, keys: Sequence[ChunkKey]) -> list[Pinned]:
+        """Pin the leading committed entries of ``keys`` for reading."""
+        pinned: list[Pinned] = []
+        with self._mutex:
+            for key in keys:
+                entry = self._index.get(key)
+                if entry is None or entry.state is not EntryState.READY:
+                    break
+                entry.pins += 1
+                self.policy.accessed(key)
+                pinned.append(Pinned(key, entry.span, entry))
+        return pinned
+
+    def unpin(self, pinned: Iterable[Pinned], *, retrieved: bool = True) -> None:
+        with self._mutex:
+            for item in pinned:
+                entry = item.entry
+                entry.pins -= 1
+                if retrieved:
+                    self._stats.retrieves += 1
+                    self._stats.retrieved_bytes += entry.span.nbytes
+                if entry.detached and entry.pins == 0:
+                    self.pool.release(entry.span.pages)
+
+    def get(self, key: ChunkKey, out: torch.Tensor) -> bool:
+        """Copy ``key``'s bytes into the contiguous tensor ``out``; False on a miss."""
+        pinned = self.pin([key])
+        if not pinned:
+            return False
+        try:
+            dst = as_bytes(out)
+            if dst.numel() != pinned[0].span.nbytes:
+                raise ValueError(
+                    f"out has {dst.numel()} bytes but the entry has {pinned[0].span.nbytes}"
+                )
+            pinned[0].span.read_into([dst])
+        finally:
+            self.unpin(pinned)
+        return True
+
+    # ----- admin -----
+    def remove(self, key: ChunkKey) -> bool:
+        with self._mutex:
+            entry = self._index.get(key)
+            if entry is None or entry.state is not EntryState.READY:
+                return False
+            self._remove_locked(entry)
+            return True
+
+    def clear(self) -> int:
+        """Drop every committed entry (pinned ones are freed when their reader finishes)."""
+        with self._mutex:
+            entries = [e for e in self._index.values() if e.state is EntryState.READY]
+            for entry in entries:
+                self._remove_locked(entry)
+            for lock_id in list(self._locks):
+                self._release_lock_locked(lock_id)
+            return len(entries)
+
+    def stats(self) -> EngineStats:
+        with self._mutex:
+            self._expire_locks_locked()
+            snapshot = EngineStats(**vars(self._stats))
+            snapshot.free_pages = self.pool.free_pages
+            snapshot.used_bytes = (self.pool.num_pages - self.pool.free_pages) * self.pool.page_size
+            snapshot.entries = len(self._index)
+            snapshot.active_locks = len(self._locks)
+            snapshot.pinned_entries = sum(1 for e in self._index.values() if e.pins)
+            return snapshot
+
+    def keys(self) -> list[ChunkKey]:
+        with self._mutex:
+            return [k for k, e in self._index.items() if e.state is EntryState.READY]
