@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -169,11 +170,18 @@ class NodeConfig(BaseSettings):
     @model_validator(mode="after")
     def _cross_field(self) -> NodeConfig:
         if self.local_disk is not None and self.max_local_disk_size <= 0:
-            raise ValueError(
+            raise _cross_field(
+                ("local_disk", "max_local_disk_size"),
                 "local_disk is set but max_local_disk_size is 0: give the disk tier a cap "
-                "(e.g. max_local_disk_size: 20)"
+                "(e.g. max_local_disk_size: 20)",
             )
-        self.layer_groups()  # raises with the format and an example
+        try:
+            self.layer_groups()  # raises with the format and an example
+        except ValueError as exc:
+            keys = ["kvcache_shape_spec" if self.kvcache_shape_spec else "kv_shape"]
+            if self.use_mla:
+                keys.append("use_mla")
+            raise _cross_field(keys, str(exc)) from None
         return self
 
     # --- derived values ---
@@ -209,6 +217,11 @@ class NodeConfig(BaseSettings):
             if data.get(key):
                 data[key] = _redact_url(str(data[key]))
         return data
+
+
+def _cross_field(keys: tuple[str, ...] | list[str], message: str) -> PydanticCustomError:
+    """A rule over several keys; ``_explain`` names each key, value and origin."""
+    return PydanticCustomError("cross_field", message, {"keys": ",".join(keys)})
 
 
 def _redact_url(url: str) -> str:
@@ -289,7 +302,9 @@ def load_config(
     except ValidationError as exc:
         raise ConfigError(_explain(exc, origins, env)) from None
     except SettingsError as exc:
-        raise ConfigError(f"An {ENV_PREFIX}* environment variable could not be parsed: {exc}")
+        raise ConfigError(
+            f"An {ENV_PREFIX}* environment variable could not be parsed: {exc}"
+        ) from None
     finally:
         if saved_env is not None:
             os.environ.clear()
@@ -305,6 +320,12 @@ def _origin(key: str, origins: Mapping[str, str], env: Mapping[str, str]) -> str
     return "the default"
 
 
+def _value_of(key: str, given: Mapping[str, Any]) -> Any:
+    if key in given:
+        return given[key]
+    return NodeConfig.model_fields[key].get_default(call_default_factory=True)
+
+
 def _explain(exc: ValidationError, origins: Mapping[str, str], env: Mapping[str, str]) -> str:
     lines = ["Invalid configuration:"]
     for error in exc.errors():
@@ -317,11 +338,17 @@ def _explain(exc: ValidationError, origins: Mapping[str, str], env: Mapping[str,
                 f"known keys: {', '.join(config_keys())}"
             )
             continue
+        ctx = error.get("ctx") or {}
         if not loc:
-            lines.append(f"  - {message}")
+            involved = [k for k in str(ctx.get("keys", "")).split(",") if k]
+            values = error.get("input")
+            given = values if isinstance(values, dict) else {}
+            details = "; ".join(
+                f"{k} = {_value_of(k, given)!r} (from {_origin(k, origins, env)})" for k in involved
+            )
+            lines.append(f"  - {details}: {message}" if details else f"  - {message}")
             continue
         allowed = ""
-        ctx = error.get("ctx") or {}
         if "expected" in ctx:
             allowed = f"; allowed: {ctx['expected']}"
         where = _origin(key, origins, env)

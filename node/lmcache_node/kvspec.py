@@ -92,6 +92,12 @@ def parse_shape_spec(spec: str) -> list[LayerGroup]:
         layers = int(match.group(3))
         if layers <= 0:
             raise _invalid(spec, f"layer count in {raw.strip()!r} must be positive")
+        if shape[0] != layers:
+            raise _invalid(
+                spec,
+                f"group {raw.strip()!r}: the shape's first dimension ({shape[0]}) is the layer "
+                f"count and must equal {layers}",
+            )
         groups.append(LayerGroup(shape=shape, dtype_name=dtype_name, num_layers=layers))
     if not groups:
         raise _invalid(spec, "no layer group given")

@@ -64,6 +64,7 @@ class MemoryPool:
         *,
         pin_memory: bool | None = None,
         backing: torch.Tensor | None = None,
+        prefault: bool = True,
     ) -> None:
         if page_size <= 0:
             raise ValueError(f"page_size must be positive, got {page_size}")
@@ -77,6 +78,8 @@ class MemoryPool:
         else:
             pin = torch.cuda.is_available() if pin_memory is None else pin_memory
             self.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin and size > 0)
+            if prefault:  # take the memory now, not as page faults on the hot path
+                self.buffer.zero_()
         self.pinned = bool(size) and self.buffer.is_pinned()
         # A stack popped from the end: fresh pools hand out ascending, contiguous pages.
         self._free: list[int] = list(range(self.num_pages - 1, -1, -1))

@@ -1,0 +1,1 @@
+"""Benchmarks: `lmcache-node bench --json` prints one JSON object, ratios against memcpy."""

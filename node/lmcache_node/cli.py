@@ -1,0 +1,57 @@
+"""`lmcache-node`: the cache node's command line (serve, standalone, bench)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Protocol, cast
+
+from lmcache_node import __version__
+
+
+class _Command(Protocol):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+# subcommand -> (module providing add_arguments/run, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("lmcache_node.server.cli", "run the cache server (ZMQ + HTTP)"),
+    "standalone": ("lmcache_node.standalone", "start the engine without vLLM or a GPU"),
+    "bench": ("lmcache_node.bench.runner", "measure the engine against memcpy"),
+}
+
+
+def _load(module: str) -> _Command:
+    return cast(_Command, importlib.import_module(module))
+
+
+def build_parser(
+    load: Callable[[str], _Command] = _load,
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmcache-node",
+        description="Per-node KV cache server for vLLM.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        load(module).add_arguments(command_parser)
+        command_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return _load(args._module).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

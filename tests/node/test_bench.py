@@ -1,0 +1,27 @@
+import argparse
+import json
+
+import pytest
+from lmcache_node.bench import runner
+
+
+@pytest.mark.slow
+def test_engine_bench_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    assert runner.run(parser.parse_args(["--json", "--quick", "--sections", "engine"])) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    result = json.loads(out[0])
+    for field in ("memcpy_gbps", "store_gbps", "retrieve_gbps", "lookup_100_chunks_p50_ms"):
+        assert result[field] > 0
+    assert result["chunk_bytes"] == 32 * 1024**2
+    assert result["retrieve_byte_exact"] is True
+    assert result["lookup_100_chunks_hits"] == 100
+
+
+def test_unknown_section_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    assert runner.run(parser.parse_args(["--sections", "nope"])) == 2
+    assert "unknown bench section" in capsys.readouterr().err
