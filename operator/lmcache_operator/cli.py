@@ -1,10 +1,11 @@
-"""Command line of the operator (`lmcache-operator`)."""
+"""Command line of the operator (`lmcache-operator`): crds, run, render."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lmcache_operator import __version__
 
@@ -15,16 +16,83 @@ def build_parser() -> argparse.ArgumentParser:
         description="Kubernetes operator for LMCacheCluster and VLLMDeployment resources.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    crds = commands.add_parser("crds", help="write the CRDs generated from the API models")
+    crds.add_argument("--output-dir", default="crds", help="directory (default: crds)")
+    crds.add_argument(
+        "--check", action="store_true", help="fail when the files differ instead of writing"
+    )
+
+    run = commands.add_parser("run", help="run the operator")
+    run.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch this namespace (repeatable); all namespaces when omitted",
+    )
+    run.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8081/healthz",
+        help="liveness endpoint URL ('' disables it; default http://0.0.0.0:8081/healthz)",
+    )
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    render = commands.add_parser("render", help="print the objects for a resource file")
+    render.add_argument("-f", "--filename", required=True, help="YAML file ('-' for stdin)")
     return parser
+
+
+def _crds(output_dir: str, check: bool) -> int:
+    from lmcache_operator.crdgen import stale_crds, write_crds  # noqa: PLC0415
+
+    directory = Path(output_dir)
+    if check:
+        stale = stale_crds(directory)
+        if stale:
+            print(
+                f"stale CRDs in {directory}: {', '.join(stale)}; run `make crds`", file=sys.stderr
+            )
+            return 1
+        return 0
+    for path in write_crds(directory):
+        print(path)
+    return 0
+
+
+def _render(filename: str) -> int:
+    from lmcache_operator.render import RenderError, render_text  # noqa: PLC0415
+
+    try:
+        text = sys.stdin.read() if filename == "-" else Path(filename).read_text("utf-8")
+    except OSError as exc:
+        print(f"cannot read {filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        sys.stdout.write(render_text(text))
+    except RenderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command == "crds":
+        return _crds(args.output_dir, args.check)
+    if args.command == "render":
+        return _render(args.filename)
+    if args.command == "run":
+        from lmcache_operator.runner import run  # noqa: PLC0415
+
+        return run(
+            namespaces=args.namespace,
+            liveness_endpoint=args.liveness or None,
+            log_level=args.log_level,
+        )
+    parser.print_help()
     return 0
 
 

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 EvictListener = Callable[[ChunkKey, PageSpan], None]
 CommitListener = Callable[[ChunkKey, PageSpan], None]
+_VISIBLE = (EntryState.READY, EntryState.PROMOTING)  # what a lookup counts as a hit
 
 
 @dataclass(eq=False)
@@ -97,6 +99,26 @@ class EngineStats:
     active_locks: int = 0
     expired_locks: int = 0
     pinned_entries: int = 0
+    lower_hit_keys: int = 0  # lookup hits found below L1 (being promoted)
+    promotions: int = 0
+    promoted_bytes: int = 0
+    promotion_failures: int = 0
+
+
+class LowerTiers(Protocol):
+    """The tiers below L1 as the engine sees them (``lmcache_node.tiers.TieredStore``)."""
+
+    def locate(self, keys: Sequence[ChunkKey]) -> list[tuple[int, int]]:
+        """(tier index, bytes) of the leading ``keys`` held below L1."""
+        ...
+
+    def promote(self, engine: CacheEngine, items: Sequence[tuple[Reservation, int]]) -> None:
+        """Fill the PROMOTING reservations from the named tiers, then commit or abort each."""
+        ...
+
+    def tier_stats(self) -> dict[str, dict[str, float | int | bool | str]]: ...
+
+    def close(self) -> None: ...
 
 
 class CacheEngine:
@@ -127,6 +149,10 @@ class CacheEngine:
         )
         self.evict_listeners: list[EvictListener] = []
         self.commit_listeners: list[CommitListener] = []
+        # Lower tiers (disk, remote) attach here; pin waits this long for a promotion.
+        self.lower_tiers: LowerTiers | None = None
+        self.promotion_wait_secs = 10.0
+        self._state_changed = threading.Condition(self._mutex)
 
     # ----- lookups and locks -----
     def contains(self, key: ChunkKey) -> bool:
@@ -142,29 +168,88 @@ class CacheEngine:
         lock_ttl: float | None = None,
         owner: str = "",
     ) -> LookupResult:
-        """Count the leading keys present; with ``lock``, hold them until unlock or TTL."""
+        """Count the leading keys present; with ``lock``, hold them until unlock or TTL.
+
+        With lower tiers attached the count goes on below L1: those keys get L1 pages
+        reserved (PROMOTING) and are filled in the background; ``pin`` waits for them.
+        """
         with self._mutex:
             self._expire_locks_locked()
             found: list[Entry] = []
             for key in keys:
                 entry = self._index.get(key)
-                if entry is None or entry.state is not EntryState.READY:
+                if entry is None or entry.state not in _VISIBLE:
                     break
                 found.append(entry)
                 self.policy.accessed(key)
             self._stats.lookups += 1
             self._stats.lookup_keys += len(keys)
             self._stats.hit_keys += len(found)
-            if not lock or not found:
-                return LookupResult(hits=len(found))
-            lock_id = next(self._lock_ids)
-            ttl = self.default_lock_ttl if lock_ttl is None else lock_ttl
-            expires = self._clock() + ttl
-            for entry in found:
+            lower = self.lower_tiers
+            if lower is None or len(found) == len(keys):
+                return self._lock_entries_locked(found, lock, lock_ttl, owner)
+            for entry in found:  # hold them: promotions below must not evict them
                 entry.locks += 1
-            self._locks[lock_id] = _Lock(lock_id, found, expires, owner)
-            heapq.heappush(self._lock_expiry, (expires, lock_id))
-            return LookupResult(hits=len(found), lock_id=lock_id)
+        try:
+            promoted = self._reserve_promotions(lower, keys[len(found) :])
+        except Exception:  # a tier bug must not fail the lookup or leak the holds
+            log.exception("lower-tier lookup failed; answering from L1 only")
+            promoted = []
+        if promoted:
+            lower.promote(self, promoted)
+        with self._mutex:
+            held = found + [reservation.entry for reservation, _ in promoted]
+            entries = list(itertools.takewhile(lambda e: not e.detached, held))
+            result = self._lock_entries_locked(entries, lock, lock_ttl, owner)
+            for entry in held:  # drop the holds (the lookup lock, if any, now protects them)
+                entry.locks -= 1
+            return result
+
+    def _lock_entries_locked(
+        self, entries: list[Entry], lock: bool, lock_ttl: float | None, owner: str
+    ) -> LookupResult:
+        if not lock or not entries:
+            return LookupResult(hits=len(entries))
+        lock_id = next(self._lock_ids)
+        ttl = self.default_lock_ttl if lock_ttl is None else lock_ttl
+        expires = self._clock() + ttl
+        for entry in entries:
+            entry.locks += 1
+        self._locks[lock_id] = _Lock(lock_id, entries, expires, owner)
+        heapq.heappush(self._lock_expiry, (expires, lock_id))
+        return LookupResult(hits=len(entries), lock_id=lock_id)
+
+    def _reserve_promotions(
+        self, lower: LowerTiers, keys: Sequence[ChunkKey]
+    ) -> list[tuple[Reservation, int]]:
+        """Reserve held PROMOTING entries for the leading ``keys`` the lower tiers hold."""
+        located = lower.locate(keys)  # may take a network round trip: outside the lock
+        reserved: list[tuple[Reservation, int]] = []
+        if not located:
+            return reserved
+        with self._mutex:
+            for key, (tier, nbytes) in zip(keys, located, strict=False):
+                reservation = self._reserve_promotion_locked(key, nbytes)
+                if reservation is None:
+                    break
+                reservation.entry.locks += 1  # held until the lookup returns
+                reserved.append((reservation, tier))
+            self._stats.lower_hit_keys += len(reserved)
+        return reserved
+
+    def _reserve_promotion_locked(self, key: ChunkKey, nbytes: int) -> Reservation | None:
+        npages = self.pool.pages_for(nbytes)
+        if self.pool.num_pages == 0 or npages > self.pool.num_pages or key in self._index:
+            return None
+        pages = self.pool.alloc(npages)
+        if pages is None and self._evict_locked(npages):
+            pages = self.pool.alloc(npages)
+        if pages is None:
+            self._stats.no_space += 1
+            return None
+        entry = Entry(key=key, span=self.pool.span(pages, nbytes), state=EntryState.PROMOTING)
+        self._index[key] = entry
+        return Reservation(key, entry.span, entry)
 
     def unlock(self, lock_id: int) -> bool:
         """Release a lookup lock; False if it was unknown or already expired."""
@@ -230,13 +315,19 @@ class CacheEngine:
         """Make a written reservation visible to lookups."""
         entry = reservation.entry
         with self._mutex:
+            self._state_changed.notify_all()
             if entry.detached:  # cleared while being written: drop it
                 self.pool.release(entry.span.pages)
                 return
+            promoted = entry.state is EntryState.PROMOTING
             entry.state = EntryState.READY
             self.policy.inserted(entry.key)
-            self._stats.stores += 1
-            self._stats.stored_bytes += entry.span.nbytes
+            if promoted:
+                self._stats.promotions += 1
+                self._stats.promoted_bytes += entry.span.nbytes
+            else:
+                self._stats.stores += 1
+                self._stats.stored_bytes += entry.span.nbytes
             listeners = list(self.commit_listeners)
         for listener in listeners:
             listener(entry.key, entry.span)
@@ -249,7 +340,11 @@ class CacheEngine:
                 self._index.pop(entry.key, None)
             self.pool.release(entry.span.pages)
             entry.detached = True
-            self._stats.aborted += 1
+            if entry.state is EntryState.PROMOTING:
+                self._stats.promotion_failures += 1
+            else:
+                self._stats.aborted += 1
+            self._state_changed.notify_all()
 
     def put(self, key: ChunkKey, data: torch.Tensor) -> StoreOutcome:
         """Store a contiguous tensor's bytes under ``key`` (reserve, copy, commit)."""
@@ -296,11 +391,24 @@ class CacheEngine:
 
     # ----- retrieves -----
     def pin(self, keys: Sequence[ChunkKey]) -> list[Pinned]:
-        """Pin the leading committed entries of ``keys`` for reading."""
+        """Pin the leading committed entries of ``keys`` for reading.
+
+        An entry still being promoted from a lower tier is waited for, at most
+        ``promotion_wait_secs`` in all; one that fails or times out ends the prefix.
+        """
         pinned: list[Pinned] = []
+        deadline: float | None = None
         with self._mutex:
             for key in keys:
                 entry = self._index.get(key)
+                while entry is not None and entry.state is EntryState.PROMOTING:
+                    if deadline is None:
+                        deadline = time.monotonic() + self.promotion_wait_secs
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._state_changed.wait(left)
+                    entry = self._index.get(key)
                 if entry is None or entry.state is not EntryState.READY:
                     break
                 entry.pins += 1
@@ -364,6 +472,17 @@ class CacheEngine:
             snapshot.active_locks = len(self._locks)
             snapshot.pinned_entries = sum(1 for e in self._index.values() if e.pins)
             return snapshot
+
+    def tier_stats(self) -> dict[str, dict[str, float | int | bool | str]]:
+        """Per-tier counters of the lower tiers (empty without them)."""
+        return self.lower_tiers.tier_stats() if self.lower_tiers is not None else {}
+
+    def close(self) -> None:
+        """Finish queued lower-tier writes (bounded) and release the tiers."""
+        lower = self.lower_tiers
+        if lower is not None:
+            lower.close()
+            self.lower_tiers = None
 
     def keys(self) -> list[ChunkKey]:
         with self._mutex:

@@ -1,4 +1,4 @@
-"""Build the engine a node config describes (L1 now; lower tiers attach here)."""
+"""Build the engine a node config describes: L1 memory, then the disk and remote tiers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(config: NodeConfig) -> CacheEngine:
-    """The engine for ``config``: an L1 pool of ``max_local_cpu_size`` GB."""
+    """The engine for ``config``: an L1 pool of ``max_local_cpu_size`` GB plus lower tiers."""
     engine = CacheEngine(
         config.l1_capacity_bytes,
         config.l1_page_size,
@@ -27,4 +27,8 @@ def build_engine(config: NodeConfig) -> CacheEngine:
         engine.pool.pinned,
         config.cache_policy,
     )
+    # Local import: the tiers package builds on the engine, not the other way round.
+    from lmcache_node.tiers.setup import attach_lower_tiers  # noqa: PLC0415
+
+    attach_lower_tiers(engine, config)
     return engine

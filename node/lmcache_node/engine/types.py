@@ -18,3 +18,4 @@ class StoreOutcome(enum.Enum):
 class EntryState(enum.Enum):
     WRITING = "writing"  # reserved, invisible to lookups
     READY = "ready"  # committed, visible
+    PROMOTING = "promoting"  # being filled from a lower tier: lookups count it, pin waits for it

@@ -1,0 +1,1 @@
+"""End-to-end suite on a real Kubernetes node; e2e/kind runs the same tests on kind."""

@@ -1,0 +1,143 @@
+"""kubectl/helm calls, bounded waits and a timing recorder for the end-to-end suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class WaitTimeoutError(AssertionError):
+    """A bounded wait ran out; the message says what was awaited and the last value seen."""
+
+
+def wait_until(
+    what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.5
+) -> T:
+    """Call ``probe`` until it returns something truthy, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise WaitTimeoutError(
+                f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}"
+            )
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """(status, body); status 0 when the connection failed."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError) as exc:
+        return 0, str(exc)
+
+
+@dataclass
+class Kube:
+    """kubectl and helm against one cluster (KUBECONFIG), binaries on PATH."""
+
+    kubeconfig: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": self.kubeconfig}
+
+    def run(
+        self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            list(args),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(args)} failed ({result.returncode}): "
+                f"{(result.stderr or result.stdout).strip()[-2000:]}"
+            )
+        return result
+
+    def kubectl(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return self.run("kubectl", *args, **kwargs)
+
+    def helm(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return self.run("helm", *args, **kwargs)
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        self.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(obj))
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        args = ["get", kind, name, "-o", "json"] + (["-n", namespace] if namespace else [])
+        result = self.kubectl(*args, check=False)
+        if result.returncode != 0:
+            if "NotFound" in result.stderr or "not found" in result.stderr:
+                return None
+            raise AssertionError(result.stderr)
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+    def items(
+        self, kind: str, namespace: str | None = None, selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        args = ["get", kind, "-o", "json"]
+        args += ["-n", namespace] if namespace else ["-A"]
+        if selector:
+            args += ["-l", selector]
+        result = self.kubectl(*args, check=False)
+        if result.returncode != 0:
+            if "the server doesn't have a resource type" in result.stderr:
+                return []
+            raise AssertionError(result.stderr)
+        items: list[dict[str, Any]] = json.loads(result.stdout)["items"]
+        return items
+
+    def can_i(self, service_account: str, verb: str, resource: str, *extra: str) -> bool:
+        """`kubectl auth can-i` as a ServiceAccount ("ns:name")."""
+        result = self.kubectl(
+            "auth",
+            "can-i",
+            verb,
+            resource,
+            f"--as=system:serviceaccount:{service_account}",
+            *extra,
+            check=False,
+        )
+        answer = result.stdout.strip()
+        if answer not in ("yes", "no"):
+            raise AssertionError(f"kubectl auth can-i {verb} {resource}: {result.stderr.strip()}")
+        return answer == "yes"
+
+
+class Timings:
+    """Named durations, appended as JSON lines to $E2E_TIMINGS (run.sh prints the table)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self.values: dict[str, float] = {}
+
+    def record(self, name: str, seconds: float) -> None:
+        self.values[name] = seconds
+        print(f"e2e timing: {name}: {seconds:.2f}s")
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"name": name, "seconds": round(seconds, 3)}) + "\n")

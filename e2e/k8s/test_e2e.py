@@ -1,0 +1,589 @@
+"""The chart, the operator and the cache server together on a real Kubernetes node.
+
+The tests run in file order and build on each other (one install, one cache cluster):
+install -> LMCacheCluster Ready -> cache pod serves on the node's IP -> RBAC sufficient
+and minimal -> cache pod deleted and back (Degraded -> Ready) -> helm upgrade -> cleanup.
+The same module runs on a kind cluster (e2e/kind/run.sh); only the set-up differs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from e2e.k8s import vllm_pod
+from e2e.k8s.conftest import REPO, Settings
+from e2e.k8s.kube import Kube, Timings, http_get, wait_until
+from e2e.vllm.harness import Completion, prompt_text, read_stream, retrieved_tokens_logged
+
+pytestmark = pytest.mark.k8s
+
+CLUSTER = "cache"
+HTTP_PORT = 8080
+CHART = REPO / "charts" / "lmcache-operator"
+HOST_IP = "status.hostIP"
+# the connector's log line for a hit served by the node server
+LOADED_LOG = re.compile(r"loaded (\d+) tokens from the node server")
+
+
+def _helm_values(kube: Kube, settings: Settings, **extra: str) -> list[str]:
+    if settings.no_cluster_dns:
+        service = kube.get("service", "kubernetes", "default")
+        assert service is not None
+        extra = {
+            "hostAliases[0].ip": service["spec"]["clusterIP"],
+            "hostAliases[0].hostnames[0]": "kubernetes.default.svc",
+            **extra,
+        }
+    values = {
+        "image.repository": f"{settings.registry}/lmcache-operator",
+        "image.tag": settings.tag,
+        "image.pullPolicy": "Never",
+        # on the real node: kwok nodes would "run" the operator without running anything
+        "nodeSelector.kubernetes\\.io/hostname": settings.node,
+        **extra,
+    }
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def _cache_cluster(settings: Settings) -> dict[str, Any]:
+    return {
+        "apiVersion": "lmcache.dev/v1alpha1",
+        "kind": "LMCacheCluster",
+        "metadata": {"name": CLUSTER, "namespace": settings.cache_namespace},
+        "spec": {
+            "device": "cpu",
+            "image": {
+                "repository": f"{settings.registry}/lmcache-node",
+                "tag": settings.tag,
+                "pullPolicy": "Never",
+            },
+            "cache": {"cpuSize": "512Mi"},
+            "server": {"port": 5555, "httpPort": HTTP_PORT},
+            # default placement: GPU nodes (the real node is labelled as one)
+        },
+    }
+
+
+def _status(kube: Kube, settings: Settings) -> dict[str, Any]:
+    body = kube.get("lmcacheclusters.lmcache.dev", CLUSTER, settings.cache_namespace)
+    return dict((body or {}).get("status") or {})
+
+
+def _condition(status: dict[str, Any], kind: str) -> str | None:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == kind:
+            return str(condition.get("status"))
+    return None
+
+
+def _ready(kube: Kube, settings: Settings) -> dict[str, Any] | None:
+    status = _status(kube, settings)
+    if (
+        status.get("phase") == "Ready"
+        and _condition(status, "Ready") == "True"
+        and status.get("readyNodes", 0) >= 1
+        and status.get("readyNodes") == status.get("desiredNodes")
+    ):
+        return status
+    return None
+
+
+def _real_endpoint(status: dict[str, Any], node: str) -> dict[str, Any] | None:
+    for endpoint in status.get("endpoints") or []:
+        if endpoint.get("node") == node and endpoint.get("ready"):
+            return dict(endpoint)
+    return None
+
+
+def _operator_pod(kube: Kube, settings: Settings) -> dict[str, Any] | None:
+    pods = kube.items(
+        "pods",
+        settings.operator_namespace,
+        f"app.kubernetes.io/instance={settings.release},app.kubernetes.io/name=lmcache-operator",
+    )
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    return live[0] if len(live) == 1 else None
+
+
+def _pod_ready(pod: dict[str, Any] | None) -> bool:
+    conditions = ((pod or {}).get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+@pytest.fixture(scope="module")
+def installed(kube: Kube, settings: Settings, timings: Timings) -> Iterator[None]:
+    """helm install; at the end, everything removed whatever happened in between."""
+    start = time.monotonic()
+    kube.helm(
+        "install",
+        settings.release,
+        str(CHART),
+        "--namespace",
+        settings.operator_namespace,
+        "--create-namespace",
+        *_helm_values(kube, settings),
+        "--wait",
+        "--timeout",
+        "180s",
+        timeout=240,
+    )
+    timings.record("helm install --wait (operator Ready)", time.monotonic() - start)
+    kube.kubectl("create", "namespace", settings.cache_namespace)
+    # cache pods mount the host's /dev/shm and use the host network
+    kube.kubectl(
+        "label",
+        "namespace",
+        settings.cache_namespace,
+        "pod-security.kubernetes.io/enforce=privileged",
+    )
+    try:
+        yield
+    finally:
+        kube.kubectl(
+            "delete", "lmcacheclusters.lmcache.dev", "--all", "-n", settings.cache_namespace,
+            "--ignore-not-found", "--wait=true", "--timeout=60s", check=False,
+        )  # fmt: skip
+        kube.kubectl("delete", "namespace", settings.cache_namespace, "--ignore-not-found",
+                     "--wait=false", check=False)  # fmt: skip
+        kube.helm("uninstall", settings.release, "-n", settings.operator_namespace,
+                  "--ignore-not-found", check=False)  # fmt: skip
+
+
+def test_operator_runs_with_the_charts_identity(
+    kube: Kube, settings: Settings, installed: None
+) -> None:
+    pod = _operator_pod(kube, settings)
+    assert pod is not None and _pod_ready(pod)
+    spec = pod["spec"]
+    assert spec["nodeName"] == settings.node
+    assert spec["serviceAccountName"] == settings.service_account.split(":")[1]
+    container = spec["containers"][0]
+    assert container["image"] == settings.image("operator")
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    statuses = pod["status"]["containerStatuses"]
+    assert statuses[0]["restartCount"] == 0, "the operator restarted (liveness or crash)"
+    crd = kube.get("crd", "lmcacheclusters.lmcache.dev")
+    assert crd is not None
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_cache_cluster_becomes_ready_on_the_real_node(
+    kube: Kube, settings: Settings, timings: Timings, installed: None
+) -> None:
+    start = time.monotonic()
+    kube.apply(_cache_cluster(settings))
+    status = wait_until("LMCacheCluster Ready", lambda: _ready(kube, settings), timeout=180)
+    timings.record("LMCacheCluster apply -> Ready", time.monotonic() - start)
+    endpoint = _real_endpoint(status, settings.node)
+    assert endpoint is not None, f"no ready endpoint on {settings.node}: {status.get('endpoints')}"
+    assert status["observedGeneration"] >= 1
+    # the children the operator applied, owned by the cluster
+    for kind, name in [
+        ("daemonset", f"{CLUSTER}-cache"),
+        ("configmap", f"{CLUSTER}-cache-config"),
+        ("service", f"{CLUSTER}-cache"),
+        ("service", f"{CLUSTER}-cache-metrics"),
+    ]:
+        child = kube.get(kind, name, settings.cache_namespace)
+        assert child is not None, f"{kind}/{name} missing"
+        owners = child["metadata"].get("ownerReferences") or []
+        assert [o["kind"] for o in owners] == ["LMCacheCluster"], f"{kind}/{name}: {owners}"
+
+
+def test_cache_pod_serves_on_the_nodes_ip(kube: Kube, settings: Settings, installed: None) -> None:
+    status = _status(kube, settings)
+    endpoint = _real_endpoint(status, settings.node)
+    assert endpoint is not None
+    pods = kube.items("pods", settings.cache_namespace, f"lmcache.dev/cluster={CLUSTER}")
+    (pod,) = [p for p in pods if p["spec"]["nodeName"] == settings.node]
+    assert pod["spec"]["hostNetwork"] is True
+    assert pod["status"]["hostIP"] == endpoint["hostIP"]
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == settings.image("node")
+    # what vLLM pods use: the node's IP (status.hostIP) and the server's ports
+    in_cluster = _probe_from_a_pod(kube, settings, endpoint["hostIP"])
+    assert in_cluster["healthz"] == 200, in_cluster
+    assert in_cluster["readyz"] == 200, in_cluster
+    assert "lmcache_node_l1_capacity_bytes" in in_cluster["metrics"]
+    if settings.host_reaches_node:
+        code, body = http_get(f"http://{endpoint['hostIP']}:{HTTP_PORT}/healthz")
+        assert code == 200, body
+        code, metrics = http_get(f"http://{endpoint['hostIP']}:{HTTP_PORT}/metrics")
+        assert code == 200
+        capacity = [
+            line for line in metrics.splitlines()
+            if line.startswith("lmcache_node_l1_capacity_bytes ")
+        ]  # fmt: skip
+        assert capacity and float(capacity[0].split()[1]) == 512 * 2**20
+
+
+PROBE_SCRIPT = """
+import json, os, urllib.request
+base = "http://%s:%s" % (os.environ["HOST_IP"], os.environ["PORT"])
+out = {}
+for path in ("healthz", "readyz"):
+    try:
+        out[path] = urllib.request.urlopen(base + "/" + path, timeout=5).status
+    except Exception as exc:
+        out[path] = repr(exc)
+out["metrics"] = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()[:20000]
+print(json.dumps(out))
+"""
+
+
+def _probe_from_a_pod(kube: Kube, settings: Settings, host_ip: str) -> dict[str, Any]:
+    """Run a pod on the real node (node image) that calls the cache at status.hostIP."""
+    name = "cache-probe"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": settings.cache_namespace},
+        "spec": {
+            "restartPolicy": "Never",
+            "nodeName": settings.node,
+            "containers": [
+                {
+                    "name": "probe",
+                    "image": settings.image("node"),
+                    "imagePullPolicy": "Never",
+                    "command": ["python", "-c", PROBE_SCRIPT],
+                    "env": [
+                        {
+                            "name": "HOST_IP",
+                            "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}},
+                        },
+                        {"name": "PORT", "value": str(HTTP_PORT)},
+                    ],
+                    "securityContext": {"allowPrivilegeEscalation": False},
+                }
+            ],
+        },
+    }
+    kube.apply(pod)
+    try:
+        wait_until(
+            "probe pod finished",
+            lambda: (
+                (kube.get("pod", name, settings.cache_namespace) or {})
+                .get("status", {})
+                .get("phase")
+                in ("Succeeded", "Failed")
+            ),
+            timeout=120,
+        )
+        phase = kube.get("pod", name, settings.cache_namespace)["status"]["phase"]  # type: ignore[index]
+        logs = kube.kubectl("logs", name, "-n", settings.cache_namespace).stdout
+        assert phase == "Succeeded", logs
+        result: dict[str, Any] = json.loads(logs.strip().splitlines()[-1])
+        assert host_ip  # the pod saw the same node IP through the downward API
+        return result
+    finally:
+        kube.kubectl("delete", "pod", name, "-n", settings.cache_namespace, "--wait=false",
+                     check=False)  # fmt: skip
+
+
+# What the operator must be allowed (it did all of the above with exactly this) ...
+NEEDED = [
+    ("watch", "lmcacheclusters.lmcache.dev", "-A"),
+    ("patch", "lmcacheclusters.lmcache.dev/status", "-A"),
+    ("create", "daemonsets.apps", "-A"),
+    ("patch", "daemonsets.apps", "-A"),
+    ("create", "configmaps", "-A"),
+    ("patch", "configmaps", "-A"),
+    ("patch", "services", "-A"),
+    ("watch", "pods", "-A"),
+    ("create", "events", "-A"),
+    ("watch", "vllmdeployments.lmcache.dev", "-A"),
+    ("patch", "deployments.apps", "-A"),
+    ("patch", "pods", "-A"),
+    ("list", "customresourcedefinitions.apiextensions.k8s.io"),
+    ("watch", "nodes"),
+]
+# ... and what it must not be: read Secrets, exec into pods, modify nodes, and more.
+FORBIDDEN = [
+    ("get", "secrets", "-A"),
+    ("list", "secrets", "-A"),
+    ("create", "pods/exec", "-A"),
+    ("create", "pods", "-A"),
+    ("patch", "nodes"),
+    ("delete", "nodes"),
+    ("delete", "daemonsets.apps", "-A"),
+    ("delete", "deployments.apps", "-A"),
+    ("update", "pods", "-A"),
+    ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+    ("impersonate", "serviceaccounts", "-A"),
+    ("create", "serviceaccounts/token", "-A"),
+]
+
+
+def test_rbac_is_sufficient_and_minimal(kube: Kube, settings: Settings, installed: None) -> None:
+    # sufficient: the cluster above became Ready through the operator alone; its log has
+    # no permission errors
+    pod = _operator_pod(kube, settings)
+    assert pod is not None
+    log = kube.kubectl("logs", pod["metadata"]["name"], "-n", settings.operator_namespace).stdout
+    assert "403" not in log and "forbidden" not in log.lower(), log[-3000:]
+    sa = settings.service_account
+    missing = [c for c in NEEDED if not kube.can_i(sa, *c)]
+    assert not missing, f"the chart's RBAC lacks {missing}"
+    granted = [c for c in FORBIDDEN if kube.can_i(sa, *c)]
+    assert not granted, f"the chart's RBAC grants more than needed: {granted}"
+
+
+@dataclass
+class VLLM:
+    """The vLLM pod (when E2E_VLLM_MODEL_DIR is set) and what it answered cold."""
+
+    url: str
+    pod: str
+    prompt: str
+    cold_text: str | None = None
+
+
+def _metric(kube: Kube, settings: Settings, name: str, labels: str) -> float:
+    endpoint = _real_endpoint(_status(kube, settings), settings.node)
+    assert endpoint is not None, "no ready cache server on the real node"
+    code, text = http_get(f"http://{endpoint['hostIP']}:{HTTP_PORT}/metrics")
+    assert code == 200, text
+    pattern = re.compile(rf"^{re.escape(name)}\{{{re.escape(labels)}\}}\s+(\S+)$", re.M)
+    match = pattern.search(text)
+    return float(match.group(1)) if match else 0.0
+
+
+def _retrieved(kube: Kube, settings: Settings) -> float:
+    return _metric(kube, settings, "lmcache_node_tokens_total", 'kind="retrieved"')
+
+
+@pytest.fixture(scope="module")
+def vllm(kube: Kube, settings: Settings, timings: Timings, installed: None) -> VLLM | None:
+    """A vLLM pod on the real node wired to its cache server, or None when not asked for."""
+    if settings.vllm_model_dir is None:
+        return None
+    if not settings.host_reaches_node:
+        pytest.skip("the vLLM checks call the vLLM pod from this machine (real node only)")
+    start = time.monotonic()
+    kube.apply(vllm_pod.build_deployment(settings, settings.vllm_model_dir, zmq_port=5555))
+    selector = f"app.kubernetes.io/name={vllm_pod.NAME}"
+
+    def ready_pod() -> dict[str, Any] | None:
+        pods = kube.items("pods", settings.cache_namespace, selector)
+        for pod in pods:
+            for status in pod.get("status", {}).get("containerStatuses") or []:
+                if status.get("restartCount", 0) > 0:
+                    last = (status.get("lastState") or {}).get("terminated") or {}
+                    raise AssertionError(
+                        f"vLLM restarted: {last.get('reason')} (exit {last.get('exitCode')}); "
+                        "OOMKilled with no memory limit means the machine ran out of memory"
+                    )
+        ready = [p for p in pods if _pod_ready(p)]
+        return ready[0] if ready else None
+
+    pod = wait_until("the vLLM pod Ready", ready_pod, timeout=600, interval=2)
+    timings.record("vLLM Deployment apply -> Ready", time.monotonic() - start)
+    return VLLM(
+        url=f"http://{pod['status']['podIP']}:{vllm_pod.PORT}",
+        pod=pod["metadata"]["name"],
+        prompt=prompt_text(3, 4000),
+    )
+
+
+def _complete(vllm: VLLM, prompt: str) -> Completion:
+    body = json.dumps(
+        {
+            "model": "model",
+            "prompt": prompt,
+            "max_tokens": 16,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    request = urllib.request.Request(
+        vllm.url + "/v1/completions", body, {"Content-Type": "application/json"}
+    )
+    return read_stream(request, 300)
+
+
+def test_vllm_second_request_is_served_by_the_node_cache(
+    kube: Kube, settings: Settings, timings: Timings, vllm: VLLM | None
+) -> None:
+    if vllm is None:
+        pytest.skip("E2E_VLLM_MODEL_DIR not set: no vLLM pod in this run")
+    before = _retrieved(kube, settings)
+    cold = _complete(vllm, vllm.prompt)
+    warm = _complete(vllm, vllm.prompt)
+    expected = (cold.prompt_tokens - 1) // vllm_pod.CHUNK * vllm_pod.CHUNK
+    assert expected >= 2 * vllm_pod.CHUNK, f"prompt too short: {cold.prompt_tokens} tokens"
+    assert warm.text == cold.text, "greedy output changed when the prefix came from the cache"
+    retrieved = _retrieved(kube, settings) - before
+    assert retrieved == expected, f"the node cache served {retrieved} tokens, not {expected}"
+    log = kube.kubectl("logs", vllm.pod, "-n", settings.cache_namespace).stdout
+    logged = [int(n) for n in LOADED_LOG.findall(log)] + retrieved_tokens_logged(log)
+    assert expected in logged, f"the connector logged no load of {expected} tokens: {logged}"
+    vllm.cold_text = cold.text
+    timings.record("vLLM TTFT cold (prefix computed)", cold.ttft_s)
+    timings.record("vLLM TTFT warm (prefix from the node cache)", warm.ttft_s)
+
+
+def test_deleted_cache_pod_comes_back_and_status_follows(
+    kube: Kube, settings: Settings, timings: Timings, vllm: VLLM | None
+) -> None:
+    pods = kube.items("pods", settings.cache_namespace, f"lmcache.dev/cluster={CLUSTER}")
+    (old,) = [p for p in pods if p["spec"]["nodeName"] == settings.node]
+    phases: list[str] = []
+    start = time.monotonic()
+    kube.kubectl(
+        "delete", "pod", old["metadata"]["name"], "-n", settings.cache_namespace, "--wait=false"
+    )
+    if vllm is not None and vllm.cold_text is not None:
+        # the cache is going away: vLLM recomputes and answers the same
+        assert _complete(vllm, vllm.prompt).text == vllm.cold_text
+
+    def back_ready() -> dict[str, Any] | None:
+        status = _status(kube, settings)
+        phase = str(status.get("phase"))
+        if not phases or phases[-1] != phase:
+            phases.append(phase)
+        endpoint = _real_endpoint(status, settings.node)
+        if phase == "Ready" and endpoint and endpoint["pod"] != old["metadata"]["name"]:
+            return status
+        return None
+
+    wait_until("cache pod replaced and cluster Ready", back_ready, timeout=180, interval=0.2)
+    timings.record("cache pod deleted -> Ready again", time.monotonic() - start)
+    assert "Degraded" in phases, f"status never showed the lost node: {phases}"
+    assert phases[-1] == "Ready"
+    status = _status(kube, settings)
+    endpoint = _real_endpoint(status, settings.node)
+    assert endpoint is not None
+    if settings.host_reaches_node:
+        assert http_get(f"http://{endpoint['hostIP']}:{HTTP_PORT}/healthz")[0] == 200
+    if vllm is not None and vllm.cold_text is not None:
+        # the new (empty) cache fills again and serves a later identical request, once the
+        # connector has reconnected (it retries in the background): a bounded number of tries
+        before = _retrieved(kube, settings)
+
+        def hit_again() -> bool:
+            assert _complete(vllm, vllm.prompt).text == vllm.cold_text
+            return _retrieved(kube, settings) - before > 0
+
+        start = time.monotonic()
+        wait_until("a hit on the new cache server", hit_again, timeout=120, interval=2)
+        timings.record("cache back -> vLLM hits again", time.monotonic() - start)
+
+
+def test_helm_upgrade_rolls_the_operator_and_leaves_the_caches_alone(
+    kube: Kube, settings: Settings, timings: Timings, installed: None
+) -> None:
+    before = _operator_pod(kube, settings)
+    assert before is not None
+    daemonset = kube.get("daemonset", f"{CLUSTER}-cache", settings.cache_namespace)
+    assert daemonset is not None
+    cache_pods = {
+        p["metadata"]["uid"]
+        for p in kube.items("pods", settings.cache_namespace, f"lmcache.dev/cluster={CLUSTER}")
+    }
+    start = time.monotonic()
+    kube.helm(
+        "upgrade",
+        settings.release,
+        str(CHART),
+        "--namespace",
+        settings.operator_namespace,
+        *_helm_values(kube, settings, **{"operator.logLevel": "DEBUG"}),
+        "--wait",
+        "--timeout",
+        "180s",
+        timeout=240,
+    )
+    timings.record("helm upgrade --wait", time.monotonic() - start)
+    after = wait_until(
+        "the new operator pod Ready",
+        lambda: (
+            (p := _operator_pod(kube, settings))
+            and p["metadata"]["uid"] != before["metadata"]["uid"]
+            and _pod_ready(p)
+            and p
+        ),
+        timeout=120,
+    )
+    assert "--log-level=DEBUG" in after["spec"]["containers"][0]["args"]
+    # the new operator resumed the cluster without touching its pods
+    ready = wait_until("cluster still Ready", lambda: _ready(kube, settings), timeout=60)
+    assert _real_endpoint(ready, settings.node) is not None
+    now = kube.get("daemonset", f"{CLUSTER}-cache", settings.cache_namespace)
+    assert now is not None
+    assert now["metadata"]["generation"] == daemonset["metadata"]["generation"]
+    assert {
+        p["metadata"]["uid"]
+        for p in kube.items("pods", settings.cache_namespace, f"lmcache.dev/cluster={CLUSTER}")
+    } == cache_pods
+
+
+def test_uninstall_and_deleting_the_resources_leaves_nothing(
+    kube: Kube, settings: Settings, timings: Timings, installed: None
+) -> None:
+    start = time.monotonic()
+    kube.kubectl(
+        "delete", "lmcacheclusters.lmcache.dev", CLUSTER, "-n", settings.cache_namespace,
+        "--wait=true", "--timeout=60s",
+    )  # fmt: skip
+    selector = f"lmcache.dev/cluster={CLUSTER}"
+
+    def children_gone() -> list[str] | None:
+        left = [
+            f"{kind}/{o['metadata']['name']}"
+            for kind in ("daemonsets", "configmaps", "services")
+            for o in kube.items(kind, settings.cache_namespace, selector)
+        ]
+        return None if left else ["gone"]
+
+    wait_until("the cluster's children garbage-collected", children_gone, timeout=60)
+    wait_until(
+        "cache pods gone",
+        lambda: not kube.items("pods", settings.cache_namespace, selector),
+        timeout=90,
+    )
+    kube.helm("uninstall", settings.release, "-n", settings.operator_namespace, "--wait")
+
+    def leftovers() -> list[str]:
+        found: list[str] = []
+        for kind in ("deployments", "pods", "serviceaccounts", "roles", "rolebindings",
+                     "configmaps"):  # fmt: skip
+            found += [
+                f"{kind}/{o['metadata']['name']}"
+                for o in kube.items(kind, settings.operator_namespace)
+                if o["metadata"]["name"] != "kube-root-ca.crt"
+                and not o["metadata"]["name"].startswith("default")
+            ]
+        for kind in ("clusterroles", "clusterrolebindings"):
+            found += [
+                f"{kind}/{o['metadata']['name']}"
+                for o in kube.items(kind, selector=f"app.kubernetes.io/instance={settings.release}")
+            ]
+        return found
+
+    # the operator pod takes its grace period to stop after helm returns
+    left: list[str] = []
+
+    def nothing_left() -> bool:
+        left[:] = leftovers()
+        return not left
+
+    try:
+        wait_until("everything of the release gone", nothing_left, timeout=90)
+    except AssertionError:
+        raise AssertionError(f"left behind: {left}") from None
+    timings.record("delete cluster + helm uninstall -> nothing left", time.monotonic() - start)
+    # the CRD stays by design (helm.sh/resource-policy: keep); it holds no resources now
+    assert kube.get("crd", "lmcacheclusters.lmcache.dev") is not None
+    assert not kube.items("lmcacheclusters.lmcache.dev")

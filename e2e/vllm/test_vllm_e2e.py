@@ -1,0 +1,249 @@
+"""End-to-end: the real vLLM (CPU) with our connector against a real node server.
+
+Correctness check throughout: greedy output with KV from the cache equals the output vLLM
+computed itself (the model is random but deterministic; wrong KV changes the output).
+vLLM's own prefix cache is off, so every hit comes from the node server.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from lmcache_node.server.process import free_port
+
+from e2e.vllm.conftest import Deployment
+from e2e.vllm.harness import (
+    metric,
+    post_json,
+    prompt_text,
+    retrieved_tokens_logged,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+# These run in .venv-vllm (make e2e-vllm); anywhere else they are skipped, not failed.
+pytest.importorskip("vllm", reason="vLLM is not installed here: run `make e2e-vllm`")
+
+CHUNK = 256
+PROMPT_CHARS = 4000  # ~1200-1500 tokens with the generated tokenizer: 4-5 chunks
+
+
+def retrieved_metric(dep: Deployment) -> float:
+    return metric(dep.server.http_url, "lmcache_node_tokens_total", 'kind="retrieved"')
+
+
+def stored_metric(dep: Deployment) -> float:
+    return metric(dep.server.http_url, "lmcache_node_tokens_total", 'kind="stored"')
+
+
+def hit_metric(dep: Deployment) -> float:
+    return metric(dep.server.http_url, "lmcache_node_tokens_total", 'kind="hit"')
+
+
+def test_same_prompt_twice_hits_the_node_server(deployment: Deployment) -> None:
+    dep = deployment
+    prompt = prompt_text(1, PROMPT_CHARS)
+    retrieved_before = retrieved_metric(dep)
+    hits_before = hit_metric(dep)
+
+    cold = dep.a.complete(prompt)
+    warm = dep.a.complete(prompt)
+
+    expected = (cold.prompt_tokens - 1) // CHUNK * CHUNK
+    assert expected >= 3 * CHUNK, "the prompt should span several chunks"
+    assert warm.text == cold.text
+    assert retrieved_metric(dep) - retrieved_before == expected
+    assert hit_metric(dep) - hits_before >= expected
+    assert expected in retrieved_tokens_logged(dep.server.log_text())
+    assert f"loaded {expected} tokens from the node server" in dep.a.log_text()
+
+
+def test_second_instance_hits_what_the_first_stored(deployment: Deployment) -> None:
+    dep = deployment
+    prompt = prompt_text(2, PROMPT_CHARS)
+    on_a = dep.a.complete(prompt)
+    retrieved_before = retrieved_metric(dep)
+
+    on_b = dep.b.complete(prompt)
+
+    expected = (on_a.prompt_tokens - 1) // CHUNK * CHUNK
+    assert on_b.text == on_a.text
+    assert retrieved_metric(dep) - retrieved_before == expected
+    assert f"loaded {expected} tokens from the node server" in dep.b.log_text()
+
+
+def test_disaggregated_prefill_through_a_proxy(deployment: Deployment) -> None:
+    dep = deployment
+    prompt = prompt_text(3, PROMPT_CHARS)
+    request = {"model": str(dep.b.model), "prompt": prompt, "max_tokens": 16, "temperature": 0}
+    stored_before = stored_metric(dep)
+    retrieved_before = retrieved_metric(dep)
+
+    # Reference: the consumer alone computes everything (a miss; a consumer never stores).
+    alone = post_json(dep.consumer.url + "/v1/completions", request)
+    assert stored_metric(dep) == stored_before
+    assert retrieved_metric(dep) == retrieved_before
+
+    port = free_port()
+    with open(dep.work_dir / "proxy.log", "ab") as log:
+        proxy = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("disagg_proxy.py")), "--port",
+             str(port), "--prefill", dep.producer.url, "--decode", dep.consumer.url],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: _up(f"http://127.0.0.1:{port}/health"), 30, "the proxy")
+        answer = post_json(f"http://127.0.0.1:{port}/v1/completions", request)
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+
+    expected = (answer["usage"]["prompt_tokens"] - 1) // CHUNK * CHUNK
+    assert expected >= 3 * CHUNK
+    assert answer["choices"][0]["text"] == alone["choices"][0]["text"]
+    # The producer stored the whole prompt's chunks, the consumer loaded all it may use.
+    full_chunks = answer["usage"]["prompt_tokens"] // CHUNK * CHUNK
+    assert stored_metric(dep) - stored_before == full_chunks
+    assert retrieved_metric(dep) - retrieved_before == expected
+    assert f"loaded {expected} tokens from the node server" in dep.consumer.log_text()
+    assert "from the node server" not in dep.producer.log_text()  # a producer never loads
+
+
+def _up(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def prompt_keys(dep: Deployment, prompt: str) -> list[bytes]:
+    """The chunk keys instance A's connector uses for ``prompt`` (tokens as vLLM sees them)."""
+    from lmcache_node.keys import KeyNamespace, chunk_keys
+    from lmcache_node.vllm.connector import kv_layout
+
+    tokens = post_json(dep.a.url + "/tokenize", {"model": str(dep.a.model), "prompt": prompt})
+    namespace = KeyNamespace(
+        model_name=str(dep.a.model),
+        world_size=1,
+        worker_id=0,
+        kv_dtype="bfloat16",
+        layout=kv_layout("cpu", 128, use_mla=False),
+    )
+    return list(chunk_keys(tokens["tokens"], CHUNK, namespace))
+
+
+def chunk_file(disk: Path, key: bytes) -> Path | None:
+    found = [p for p in disk.rglob(key.hex() + "*") if not p.name.startswith(".")]
+    return found[0] if found else None
+
+
+def test_corrupted_disk_chunk_is_detected_and_recomputed(deployment: Deployment) -> None:
+    dep = deployment
+    prompt = prompt_text(5, PROMPT_CHARS)
+    keys = prompt_keys(dep, prompt)
+    assert len(keys) >= 4
+    first = dep.a.complete(prompt)
+    wait_until(
+        lambda: all(chunk_file(dep.server.disk_dir, k) is not None for k in keys),
+        60,
+        "the prompt's chunks to reach the disk tier",
+    )
+    dep.server.stop()  # L1 is gone; the disk tier survives the restart
+    victim = chunk_file(dep.server.disk_dir, keys[2])
+    assert victim is not None
+    data = bytearray(victim.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    victim.write_bytes(bytes(data))
+    dep.server.start()
+    a_log_before = len(dep.a.log_text())
+    wait_until(lambda: _connected_again(dep), 60, "the connectors to reconnect")
+
+    again = dep.a.complete(prompt)
+
+    assert again.text == first.text
+    server_log = dep.server.log_text()
+    assert "bad chunk file" in server_log or "corrupt" in server_log.lower()
+    # chunks 0 and 1 came from the disk tier; chunk 2 and later were recomputed by vLLM
+    new_a_log = dep.a.log_text()[a_log_before:]
+    assert (
+        f"loaded {2 * CHUNK} of " in new_a_log
+        or f"loaded {2 * CHUNK} tokens from the node server" in new_a_log
+    ), new_a_log[-3000:]
+    assert chunk_file(dep.server.disk_dir, keys[2]) is None  # the bad file was dropped
+
+
+def _connected_again(dep: Deployment) -> bool:
+    try:
+        stats = post_json_get(dep.server.http_url + "/stats")
+    except OSError:
+        return False
+    # every instance has two clients (scheduler and worker); the worker also re-registers
+    workers = stats.get("registered_workers", [])
+    sessions = stats.get("sessions", 0)
+    return (
+        isinstance(workers, list)
+        and len(workers) >= len(dep.instances)
+        and isinstance(sessions, int)
+        and sessions >= 2 * len(dep.instances)
+    )
+
+
+def post_json_get(url: str) -> dict[str, object]:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        result: dict[str, object] = json.load(response)
+    return result
+
+
+def test_server_killed_mid_run_then_back(deployment: Deployment) -> None:
+    dep = deployment
+    prompts = [prompt_text(40 + i, PROMPT_CHARS) for i in range(3)]
+    references = {p: dep.a.complete(p).text for p in prompts}  # computed (and stored)
+    answers: list[tuple[str, str]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            for p in prompts:
+                try:
+                    answers.append((p, dep.a.complete(p).text))
+                except BaseException as exc:  # collected and asserted below
+                    errors.append(exc)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    time.sleep(2.0)
+    dep.server.kill()  # SIGKILL while requests are in flight
+    time.sleep(4.0)
+    answered_during_outage = len(answers)
+    time.sleep(4.0)
+    stop.set()
+    worker.join(120)
+
+    assert not errors, errors
+    assert len(answers) > answered_during_outage > 0
+    assert all(text == references[p] for p, text in answers)
+
+    # A new prompt while the server is down: computed, not stored.
+    fresh = prompt_text(50, PROMPT_CHARS)
+    fresh_reference = dep.a.complete(fresh).text
+
+    dep.server.start()  # empty L1; the connectors reconnect by themselves
+    wait_until(lambda: _connected_again(dep), 60, "the connectors to reconnect")
+    retrieved_before = retrieved_metric(dep)
+    dep.a.complete(fresh)  # stores it now
+    again = dep.a.complete(fresh)  # hits
+    assert again.text == fresh_reference
+    assert retrieved_metric(dep) - retrieved_before >= 3 * CHUNK

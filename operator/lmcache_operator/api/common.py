@@ -1,0 +1,216 @@
+"""Pieces shared by every kind of the lmcache.dev API: base model, quantities, kinds.
+
+Pydantic models are the single source of the API: the CRDs in ``crds/`` are generated from
+them (``lmcache-operator crds``) and the operator validates specs with the same models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
+
+from lmcache_operator.quantity import QUANTITY_PATTERN, parse_bytes
+
+GROUP = "lmcache.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+FIELD_MANAGER = "lmcache-operator"
+
+# Marks a free-form object (Kubernetes types we pass through unchanged, e.g. affinity).
+FREE_FORM: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, snake_case in Python, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+
+def _positive_quantity(value: str) -> str:
+    if parse_bytes(value) <= 0:
+        raise ValueError(f"{value!r} must be greater than zero")
+    return value
+
+
+Quantity = Annotated[
+    str,
+    Field(pattern=QUANTITY_PATTERN, max_length=64),
+    AfterValidator(_positive_quantity),
+]
+"""A positive Kubernetes quantity such as 4Gi; checked by the API server too (CEL)."""
+
+POSITIVE_QUANTITY_RULE: JsonDict = {
+    "rule": "!isQuantity(self) || quantity(self).isGreaterThan(quantity('0'))",
+    "message": "must be a quantity greater than zero, e.g. 4Gi",
+}
+
+
+def positive_quantity_field(description: str, **kwargs: Any) -> Any:
+    """A Field for a Quantity whose positivity the API server checks with CEL."""
+    return Field(
+        description=description,
+        json_schema_extra={"x-kubernetes-validations": [POSITIVE_QUANTITY_RULE]},
+        **kwargs,
+    )
+
+
+PullPolicy = Literal["Always", "IfNotPresent", "Never"]
+
+
+class ImageSpec(ApiModel):
+    """Container image of a component."""
+
+    repository: str = Field(
+        "ghcr.io/lmcache-k8s/lmcache-node",
+        min_length=1,
+        max_length=512,
+        description="Image repository, without the tag.",
+    )
+    tag: str = Field("0.1.0", min_length=1, max_length=128, description="Image tag.")
+    pull_policy: PullPolicy = Field("IfNotPresent", description="Kubernetes imagePullPolicy.")
+    pull_secrets: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Names of image pull Secrets in the resource's namespace.",
+    )
+
+    @property
+    def reference(self) -> str:
+        return f"{self.repository}:{self.tag}"
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the resource's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    key: str = Field(min_length=1, max_length=253, description="Key inside the Secret.")
+
+
+GPU_NODE_LABEL = "nvidia.com/gpu.present"
+
+
+class PlacementSpec(ApiModel):
+    """Where the pods run."""
+
+    node_selector: dict[str, str] = Field(
+        default_factory=lambda: {GPU_NODE_LABEL: "true"},
+        description=(
+            "Node labels the pods require; defaults to GPU nodes "
+            '({"nvidia.com/gpu.present": "true"}).'
+        ),
+        json_schema_extra={"default": {GPU_NODE_LABEL: "true"}},
+    )
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Pod tolerations (core/v1 Toleration objects), passed through unchanged.",
+    )
+    affinity: dict[str, Any] | None = Field(
+        None,
+        description="Pod affinity (core/v1 Affinity), passed through unchanged.",
+        json_schema_extra=FREE_FORM,
+    )
+    priority_class_name: str | None = Field(
+        None, max_length=253, description="PriorityClass of the pods."
+    )
+    runtime_class_name: str | None = Field(
+        None,
+        max_length=253,
+        description=(
+            "RuntimeClass of the pods (e.g. nvidia for GPU visibility without GPU requests)."
+        ),
+    )
+
+
+class PodOverrides(ApiModel):
+    """Escape hatches merged into the generated pod template."""
+
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+    env: list[dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=128,
+        description="Extra environment variables (core/v1 EnvVar objects) of the main container.",
+    )
+    volumes: list[dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra pod volumes (core/v1 Volume objects).",
+    )
+    volume_mounts: list[dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra volume mounts (core/v1 VolumeMount objects) of the main container.",
+    )
+    security_context: dict[str, Any] | None = Field(
+        None,
+        description="Pod securityContext (core/v1 PodSecurityContext), passed through unchanged.",
+        json_schema_extra=FREE_FORM,
+    )
+    container_security_context: dict[str, Any] | None = Field(
+        None,
+        description="securityContext of the main container (core/v1 SecurityContext).",
+        json_schema_extra=FREE_FORM,
+    )
+
+
+class ResourceRequirements(ApiModel):
+    """Container resources; omitted values are derived (see the field of the owner)."""
+
+    requests: dict[str, str] = Field(
+        default_factory=dict, description="Resource requests, e.g. {memory: 6Gi, cpu: '2'}."
+    )
+    limits: dict[str, str] = Field(default_factory=dict, description="Resource limits.")
+
+
+class Condition(ApiModel):
+    """A status condition (the metav1.Condition shape)."""
+
+    type: str = Field(description="Condition type, e.g. Ready.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="One CamelCase word saying why.")
+    message: str = Field("", description="What happened and, when it is a problem, what to do.")
+    last_transition_time: str = Field(description="When the status last changed (RFC 3339).")
+    observed_generation: int | None = Field(
+        None, description="The resource generation the condition was computed for."
+    )
+
+
+@dataclass(frozen=True)
+class PrinterColumn:
+    name: str
+    type: str
+    json_path: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class KindDefinition:
+    """Everything the CRD generator needs to know about one kind."""
+
+    kind: str
+    plural: str
+    singular: str
+    short_names: tuple[str, ...]
+    spec_model: type[BaseModel]
+    status_model: type[BaseModel]
+    description: str
+    printer_columns: tuple[PrinterColumn, ...] = ()
+    categories: tuple[str, ...] = ("lmcache",)
+    spec_rules: tuple[dict[str, str], ...] = field(default_factory=tuple)
+    scale: tuple[str, str, str] | None = None  # spec/status replicas paths, label selector path
+    group: str = GROUP
+    version: str = VERSION
+
+    @property
+    def crd_name(self) -> str:
+        return f"{self.plural}.{self.group}"

@@ -1,0 +1,339 @@
+"""The LMCacheCluster kind: one cache server per selected node (a DaemonSet)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
+
+from lmcache_operator.api.common import (
+    ApiModel,
+    Condition,
+    ImageSpec,
+    KindDefinition,
+    PlacementSpec,
+    PodOverrides,
+    PrinterColumn,
+    Quantity,
+    ResourceRequirements,
+    SecretKeyRef,
+    positive_quantity_field,
+)
+from lmcache_operator.quantity import parse_bytes
+
+KIND = "LMCacheCluster"
+PLURAL = "lmcacheclusters"
+
+TransferMode = Literal["shared", "engine"]
+Device = Literal["auto", "cuda", "cpu"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class ServerSpec(ApiModel):
+    """The cache server process (lmcache-node serve)."""
+
+    port: int = Field(5555, ge=1, le=65535, description="ZMQ port vLLM workers connect to.")
+    http_port: int = Field(
+        8080, ge=1, le=65535, description="HTTP port: /healthz, /readyz, /metrics."
+    )
+    chunk_size: int = Field(
+        256, gt=0, le=1 << 20, description="Tokens per chunk; must match the vLLM side."
+    )
+    max_workers: int = Field(1, ge=1, le=256, description="Request worker threads.")
+    transfer_mode: TransferMode = Field(
+        "shared",
+        description=(
+            "How KV bytes move: shared (vLLM shares its KV tensors with the server: CUDA IPC on "
+            "GPUs, so the pod sees the GPUs through NVIDIA_VISIBLE_DEVICES=all; POSIX shm on "
+            "CPUs) or engine (vLLM copies into a server-owned shm pool; the server runs on cpu "
+            "and needs no GPU visibility)."
+        ),
+    )
+    log_level: LogLevel = Field("INFO", description="Server log level.")
+    extra_args: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra command-line arguments appended to `lmcache-node serve`.",
+    )
+
+
+class DiskTier(ApiModel):
+    """Local disk tier (L2) on a hostPath directory."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.size)",
+                    "message": "cache.disk.size is required with a disk tier: cap it, e.g. 100Gi",
+                }
+            ]
+        }
+    )
+
+    path: str = Field(
+        "/var/cache/lmcache",
+        pattern=r"^/[^\s]*$",
+        max_length=1024,
+        description="Absolute host directory of the disk tier (hostPath, created if missing).",
+    )
+    size: Quantity | None = positive_quantity_field(
+        "Cap of the disk tier, e.g. 100Gi (required).", default=None
+    )
+
+    @model_validator(mode="after")
+    def _size_required(self) -> DiskTier:
+        if self.size is None:
+            raise ValueError("cache.disk.size is required with a disk tier: cap it, e.g. 100Gi")
+        return self
+
+
+class RemoteTier(ApiModel):
+    """Remote tier (L3): Redis or Valkey shared by every node."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.url) != has(self.urlSecretRef)",
+                    "message": "set exactly one of cache.remote.url and cache.remote.urlSecretRef",
+                }
+            ]
+        }
+    )
+
+    url: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=r"^(redis|rediss|unix|valkey|valkeys|redis-sentinel)://.+$",
+        description="Remote URL without credentials, e.g. redis://redis.cache:6379/0.",
+    )
+    url_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="A Secret key holding the whole URL (use it when the URL has a password).",
+    )
+    serde: Literal["naive", "zstd", "lz4"] = Field(
+        "naive", description="Value encoding: naive (raw), zstd or lz4."
+    )
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RemoteTier:
+        if (self.url is None) == (self.url_secret_ref is None):
+            raise ValueError("set exactly one of cache.remote.url and cache.remote.urlSecretRef")
+        return self
+
+
+class CacheSpec(ApiModel):
+    """Cache tiers and their sizes."""
+
+    cpu_size: Quantity = positive_quantity_field(
+        "Size of the CPU memory tier (L1) per node, as a quantity, e.g. 4Gi.", default="4Gi"
+    )
+    eviction_policy: Literal["LRU"] = Field("LRU", description="L1 eviction policy.")
+    disk: DiskTier | None = Field(None, description="Optional local disk tier (L2).")
+    remote: RemoteTier | None = Field(None, description="Optional remote tier (L3).")
+
+
+class UpdateStrategy(ApiModel):
+    """How a spec change rolls the cache pods (DaemonSet updateStrategy)."""
+
+    type: Literal["RollingUpdate", "OnDelete"] = Field(
+        "RollingUpdate", description="RollingUpdate or OnDelete."
+    )
+    max_unavailable: int | str = Field(
+        1,
+        description="Pods that may be unavailable during a rolling update (number or percent).",
+    )
+    max_surge: int | str | None = Field(
+        None,
+        description=(
+            "Extra pods during a rolling update; not allowed with hostNetwork (port clash)."
+        ),
+    )
+
+
+class MonitoringSpec(ApiModel):
+    """Prometheus scraping."""
+
+    service_monitor: bool = Field(
+        False, description="Create a ServiceMonitor (needs the Prometheus Operator CRDs)."
+    )
+    interval: str = Field(
+        "30s", pattern=r"^[0-9]+(ms|s|m|h)$", max_length=16, description="Scrape interval."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra labels of the ServiceMonitor (for selection)."
+    )
+
+
+EMPTY_DEFAULT: JsonDict = {"default": {}}  # so the API server applies nested defaults
+
+
+class LMCacheClusterSpec(ApiModel):
+    """Desired state of an LMCacheCluster: one cache server on every selected node."""
+
+    image: ImageSpec = Field(
+        default_factory=lambda: ImageSpec.model_validate({}),
+        description="Cache server image.",
+        json_schema_extra=EMPTY_DEFAULT,
+    )
+    server: ServerSpec = Field(
+        default_factory=lambda: ServerSpec.model_validate({}),
+        description="Cache server process settings.",
+        json_schema_extra=EMPTY_DEFAULT,
+    )
+    cache: CacheSpec = Field(
+        default_factory=lambda: CacheSpec.model_validate({}),
+        description="Cache tiers.",
+        json_schema_extra=EMPTY_DEFAULT,
+    )
+    device: Device = Field(
+        "auto",
+        description=(
+            "Device of the KV caches: cuda, cpu (clusters without GPUs, tests) or auto "
+            "(cuda when the pods are placed on GPU nodes, cpu otherwise)."
+        ),
+    )
+    placement: PlacementSpec = Field(
+        default_factory=lambda: PlacementSpec.model_validate({}),
+        description="Node selection and scheduling.",
+        json_schema_extra=EMPTY_DEFAULT,
+    )
+    host_network: bool = Field(
+        True, description="Run on the host network, so vLLM reaches the server at its node's IP."
+    )
+    host_shm_path: str = Field(
+        "/dev/shm",  # noqa: S108 - the host tmpfs CUDA IPC and shm need
+        pattern=r"^/[^\s]*$",
+        max_length=1024,
+        description="Host tmpfs mounted at /dev/shm (hostPath, never an emptyDir).",
+    )
+    resources: ResourceRequirements | None = Field(
+        None,
+        description=(
+            "Container resources; when unset, memory request = cache.cpuSize + 2Gi and the limit "
+            "is 25% above it (at least 2Gi more)."
+        ),
+    )
+    update_strategy: UpdateStrategy = Field(
+        default_factory=lambda: UpdateStrategy.model_validate({}),
+        description="DaemonSet update strategy.",
+        json_schema_extra=EMPTY_DEFAULT,
+    )
+    monitoring: MonitoringSpec = Field(
+        default_factory=lambda: MonitoringSpec.model_validate({}),
+        description="Metrics scraping.",
+        json_schema_extra=EMPTY_DEFAULT,
+    )
+    pod: PodOverrides = Field(
+        default_factory=lambda: PodOverrides.model_validate({}),
+        description="Escape hatches for the pod template.",
+        json_schema_extra=EMPTY_DEFAULT,
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> LMCacheClusterSpec:
+        if self.server.port == self.server.http_port:
+            raise ValueError("server.port and server.httpPort must differ")
+        if self.host_network and self.update_strategy.max_surge is not None:
+            raise ValueError(
+                "updateStrategy.maxSurge is not allowed with hostNetwork: two pods of a node "
+                "would bind the same ports; use maxUnavailable"
+            )
+        return self
+
+    def semantic_problems(self) -> list[str]:
+        """Problems the API server's schema cannot see; each names the field and the fix."""
+        problems: list[str] = []
+        cpu_bytes = parse_bytes(self.cache.cpu_size)
+        if self.resources is not None:
+            for kind in ("requests", "limits"):
+                memory = getattr(self.resources, kind).get("memory")
+                if memory is None:
+                    continue
+                try:
+                    memory_bytes = parse_bytes(memory)
+                except ValueError as exc:
+                    problems.append(f"resources.{kind}.memory: {exc}")
+                    continue
+                if memory_bytes < cpu_bytes:
+                    problems.append(
+                        f"resources.{kind}.memory {memory} is below cache.cpuSize "
+                        f"{self.cache.cpu_size}: the memory tier would not fit; raise it or "
+                        "shrink cache.cpuSize"
+                    )
+        return problems
+
+
+class Endpoint(ApiModel):
+    """A cache server on one node."""
+
+    node: str = Field(description="Node name.")
+    host_ip: str = Field("", alias="hostIP", description="The node's IP (status.hostIP).")
+    port: int = Field(description="ZMQ port on that IP.")
+    pod: str = Field(description="Cache pod name.")
+    ready: bool = Field(description="Whether the pod is Ready.")
+    restarts: int = Field(0, description="Container restarts of the pod.")
+
+
+Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
+
+
+class LMCacheClusterStatus(ApiModel):
+    """Observed state, written by the operator through the status subresource."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    observed_generation: int | None = Field(None, description="Spec generation last acted on.")
+    phase: Phase | None = Field(None, description="Pending, Progressing, Ready, Degraded, Failed.")
+    desired_nodes: int = Field(0, description="Nodes that should run a cache server.")
+    current_nodes: int = Field(0, description="Nodes running a cache pod.")
+    ready_nodes: int = Field(0, description="Nodes whose cache pod is Ready.")
+    updated_nodes: int = Field(0, description="Nodes running the current spec.")
+    unavailable_nodes: int = Field(0, description="Nodes without an available cache pod.")
+    endpoints: list[Endpoint] = Field(
+        default_factory=list, description="The cache server of each node."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Available, Progressing, Degraded, ConfigValid.",
+    )
+    consumers: list[str] = Field(
+        default_factory=list, description="VLLMDeployments (same namespace) that use this cache."
+    )
+
+
+DEFINITION = KindDefinition(
+    kind=KIND,
+    plural=PLURAL,
+    singular="lmcachecluster",
+    short_names=("lmcc",),
+    spec_model=LMCacheClusterSpec,
+    status_model=LMCacheClusterStatus,
+    description=(
+        "LMCacheCluster runs one LMCache-compatible KV cache server on every selected node "
+        "(a DaemonSet) that vLLM pods on that node reach at the node's IP."
+    ),
+    printer_columns=(
+        PrinterColumn("Ready", "integer", ".status.readyNodes", "Nodes with a ready server."),
+        PrinterColumn("Desired", "integer", ".status.desiredNodes", "Nodes that need one."),
+        PrinterColumn("Phase", "string", ".status.phase", "Summary state."),
+        PrinterColumn("Port", "integer", ".spec.server.port", "ZMQ port."),
+        PrinterColumn("Cache", "string", ".spec.cache.cpuSize", "CPU tier size per node."),
+        PrinterColumn("Age", "date", ".metadata.creationTimestamp"),
+    ),
+    spec_rules=(
+        {
+            "rule": "!has(self.server) || !has(self.server.port) || !has(self.server.httpPort)"
+            " || self.server.port != self.server.httpPort",
+            "message": "server.port and server.httpPort must differ",
+        },
+        {
+            "rule": "!(self.hostNetwork && has(self.updateStrategy)"
+            " && has(self.updateStrategy.maxSurge))",
+            "message": "updateStrategy.maxSurge is not allowed with hostNetwork: two pods of a "
+            "node would bind the same ports; use maxUnavailable",
+        },
+    ),
+)

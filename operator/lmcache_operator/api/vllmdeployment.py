@@ -1,0 +1,424 @@
+"""The VLLMDeployment kind: vLLM replicas (a Deployment) wired to their node's cache server."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
+
+from lmcache_operator.api.common import (
+    FREE_FORM,
+    ApiModel,
+    Condition,
+    KindDefinition,
+    PodOverrides,
+    PrinterColumn,
+    PullPolicy,
+    Quantity,
+    SecretKeyRef,
+    positive_quantity_field,
+)
+
+KIND = "VLLMDeployment"
+PLURAL = "vllmdeployments"
+
+Device = Literal["auto", "cuda", "cpu"]
+KVRole = Literal["kv_both", "kv_producer", "kv_consumer"]
+Colocation = Literal["Required", "Preferred", "None"]
+
+GPU_IMAGE = ("docker.io/vllm/vllm-openai", "v0.32.0")
+CPU_IMAGE = ("ghcr.io/lmcache-k8s/lmcache-vllm-cpu", "0.1.0")
+KV_TRANSFER_FLAGS = ("--kv-transfer-config", "--kv_transfer_config")
+EMPTY_DEFAULT: JsonDict = {"default": {}}
+
+Arg = Annotated[str, Field(max_length=4096)]
+CpuQuantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$", max_length=32)]
+
+
+class ModelVolume(ApiModel):
+    """A volume holding the weights, mounted read-only into the vLLM container."""
+
+    source: dict[str, Any] = Field(
+        description=(
+            "A core/v1 volume source, e.g. {persistentVolumeClaim: {claimName: llama}} or "
+            "{hostPath: {path: /models}}; passed through unchanged."
+        ),
+        json_schema_extra=FREE_FORM,
+    )
+    mount_path: str = Field(
+        "/models",
+        pattern=r"^/[^\s]*$",
+        max_length=1024,
+        description="Where the volume is mounted; model.name may be a path below it.",
+    )
+
+
+class ModelSpec(ApiModel):
+    """The model vLLM serves."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="Hugging Face model id (meta-llama/Llama-3.1-8B-Instruct) or a local path.",
+    )
+    served_model_name: str | None = Field(
+        None,
+        max_length=256,
+        description="Name clients use in the OpenAI API (--served-model-name).",
+    )
+    hf_token_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key with a Hugging Face token (becomes HF_TOKEN)."
+    )
+    volume: ModelVolume | None = Field(None, description="Optional volume holding the weights.")
+
+
+class VLLMImageSpec(ApiModel):
+    """The vLLM container image."""
+
+    repository: str | None = Field(
+        None,
+        max_length=512,
+        description=(
+            "Image repository without the tag; default docker.io/vllm/vllm-openai, or "
+            "ghcr.io/lmcache-k8s/lmcache-vllm-cpu (which contains the connector) with device cpu."
+        ),
+    )
+    tag: str | None = Field(None, max_length=128, description="Image tag (default per repository).")
+    pull_policy: PullPolicy = Field("IfNotPresent", description="Kubernetes imagePullPolicy.")
+    pull_secrets: list[str] = Field(
+        default_factory=list, max_length=16, description="Image pull Secrets in the namespace."
+    )
+    includes_connector: bool | None = Field(
+        None,
+        description=(
+            "Whether the image already contains the lmcache_node package. When false, an init "
+            "container copies it from the cache cluster's image into a shared volume on "
+            "PYTHONPATH. Default: true for the CPU image, false otherwise."
+        ),
+    )
+
+
+class ParallelismSpec(ApiModel):
+    """Model parallelism inside one replica."""
+
+    tensor: int = Field(1, ge=1, le=64, description="--tensor-parallel-size.")
+    pipeline: int = Field(1, ge=1, le=64, description="--pipeline-parallel-size.")
+
+
+class EngineSpec(ApiModel):
+    """vLLM engine arguments."""
+
+    extra_args: list[Arg] = Field(
+        default_factory=list,
+        max_length=128,
+        description=(
+            "Extra `vllm serve` arguments, appended last. No --kv-transfer-config while "
+            "cache.enabled (the operator writes it)."
+        ),
+    )
+    env: list[dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=128,
+        description="Extra environment variables (core/v1 EnvVar objects) of the vLLM container.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="--gpu-memory-utilization (fraction of GPU memory)."
+    )
+    max_model_len: int | None = Field(None, ge=1, description="--max-model-len.")
+    enable_prefix_caching: bool | None = Field(
+        None, description="--enable-prefix-caching / --no-enable-prefix-caching (vLLM default)."
+    )
+    device: Device = Field(
+        "auto",
+        description=(
+            "cuda (GPU limits), cpu (no GPU limits; the CPU image) or auto (cuda, unless "
+            "resources.gpus is 0)."
+        ),
+    )
+
+
+class VLLMResources(ApiModel):
+    """Resources of one replica."""
+
+    gpus: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="GPUs per replica (default tensor x pipeline; none with device cpu).",
+    )
+    gpu_resource_name: str = Field(
+        "nvidia.com/gpu", max_length=253, description="Extended resource name of a GPU."
+    )
+    cpu: CpuQuantity | None = Field(None, description="CPU request, e.g. '8' or 500m.")
+    memory: Quantity | None = positive_quantity_field(
+        "Memory request and limit, e.g. 32Gi.", default=None
+    )
+
+
+class ClusterRef(ApiModel):
+    """An LMCacheCluster in the same namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="LMCacheCluster name.")
+
+
+class VLLMCacheSpec(ApiModel):
+    """KV cache offload to the node cache servers."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.enabled) || !self.enabled || has(self.clusterRef)",
+                    "message": "cache.clusterRef is required while cache.enabled is true: name "
+                    "an LMCacheCluster in the same namespace",
+                }
+            ]
+        }
+    )
+
+    enabled: bool = Field(True, description="Wire vLLM to the cache cluster's servers.")
+    cluster_ref: ClusterRef | None = Field(
+        None, description="The LMCacheCluster (same namespace) whose servers this uses."
+    )
+    kv_role: KVRole = Field(
+        "kv_both",
+        description="kv_both (load and store), kv_producer (store only: prefill), kv_consumer "
+        "(load only: decode).",
+    )
+    load_failure_policy: Literal["recompute", "fail"] = Field(
+        "recompute",
+        description="What vLLM does when a KV load fails: recompute the tokens, or fail the "
+        "request.",
+    )
+
+    @model_validator(mode="after")
+    def _ref_required(self) -> VLLMCacheSpec:
+        if self.enabled and self.cluster_ref is None:
+            raise ValueError(
+                "cache.clusterRef is required while cache.enabled is true: name an "
+                "LMCacheCluster in the same namespace"
+            )
+        return self
+
+
+class VLLMPlacement(ApiModel):
+    """Where the replicas run."""
+
+    colocate_with_cache: Colocation = Field(
+        "Required",
+        description=(
+            "Required: only on the cluster's nodes and only where its cache pod is Ready "
+            "(pods wait, scheduling-gated, until then). Preferred: a preference; the connector "
+            "recomputes where no cache runs. None: no constraint."
+        ),
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Extra node labels the pods require."
+    )
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, max_length=64, description="Pod tolerations, passed through."
+    )
+    affinity: dict[str, Any] | None = Field(
+        None, description="Pod affinity (core/v1 Affinity), merged.", json_schema_extra=FREE_FORM
+    )
+    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass.")
+    runtime_class_name: str | None = Field(None, max_length=253, description="RuntimeClass.")
+
+
+class ServiceSpec(ApiModel):
+    """The Service in front of the OpenAI API."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
+        "ClusterIP", description="Service type."
+    )
+    port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI API.")
+
+
+class ProbeSpec(ApiModel):
+    """Health checks on vLLM's /health."""
+
+    enabled: bool = Field(True, description="Add startup, readiness and liveness probes.")
+    startup_timeout_seconds: int = Field(
+        1800, ge=10, le=86400, description="How long model loading may take before a restart."
+    )
+    period_seconds: int = Field(10, ge=1, le=300, description="Probe period.")
+    failure_threshold: int = Field(
+        3, ge=1, le=100, description="Failures before not-ready/restart."
+    )
+
+
+class StrategySpec(ApiModel):
+    """Deployment update strategy."""
+
+    type: Literal["RollingUpdate", "Recreate"] = Field(
+        "RollingUpdate", description="RollingUpdate or Recreate."
+    )
+    max_surge: int | str | None = Field(
+        None, description="Extra replicas during a rolling update (needs spare GPUs)."
+    )
+    max_unavailable: int | str | None = Field(
+        None, description="Replicas that may be unavailable during a rolling update."
+    )
+
+
+def _default(model: type[ApiModel]) -> Any:
+    return Field(
+        default_factory=lambda: model.model_validate({}),
+        description=(model.__doc__ or "").strip(),
+        json_schema_extra=EMPTY_DEFAULT,
+    )
+
+
+class VLLMDeploymentSpec(ApiModel):
+    """Desired state of a VLLMDeployment."""
+
+    model: ModelSpec = Field(description="The model to serve.")
+    image: VLLMImageSpec = _default(VLLMImageSpec)
+    replicas: int = Field(1, ge=0, le=10000, description="Number of vLLM replicas (pods).")
+    parallelism: ParallelismSpec = _default(ParallelismSpec)
+    engine: EngineSpec = _default(EngineSpec)
+    resources: VLLMResources = _default(VLLMResources)
+    cache: VLLMCacheSpec = _default(VLLMCacheSpec)
+    placement: VLLMPlacement = _default(VLLMPlacement)
+    service: ServiceSpec = _default(ServiceSpec)
+    probes: ProbeSpec = _default(ProbeSpec)
+    strategy: StrategySpec = _default(StrategySpec)
+    pod: PodOverrides = _default(PodOverrides)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> VLLMDeploymentSpec:
+        needed = self.parallelism.tensor * self.parallelism.pipeline
+        gpus = self.resources.gpus
+        if self.engine.device != "cpu" and gpus is not None and gpus < needed:
+            raise ValueError(
+                f"resources.gpus ({gpus}) must be at least parallelism.tensor "
+                f"x parallelism.pipeline ({needed}) unless engine.device is cpu"
+            )
+        if self.cache.enabled and any(
+            arg.split("=", 1)[0].split(".", 1)[0] in KV_TRANSFER_FLAGS
+            for arg in self.engine.extra_args
+        ):
+            raise ValueError(
+                "engine.extraArgs must not contain --kv-transfer-config while cache.enabled is "
+                "true: the operator writes it; set cache.enabled: false to wire vLLM yourself"
+            )
+        return self
+
+    @property
+    def device(self) -> Literal["cuda", "cpu"]:
+        if self.engine.device == "cpu":
+            return "cpu"
+        if self.engine.device == "auto" and self.resources.gpus == 0:
+            return "cpu"
+        return "cuda"
+
+    @property
+    def gpus(self) -> int:
+        if self.device == "cpu":
+            return 0
+        if self.resources.gpus is not None:
+            return self.resources.gpus
+        return self.parallelism.tensor * self.parallelism.pipeline
+
+    @property
+    def image_reference(self) -> str:
+        repo, tag = CPU_IMAGE if self.device == "cpu" else GPU_IMAGE
+        if self.image.repository is not None:
+            repo, tag = self.image.repository, self.image.tag or "latest"
+        elif self.image.tag is not None:
+            tag = self.image.tag
+        return f"{repo}:{tag}"
+
+    @property
+    def image_includes_connector(self) -> bool:
+        if self.image.includes_connector is not None:
+            return self.image.includes_connector
+        return self.image.repository is None and self.device == "cpu"
+
+
+_TENSOR = "(has(self.parallelism) && has(self.parallelism.tensor) ? self.parallelism.tensor : 1)"
+_PIPELINE = (
+    "(has(self.parallelism) && has(self.parallelism.pipeline) ? self.parallelism.pipeline : 1)"
+)
+SPEC_RULES: tuple[dict[str, str], ...] = (
+    {
+        "rule": "!has(self.resources) || !has(self.resources.gpus)"
+        " || (has(self.engine) && has(self.engine.device) && self.engine.device == 'cpu')"
+        f" || self.resources.gpus >= {_TENSOR} * {_PIPELINE}",
+        "message": "resources.gpus must be at least parallelism.tensor x parallelism.pipeline "
+        "unless engine.device is cpu",
+    },
+    {
+        "rule": "!has(self.cache) || !has(self.cache.enabled) || !self.cache.enabled"
+        " || !has(self.engine) || !has(self.engine.extraArgs)"
+        " || !self.engine.extraArgs.exists(a, a.startsWith('--kv-transfer-config')"
+        " || a.startsWith('--kv_transfer_config'))",
+        "message": "engine.extraArgs must not contain --kv-transfer-config while cache.enabled "
+        "is true: the operator writes it; set cache.enabled: false to wire vLLM yourself",
+    },
+    {
+        "rule": "!has(self.replicas) || self.replicas >= 0",
+        "message": "replicas must be 0 or more",
+    },
+)
+
+
+class CacheStatus(ApiModel):
+    """How the replicas reach the cache."""
+
+    cluster_ref: str = Field("", description="The LMCacheCluster in use.")
+    state: str = Field(
+        "", description="Ready, Degraded, NotFound, Incompatible, Waiting or Disabled."
+    )
+    nodes_without_ready_cache: list[str] = Field(
+        default_factory=list, description="Nodes running replicas without a Ready cache pod."
+    )
+    compatible: bool | None = Field(
+        None, description="Chunk size, transfer mode and layout match the cluster."
+    )
+
+
+class VLLMDeploymentStatus(ApiModel):
+    """Observed state, written by the operator through the status subresource."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    observed_generation: int | None = Field(None, description="Spec generation last acted on.")
+    replicas: int = Field(0, description="Pods of the Deployment.")
+    ready_replicas: int = Field(0, description="Ready pods.")
+    available_replicas: int = Field(0, description="Available pods.")
+    updated_replicas: int = Field(0, description="Pods running the current spec.")
+    selector: str = Field("", description="Label selector of the pods (scale subresource).")
+    url: str = Field("", description="In-cluster URL of the OpenAI API.")
+    cache: CacheStatus = Field(
+        default_factory=lambda: CacheStatus.model_validate({}), description="Cache wiring."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Available, Progressing, CacheReady, CacheCompatible, ConfigValid, "
+        "ReplicaFailure.",
+    )
+
+
+DEFINITION = KindDefinition(
+    kind=KIND,
+    plural=PLURAL,
+    singular="vllmdeployment",
+    short_names=("vllmd",),
+    spec_model=VLLMDeploymentSpec,
+    status_model=VLLMDeploymentStatus,
+    description=(
+        "VLLMDeployment runs vLLM replicas (a Deployment and a Service) whose KV connector "
+        "talks to the LMCacheCluster server on each pod's own node (status.hostIP)."
+    ),
+    printer_columns=(
+        PrinterColumn("Ready", "integer", ".status.readyReplicas", "Ready replicas."),
+        PrinterColumn("Replicas", "integer", ".spec.replicas", "Desired replicas."),
+        PrinterColumn("Model", "string", ".spec.model.name", "Served model."),
+        PrinterColumn("Cache", "string", ".status.cache.state", "Cache wiring state."),
+        PrinterColumn("Age", "date", ".metadata.creationTimestamp"),
+    ),
+    spec_rules=SPEC_RULES,
+    scale=(".spec.replicas", ".status.replicas", ".status.selector"),
+)

@@ -1,0 +1,324 @@
+"""Objects of an LMCacheCluster: node config, ConfigMap, DaemonSet, Services, ServiceMonitor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from lmcache_operator.api.common import GPU_NODE_LABEL
+from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
+from lmcache_operator.builders.common import (
+    CLUSTER_LABEL,
+    CONFIG_HASH_ANNOTATION,
+    content_hash,
+    standard_labels,
+)
+from lmcache_operator.quantity import GIB, format_mebibytes, parse_bytes, to_gib
+
+APP_NAME = "lmcache-node"
+COMPONENT = "cache-server"
+CONTAINER_NAME = "lmcache-node"
+CONFIG_KEY = "config.yaml"
+CONFIG_DIR = "/etc/lmcache"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+MEMORY_OVERHEAD_BYTES = 2 * GIB
+REMOTE_URL_ENV = "LMCACHE_REMOTE_URL"
+METRICS_LABEL = "lmcache.dev/metrics"
+SERVICE_MONITOR_API = "monitoring.coreos.com/v1"
+# The longest suffix below ("-cache-metrics") keeps Service names within 63 characters.
+MAX_NAME_LENGTH = 63 - len("-cache-metrics")
+
+
+def daemonset_name(name: str) -> str:
+    return f"{name}-cache"
+
+
+def configmap_name(name: str) -> str:
+    return f"{name}-cache-config"
+
+
+def service_name(name: str) -> str:
+    return f"{name}-cache"
+
+
+def metrics_service_name(name: str) -> str:
+    return f"{name}-cache-metrics"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    """Immutable DaemonSet selector (also how the operator finds a cluster's pods)."""
+    return {"app.kubernetes.io/name": APP_NAME, CLUSTER_LABEL: name}
+
+
+def labels(name: str) -> dict[str, str]:
+    return {**standard_labels(name, APP_NAME, COMPONENT), CLUSTER_LABEL: name}
+
+
+def name_problems(name: str) -> list[str]:
+    if len(name) > MAX_NAME_LENGTH:
+        return [
+            f"metadata.name {name!r} has {len(name)} characters; at most {MAX_NAME_LENGTH} fit "
+            "the names of the Services it creates: choose a shorter name"
+        ]
+    return []
+
+
+def effective_device(spec: LMCacheClusterSpec) -> str:
+    """cuda or cpu: what the server's ``device`` key gets."""
+    if spec.server.transfer_mode == "engine":
+        return "cpu"  # vLLM copies into the server's shm pool; the server needs no GPU
+    if spec.device != "auto":
+        return spec.device
+    on_gpu_nodes = spec.placement.node_selector.get(GPU_NODE_LABEL) == "true"
+    return "cuda" if on_gpu_nodes else "cpu"
+
+
+def node_config(spec: LMCacheClusterSpec) -> dict[str, Any]:
+    """The node's config file, in the node's own keys (``lmcache-node serve --config``)."""
+    cache = spec.cache
+    config: dict[str, Any] = {
+        "chunk_size": spec.server.chunk_size,
+        "local_cpu": True,
+        "max_local_cpu_size": to_gib(parse_bytes(cache.cpu_size)),
+        "cache_policy": cache.eviction_policy,
+        "host": "0.0.0.0",  # noqa: S104 - vLLM pods reach the server at their node's IP
+        "port": spec.server.port,
+        "http_port": spec.server.http_port,
+        "max_workers": spec.server.max_workers,
+        "device": effective_device(spec),
+        "log_level": spec.server.log_level,
+    }
+    if cache.disk is not None and cache.disk.size is not None:
+        config["local_disk"] = f"file://{cache.disk.path.rstrip('/')}/"
+        config["max_local_disk_size"] = to_gib(parse_bytes(cache.disk.size))
+    if cache.remote is not None:
+        if cache.remote.url is not None:  # the Secret form arrives as LMCACHE_REMOTE_URL
+            config["remote_url"] = cache.remote.url
+        config["remote_serde"] = cache.remote.serde
+    return config
+
+
+def build_configmap(name: str, namespace: str, spec: LMCacheClusterSpec) -> dict[str, Any]:
+    text = yaml.safe_dump(node_config(spec), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": configmap_name(name), "namespace": namespace, "labels": labels(name)},
+        "data": {CONFIG_KEY: text},
+    }
+
+
+def container_resources(spec: LMCacheClusterSpec) -> dict[str, Any]:
+    """Requests/limits: memory = L1 size + overhead, limit above it, unless given."""
+    cpu_bytes = parse_bytes(spec.cache.cpu_size)
+    request = cpu_bytes + MEMORY_OVERHEAD_BYTES
+    limit = request + max(MEMORY_OVERHEAD_BYTES, request // 4)
+    requests: dict[str, str] = {"memory": format_mebibytes(request)}
+    limits: dict[str, str] = {"memory": format_mebibytes(limit)}
+    if spec.resources is not None:
+        requests.update(spec.resources.requests)
+        limits.update(spec.resources.limits)
+        if "memory" in spec.resources.requests and "memory" not in spec.resources.limits:
+            given = parse_bytes(spec.resources.requests["memory"])
+            limits["memory"] = format_mebibytes(given + max(MEMORY_OVERHEAD_BYTES, given // 4))
+    return {"requests": requests, "limits": limits}
+
+
+def _env(spec: LMCacheClusterSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "LMCACHE_CONFIG_FILE", "value": CONFIG_PATH},
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
+    if effective_device(spec) == "cuda":  # CUDA IPC needs the GPUs visible, not requested
+        env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"})
+        env.append({"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "compute,utility"})
+    remote = spec.cache.remote
+    if remote is not None and remote.url_secret_ref is not None:
+        ref = remote.url_secret_ref
+        env.append(
+            {
+                "name": REMOTE_URL_ENV,
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    return env + [dict(item) for item in spec.pod.env]
+
+
+def _volumes(name: str, spec: LMCacheClusterSpec) -> tuple[list[Any], list[Any]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": configmap_name(name)}},
+        {"name": "shm", "hostPath": {"path": spec.host_shm_path, "type": "Directory"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "shm", "mountPath": "/dev/shm"},  # noqa: S108 - hostPath, shared on purpose
+    ]
+    disk = spec.cache.disk
+    if disk is not None:
+        volumes.append(
+            {"name": "disk", "hostPath": {"path": disk.path, "type": "DirectoryOrCreate"}}
+        )
+        mounts.append({"name": "disk", "mountPath": disk.path})
+    volumes += [dict(v) for v in spec.pod.volumes]
+    mounts += [dict(m) for m in spec.pod.volume_mounts]
+    return volumes, mounts
+
+
+def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def build_daemonset(
+    name: str, namespace: str, spec: LMCacheClusterSpec, config_hash: str
+) -> dict[str, Any]:
+    volumes, mounts = _volumes(name, spec)
+    server = spec.server
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.image.reference,
+        "imagePullPolicy": spec.image.pull_policy,
+        "command": ["lmcache-node", "serve", "--config", CONFIG_PATH, *server.extra_args],
+        "ports": [
+            {"name": "zmq", "containerPort": server.port, "protocol": "TCP"},
+            {"name": "http", "containerPort": server.http_port, "protocol": "TCP"},
+        ],
+        "env": _env(spec),
+        "resources": container_resources(spec),
+        "volumeMounts": mounts,
+        "readinessProbe": _probe("/readyz", server.http_port, period=5, failures=2),
+        "livenessProbe": _probe("/healthz", server.http_port, period=10, failures=3),
+        "startupProbe": _probe("/healthz", server.http_port, period=2, failures=60),
+    }
+    if spec.pod.container_security_context is not None:
+        container["securityContext"] = dict(spec.pod.container_security_context)
+    pod_labels = {**spec.pod.labels, **labels(name)}
+    pod_annotations = {**spec.pod.annotations, CONFIG_HASH_ANNOTATION: config_hash}
+    placement = spec.placement
+    pod_spec: dict[str, Any] = {
+        "hostNetwork": spec.host_network,
+        "dnsPolicy": "ClusterFirstWithHostNet" if spec.host_network else "ClusterFirst",
+        "nodeSelector": dict(placement.node_selector),
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": 30,
+    }
+    optional: dict[str, Any] = {
+        "tolerations": [dict(t) for t in placement.tolerations] or None,
+        "affinity": placement.affinity,
+        "priorityClassName": placement.priority_class_name,
+        "runtimeClassName": placement.runtime_class_name,
+        "securityContext": spec.pod.security_context,
+        "imagePullSecrets": [{"name": s} for s in spec.image.pull_secrets] or None,
+    }
+    pod_spec.update({key: value for key, value in optional.items() if value is not None})
+    strategy = spec.update_strategy
+    update: dict[str, Any] = {"type": strategy.type}
+    if strategy.type == "RollingUpdate":
+        rolling: dict[str, Any] = {"maxUnavailable": strategy.max_unavailable}
+        if strategy.max_surge is not None:
+            rolling["maxSurge"] = strategy.max_surge
+        update["rollingUpdate"] = rolling
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": daemonset_name(name), "namespace": namespace, "labels": labels(name)},
+        "spec": {
+            "selector": {"matchLabels": selector_labels(name)},
+            "updateStrategy": update,
+            "template": {
+                "metadata": {"labels": pod_labels, "annotations": pod_annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def build_node_service(name: str, namespace: str, spec: LMCacheClusterSpec) -> dict[str, Any]:
+    """ClusterIP Service that only routes to the cache pod on the caller's node."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(name), "namespace": namespace, "labels": labels(name)},
+        "spec": {
+            "type": "ClusterIP",
+            "internalTrafficPolicy": "Local",
+            "selector": selector_labels(name),
+            "ports": [
+                {"name": "zmq", "port": spec.server.port, "targetPort": "zmq", "protocol": "TCP"},
+                {
+                    "name": "http",
+                    "port": spec.server.http_port,
+                    "targetPort": "http",
+                    "protocol": "TCP",
+                },
+            ],
+        },
+    }
+
+
+def build_metrics_service(name: str, namespace: str, spec: LMCacheClusterSpec) -> dict[str, Any]:
+    """Headless Service listing every cache pod's metrics endpoint."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": metrics_service_name(name),
+            "namespace": namespace,
+            "labels": {**labels(name), METRICS_LABEL: "true"},
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(name),
+            "ports": [
+                {
+                    "name": "http",
+                    "port": spec.server.http_port,
+                    "targetPort": "http",
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def build_service_monitor(name: str, namespace: str, spec: LMCacheClusterSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": SERVICE_MONITOR_API,
+        "kind": "ServiceMonitor",
+        "metadata": {
+            "name": daemonset_name(name),
+            "namespace": namespace,
+            "labels": {**spec.monitoring.labels, **labels(name)},
+        },
+        "spec": {
+            "selector": {"matchLabels": {**selector_labels(name), METRICS_LABEL: "true"}},
+            "namespaceSelector": {"matchNames": [namespace]},
+            "endpoints": [
+                {"port": "http", "path": "/metrics", "interval": spec.monitoring.interval}
+            ],
+        },
+    }
+
+
+def build_children(
+    name: str, namespace: str, spec: LMCacheClusterSpec, *, service_monitor: bool
+) -> list[dict[str, Any]]:
+    """Every child object, in apply order (ConfigMap before the pods that mount it)."""
+    configmap = build_configmap(name, namespace, spec)
+    config_hash = content_hash({"data": configmap["data"], "env": _env(spec)})
+    children = [
+        configmap,
+        build_node_service(name, namespace, spec),
+        build_metrics_service(name, namespace, spec),
+        build_daemonset(name, namespace, spec, config_hash),
+    ]
+    if service_monitor and spec.monitoring.service_monitor:
+        children.append(build_service_monitor(name, namespace, spec))
+    return children

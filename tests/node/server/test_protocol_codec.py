@@ -1,0 +1,63 @@
+"""Protocol structs and codec, in process."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from lmcache_node.protocol import messages as m
+from lmcache_node.protocol.codec import (
+    FrameError,
+    decode_header,
+    decode_payload,
+    encode_reply,
+    encode_request,
+    op_of,
+)
+
+
+def test_every_op_has_request_and_reply_types() -> None:
+    assert set(m.REQUEST_TYPES) == set(m.Op) == set(m.REPLY_TYPES)
+
+
+def test_request_and_reply_round_trip() -> None:
+    request = m.StoreRequest(registration_id=3, keys=[b"a" * 16, b"b" * 16], block_ids=[1, 2])
+    frames = encode_request(m.Op.STORE, 42, request)
+    header = decode_header(frames[0])
+    assert (header.op, header.request_id, header.status) == (m.Op.STORE, 42, m.Status.OK)
+    assert decode_payload(frames[1], m.StoreRequest) == request
+    reply = encode_reply(header, m.ErrorReply(code="out_of_range", message="block 99"))
+    reply_header = decode_header(reply[0])
+    assert reply_header.status == m.Status.ERROR and reply_header.request_id == 42
+    assert decode_payload(reply[1], m.ErrorReply).message == "block 99"
+
+
+def test_header_is_a_compact_array() -> None:
+    raw = msgspec.msgpack.decode(encode_request(m.Op.PING, 1, m.PingRequest())[0])
+    assert raw == [m.MAGIC, m.PROTOCOL_VERSION, int(m.Op.PING), 1, 0]
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"", m.ErrorCode.BAD_FRAME),
+        (msgspec.msgpack.encode([b"LMCX", 1, 1, 1, 0]), m.ErrorCode.BAD_FRAME),
+        (msgspec.msgpack.encode([m.MAGIC, 2, 1, 1, 0]), m.ErrorCode.BAD_VERSION),
+        (msgspec.msgpack.encode({"magic": m.MAGIC}), m.ErrorCode.BAD_FRAME),
+    ],
+)
+def test_bad_headers(frame: bytes, code: m.ErrorCode) -> None:
+    with pytest.raises(FrameError) as info:
+        decode_header(frame)
+    assert info.value.code is code
+
+
+def test_unknown_op_and_wrong_payload_types() -> None:
+    with pytest.raises(FrameError) as info:
+        op_of(m.Header(m.MAGIC, m.PROTOCOL_VERSION, 77, 1))
+    assert info.value.code is m.ErrorCode.UNKNOWN_OP
+    with pytest.raises(FrameError) as info:
+        decode_payload(msgspec.msgpack.encode({"keys": [1, 2]}), m.LookupRequest)
+    assert info.value.code is m.ErrorCode.BAD_REQUEST
+    with pytest.raises(FrameError) as info:
+        decode_payload(msgspec.msgpack.encode({"keys": [], "extra": 1}), m.LookupRequest)
+    assert info.value.code is m.ErrorCode.BAD_REQUEST

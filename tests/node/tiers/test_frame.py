@@ -1,0 +1,82 @@
+"""The chunk frame: round trips, and every kind of damage is detected."""
+
+import os
+
+import pytest
+from lmcache_node.keys import ChunkKey
+from lmcache_node.tiers.frame import (
+    DISK_HEADER_BYTES,
+    HEADER_BYTES,
+    Codec,
+    FrameError,
+    FrameHeader,
+    build_frame,
+    decode_header,
+    encode_header,
+    parse_frame,
+)
+
+KEY = ChunkKey(bytes(range(16)))
+OTHER = ChunkKey(bytes(range(1, 17)))
+
+
+@pytest.mark.parametrize("codec", list(Codec))
+def test_round_trip_every_codec(codec: Codec) -> None:
+    raw = os.urandom(1000) + bytes(50_000)  # compressible tail
+    frame = build_frame(KEY, raw, codec)
+    assert bytes(parse_frame(frame, KEY)) == raw
+    if codec is not Codec.NAIVE:
+        assert len(frame) < len(raw)
+
+
+def test_header_padding_and_fields() -> None:
+    header = FrameHeader(KEY, Codec.NAIVE, DISK_HEADER_BYTES, 10, 10, 123, "bytes-v1")
+    encoded = encode_header(header)
+    assert len(encoded) == DISK_HEADER_BYTES
+    assert decode_header(encoded) == header
+
+
+@pytest.mark.parametrize("position", [0, 5, 20, HEADER_BYTES - 1, HEADER_BYTES + 3, -1])
+def test_any_flipped_byte_is_detected(position: int) -> None:
+    frame = bytearray(build_frame(KEY, os.urandom(4096), Codec.NAIVE))
+    frame[position] ^= 0x40
+    with pytest.raises(FrameError):
+        parse_frame(bytes(frame), KEY)
+
+
+@pytest.mark.parametrize("cut", [0, 10, HEADER_BYTES, HEADER_BYTES + 100])
+def test_truncated_frame_is_detected(cut: int) -> None:
+    frame = build_frame(KEY, os.urandom(4096), Codec.NAIVE)
+    with pytest.raises(FrameError):
+        parse_frame(frame[:cut], KEY)
+
+
+def test_extra_bytes_are_detected() -> None:
+    frame = build_frame(KEY, os.urandom(100), Codec.LZ4)
+    with pytest.raises(FrameError, match="header says"):
+        parse_frame(bytes(frame) + b"x", KEY)
+
+
+def test_wrong_key_and_layout_are_misses() -> None:
+    frame = build_frame(KEY, b"abc", Codec.NAIVE)
+    with pytest.raises(FrameError, match="another key"):
+        parse_frame(frame, OTHER)
+    with pytest.raises(FrameError, match="layout"):
+        parse_frame(frame, KEY, layout="bytes-v2")
+
+
+def test_other_format_version_is_refused() -> None:
+    header = FrameHeader(KEY, Codec.NAIVE, HEADER_BYTES, 3, 3, 0, "bytes-v1", version=99)
+    with pytest.raises(FrameError, match="version 99"):
+        decode_header(encode_header(header))
+
+
+def test_garbage_is_refused() -> None:
+    with pytest.raises(FrameError, match="magic"):
+        parse_frame(b"hello world" * 20, KEY)
+
+
+def test_serde_names() -> None:
+    assert Codec.from_serde("zstd") is Codec.ZSTD
+    with pytest.raises(ValueError, match="naive, zstd, lz4"):
+        Codec.from_serde("cachegen")

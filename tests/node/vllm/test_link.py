@@ -1,0 +1,114 @@
+"""NodeLink's failure handling (a scripted stand-in for NodeClient: pure control flow)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from lmcache_node.client import NodeUnavailableError, RemoteError
+from lmcache_node.vllm.link import NodeLink
+from lmcache_node.vllm.settings import ConnectorSettings
+
+
+@dataclass
+class Info:
+    server_version: str = "test"
+    chunk_size: int = 256
+
+
+@dataclass
+class ScriptedClient:
+    """Fails ``connect`` while ``script.down`` is set; counts closes."""
+
+    script: Script
+
+    def connect(self) -> Info:
+        if self.script.down:
+            raise NodeUnavailableError("nobody listens")
+        return Info()
+
+    def lookup(self, keys: list[bytes], **_: Any) -> tuple[int, int | None]:
+        if self.script.remote_error:
+            raise RemoteError("internal", "boom")
+        return len(keys), None
+
+    def close(self) -> None:
+        self.script.closed += 1
+
+
+@dataclass
+class Script:
+    down: bool = True
+    remote_error: bool = False
+    register_error: BaseException | None = None
+    closed: int = 0
+    registered: list[object] = field(default_factory=list)
+
+
+def make_link(script: Script) -> NodeLink:
+    def on_connected(client: object) -> None:
+        if script.register_error is not None:
+            raise script.register_error
+        script.registered.append(client)
+
+    return NodeLink(
+        ConnectorSettings(reconnect_s=0.05),
+        name="test link",
+        on_connected=on_connected,
+        client_factory=lambda _s: ScriptedClient(script),  # type: ignore[arg-type,return-value]
+    )
+
+
+def lookup(client: Any) -> tuple[int, int | None]:
+    result: tuple[int, int | None] = client.lookup([b"k" * 16])
+    return result
+
+
+def test_down_at_start_then_connects_in_background(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lmcache_node.vllm")
+    script = Script(down=True)
+    link = make_link(script)
+    link.start()
+    try:
+        assert not link.connected
+        miss: tuple[int, int | None] = (0, None)
+        assert link.call("lookup", lookup, miss) == miss
+        assert link.call("lookup", lookup, miss) == miss
+        script.down = False
+        assert link.wait_connected(10)
+        assert link.call("lookup", lookup, miss) == (1, None)
+        assert len(script.registered) == 1
+    finally:
+        link.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # one incident, logged once
+    assert any("reachable again" in r.getMessage() for r in caplog.records)
+
+
+def test_registration_error_never_reaches_vllm(caplog: pytest.LogCaptureFixture) -> None:
+    script = Script(down=False, register_error=OSError(28, "No space left on device"))
+    link = make_link(script)
+    link.start()  # must not raise
+    try:
+        assert not link.connected
+        assert script.closed >= 1  # the half-made client was closed
+        assert any("/dev/shm" in r.getMessage() for r in caplog.records)
+        script.register_error = None
+        assert link.wait_connected(10)
+    finally:
+        link.close()
+
+
+def test_remote_error_gives_the_fallback() -> None:
+    script = Script(down=False, remote_error=True)
+    link = make_link(script)
+    link.start()
+    try:
+        assert link.connected
+        assert link.call("lookup", lookup, (0, None)) == (0, None)
+        script.remote_error = False
+        assert link.call("lookup", lookup, (0, None)) == (1, None)
+    finally:
+        link.close()

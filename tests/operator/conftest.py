@@ -1,0 +1,169 @@
+"""Fixtures for operator tests on a real Kubernetes API server (../shared/k8s/up.sh)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.operator.kubectl import Cluster, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+K8S_DIR = Path(os.environ.get("LMCACHE_K8S_DIR", REPO.parent / "shared" / "k8s"))
+OPERATOR = Path(sys.executable).parent / "lmcache-operator"
+
+
+def _missing_cluster(reason: str) -> None:
+    message = f"LOCAL KUBERNETES CLUSTER UNAVAILABLE ({reason}): k8s-marked operator tests skipped"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message}; under CI=true this is a failure", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster() -> Iterator[Cluster]:
+    """One local cluster (2 GPU + 1 CPU kwok nodes) for the session, stopped at the end."""
+    up, down, install = (K8S_DIR / n for n in ("up.sh", "down.sh", "install.sh"))
+    if not up.is_file():
+        _missing_cluster(f"{up} not found")
+    directory = Path(tempfile.mkdtemp(prefix="lmcache-op-k8s-"))
+    shutil.rmtree(directory)  # up.sh creates it
+    bin_dir = Path(
+        subprocess.run([str(install)], capture_output=True, text=True, check=True, timeout=300)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    result = subprocess.run(
+        [str(up), "--dir", str(directory), "--gpu-nodes", "2", "--cpu-nodes", "1"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    if result.returncode != 0:
+        subprocess.run(
+            [str(down), "--dir", str(directory)], capture_output=True, timeout=120, check=False
+        )
+        _missing_cluster(f"up.sh failed: {result.stderr.strip()[-800:]}")
+    cluster = Cluster(
+        kubeconfig=Path(result.stdout.strip().splitlines()[-1]),
+        bin_dir=bin_dir,
+        directory=directory,
+    )
+    try:
+        cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        yield cluster
+    finally:
+        subprocess.run(
+            [str(down), "--dir", str(directory)], capture_output=True, timeout=120, check=False
+        )
+
+
+@pytest.fixture
+def namespace(k8s_cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace per test (privileged: hostNetwork and hostPath pods)."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    k8s_cluster.kubectl("create", "namespace", name)
+    k8s_cluster.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=privileged")
+    try:
+        yield name
+    finally:
+        k8s_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OperatorProcess:
+    """`lmcache-operator run` as a subprocess watching one namespace."""
+
+    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"operator-{self.starts}.log"
+
+    def start(self) -> None:
+        assert self.proc is None, "already running"
+        self.starts += 1
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/healthz"
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [str(OPERATOR), "run", "-n", self.namespace, "--liveness", url, "--log-level", "INFO"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.cluster.env,
+        )
+
+        def alive() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"operator exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        wait_for("the operator's liveness endpoint", alive, timeout=30, interval=0.2)
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    def logs(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace")[-3000:]
+            for p in sorted(self.log_dir.glob("operator-*.log"))
+        )
+
+
+@pytest.fixture
+def operator(
+    k8s_cluster: Cluster, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(k8s_cluster, namespace, tmp_path)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(f"--- operator log ---\n{process.logs()}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -1,0 +1,143 @@
+"""Test helpers for the real API server: kubectl calls, bounded waits, a status recorder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class Cluster:
+    """A running local cluster (../shared/k8s/up.sh)."""
+
+    kubeconfig: Path
+    bin_dir: Path
+    directory: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+
+    def kubectl(
+        self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["kubectl", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+        return result
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        args = ["get", kind, name, "-o", "json"]
+        if namespace:
+            args += ["-n", namespace]
+        result = self.kubectl(*args, check=False)
+        if result.returncode != 0:
+            if "NotFound" in result.stderr:
+                return None
+            raise AssertionError(result.stderr)
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+    def items(self, kind: str, namespace: str, selector: str | None = None) -> list[Any]:
+        args = ["get", kind, "-n", namespace, "-o", "json"]
+        if selector:
+            args += ["-l", selector]
+        items: list[Any] = json.loads(self.kubectl(*args).stdout)["items"]
+        return items
+
+    def apply(
+        self, manifest: str, namespace: str, *, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return self.kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest, check=check)
+
+
+def wait_for(
+    what: str, probe: Callable[[], T | None], timeout: float = 30, interval: float = 0.1
+) -> T:
+    """Poll ``probe`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
+
+
+@dataclass
+class StatusRecorder:
+    """Every status the API server reports for one LMCacheCluster, through a watch."""
+
+    cluster: Cluster
+    namespace: str
+    name: str
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    _proc: subprocess.Popen[str] | None = None
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> StatusRecorder:
+        self._proc = subprocess.Popen(
+            [
+                "kubectl",
+                "get",
+                "lmcc",
+                self.name,
+                "-n",
+                self.namespace,
+                "-w",
+                "-o",
+                'jsonpath={.status}{"\\n"}',
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=self.cluster.env,
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            text = raw.strip()
+            if text:
+                self.seen.append(json.loads(text))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+
+    def phases(self) -> list[str]:
+        return [s.get("phase", "") for s in self.seen]
+
+    def wait(
+        self, what: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30
+    ) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            return next((s for s in reversed(self.seen) if predicate(s)), None)
+
+        return wait_for(what, probe, timeout)

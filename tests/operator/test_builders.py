@@ -1,0 +1,218 @@
+"""Pure builders: the objects an LMCacheCluster spec turns into."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from lmcache_node.config import load_config
+from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
+from lmcache_operator.builders.common import CONFIG_HASH_ANNOTATION
+from lmcache_operator.builders.lmcachecluster import (
+    CONFIG_KEY,
+    build_children,
+    build_configmap,
+    container_resources,
+    node_config,
+)
+
+
+def spec_of(**fields: Any) -> LMCacheClusterSpec:
+    return LMCacheClusterSpec.model_validate(fields)
+
+
+def children(spec: LMCacheClusterSpec, monitor: bool = False) -> dict[str, dict[str, Any]]:
+    objs = build_children("c1", "ns", spec, service_monitor=monitor)
+    return {f"{o['kind']}/{o['metadata']['name']}": o for o in objs}
+
+
+def daemonset(spec: LMCacheClusterSpec) -> dict[str, Any]:
+    return children(spec)["DaemonSet/c1-cache"]
+
+
+def test_node_config_uses_the_node_keys_and_units() -> None:
+    spec = spec_of(
+        server={"port": 6000, "httpPort": 9000, "chunkSize": 512, "maxWorkers": 4},
+        cache={
+            "cpuSize": "1536Mi",
+            "disk": {"path": "/mnt/cache", "size": "20Gi"},
+            "remote": {"url": "redis://redis:6379/0", "serde": "zstd"},
+        },
+        device="cpu",
+    )
+    config = node_config(spec)
+    assert config["chunk_size"] == 512
+    assert config["max_local_cpu_size"] == 1.5  # GB float, never a quantity string
+    assert config["local_disk"] == "file:///mnt/cache/"  # a path URL, never True
+    assert config["max_local_disk_size"] == 20.0
+    assert config["remote_url"] == "redis://redis:6379/0"
+    assert config["remote_serde"] == "zstd"
+    assert (config["port"], config["http_port"], config["max_workers"]) == (6000, 9000, 4)
+    assert config["host"] == "0.0.0.0"
+    assert config["device"] == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("fields", "device"),
+    [
+        ({}, "cuda"),  # auto on GPU nodes
+        ({"placement": {"nodeSelector": {"pool": "cache"}}}, "cpu"),  # auto elsewhere
+        ({"device": "cpu"}, "cpu"),
+        ({"device": "cuda", "server": {"transferMode": "engine"}}, "cpu"),
+    ],
+)
+def test_device_resolution(fields: dict[str, Any], device: str) -> None:
+    assert node_config(spec_of(**fields))["device"] == device
+
+
+def test_the_node_accepts_the_rendered_config_file(tmp_path: Path) -> None:
+    spec = spec_of(
+        cache={
+            "cpuSize": "2Gi",
+            "disk": {"path": str(tmp_path / "l2"), "size": "1Gi"},
+            "remote": {"url": "redis://127.0.0.1:6379/0", "serde": "lz4"},
+        },
+        server={"logLevel": "DEBUG"},
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(build_configmap("c1", "ns", spec)["data"][CONFIG_KEY])
+    config = load_config(config_file=path, environ={})
+    assert config.max_local_cpu_size == 2.0
+    assert config.disk_path == tmp_path / "l2"
+    assert config.max_local_disk_size == 1.0
+    assert config.remote_url == "redis://127.0.0.1:6379/0"
+    assert config.remote_serde == "lz4"
+    assert config.log_level == "DEBUG"
+    assert config.device == "cuda"
+
+
+def test_daemonset_pod_wiring() -> None:
+    ds = daemonset(spec_of())
+    pod = ds["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm == {"name": "shm", "hostPath": {"path": "/dev/shm", "type": "Directory"}}
+    assert not any("emptyDir" in v for v in pod["volumes"])
+    assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert container["command"][:4] == [
+        "lmcache-node",
+        "serve",
+        "--config",
+        "/etc/lmcache/config.yaml",
+    ]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8080}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
+    for kind in ("requests", "limits"):
+        assert not any("nvidia.com" in r for r in container["resources"][kind])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"]["value"] == "all"  # CUDA IPC on the default GPU nodes
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 1},
+    }
+
+
+def test_daemonset_without_host_network_and_with_escape_hatches() -> None:
+    spec = spec_of(
+        hostNetwork=False,
+        updateStrategy={"maxSurge": 1, "maxUnavailable": 0},
+        placement={
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "priorityClassName": "system-node-critical",
+            "runtimeClassName": "nvidia",
+        },
+        pod={
+            "labels": {"team": "a"},
+            "annotations": {"note": "x"},
+            "env": [{"name": "EXTRA", "value": "1"}],
+            "volumes": [{"name": "extra", "emptyDir": {}}],
+            "volumeMounts": [{"name": "extra", "mountPath": "/extra"}],
+            "securityContext": {"runAsUser": 1000},
+        },
+        image={"pullSecrets": ["regcred"]},
+    )
+    ds = daemonset(spec)
+    template = ds["spec"]["template"]
+    pod = template["spec"]
+    assert pod["hostNetwork"] is False and pod["dnsPolicy"] == "ClusterFirst"
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["securityContext"] == {"runAsUser": 1000}
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert template["metadata"]["labels"]["team"] == "a"
+    assert template["metadata"]["annotations"]["note"] == "x"
+    container = pod["containers"][0]
+    assert {"name": "EXTRA", "value": "1"} in container["env"]
+    assert {"name": "extra", "mountPath": "/extra"} in container["volumeMounts"]
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+
+
+def test_memory_is_derived_from_the_cache_size() -> None:
+    resources = container_resources(spec_of(cache={"cpuSize": "8Gi"}))
+    assert resources["requests"]["memory"] == "10240Mi"  # 8 Gi + 2 Gi overhead
+    assert resources["limits"]["memory"] == "12800Mi"  # 25 % above the request
+
+
+def test_memory_override_wins() -> None:
+    resources = container_resources(spec_of(resources={"requests": {"memory": "12Gi", "cpu": "2"}}))
+    assert resources["requests"] == {"memory": "12Gi", "cpu": "2"}
+    assert resources["limits"]["memory"] == "15360Mi"
+
+
+def test_config_change_changes_the_pod_template_hash() -> None:
+    def config_hash(spec: LMCacheClusterSpec) -> str:
+        return str(
+            daemonset(spec)["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+        )
+
+    base = config_hash(spec_of())
+    assert config_hash(spec_of()) == base
+    assert config_hash(spec_of(cache={"cpuSize": "6Gi"})) != base
+    assert config_hash(spec_of(server={"chunkSize": 128})) != base
+    secret = {"remote": {"urlSecretRef": {"name": "r", "key": "url"}}}
+    assert config_hash(spec_of(cache=secret)) != base
+
+
+def test_remote_url_from_a_secret_is_an_env_reference_not_config() -> None:
+    spec = spec_of(cache={"remote": {"urlSecretRef": {"name": "redis", "key": "url"}}})
+    assert "remote_url" not in node_config(spec)
+    env = daemonset(spec)["spec"]["template"]["spec"]["containers"][0]["env"]
+    remote = next(e for e in env if e["name"] == "LMCACHE_REMOTE_URL")
+    assert remote["valueFrom"] == {"secretKeyRef": {"name": "redis", "key": "url"}}
+
+
+def test_services() -> None:
+    objs = children(spec_of(server={"port": 7000, "httpPort": 7001}))
+    local = objs["Service/c1-cache"]["spec"]
+    assert local["internalTrafficPolicy"] == "Local"
+    assert [(p["name"], p["port"]) for p in local["ports"]] == [("zmq", 7000), ("http", 7001)]
+    metrics = objs["Service/c1-cache-metrics"]
+    assert metrics["spec"]["clusterIP"] == "None"
+    assert metrics["spec"]["ports"][0]["port"] == 7001
+    ds = objs["DaemonSet/c1-cache"]
+    assert local["selector"] == ds["spec"]["selector"]["matchLabels"]
+    assert metrics["spec"]["selector"] == ds["spec"]["selector"]["matchLabels"]
+
+
+def test_service_monitor_only_when_wanted_and_available() -> None:
+    wanted = spec_of(monitoring={"serviceMonitor": True, "interval": "15s", "labels": {"r": "p"}})
+    assert "ServiceMonitor/c1-cache" not in children(spec_of(), monitor=True)
+    assert "ServiceMonitor/c1-cache" not in children(wanted, monitor=False)
+    objs = children(wanted, monitor=True)
+    monitor = objs["ServiceMonitor/c1-cache"]
+    assert monitor["metadata"]["labels"]["r"] == "p"
+    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    metrics_labels = objs["Service/c1-cache-metrics"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= metrics_labels.items()
+
+
+def test_configmap_holds_yaml_the_node_reads() -> None:
+    cm = build_configmap("c1", "ns", spec_of())
+    assert cm["metadata"]["name"] == "c1-cache-config"
+    assert yaml.safe_load(cm["data"][CONFIG_KEY])["chunk_size"] == 256

@@ -1,0 +1,95 @@
+"""The small API client: REST paths and kubeconfig credentials (no cluster needed)."""
+
+from __future__ import annotations
+
+import base64
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from lmcache_operator.kube import _resource_of, load_credentials, object_path
+
+
+@pytest.mark.parametrize(
+    ("args", "path"),
+    [
+        (("v1", "ConfigMap", "ns", "c"), "/api/v1/namespaces/ns/configmaps/c"),
+        (("apps/v1", "DaemonSet", "ns", None), "/apis/apps/v1/namespaces/ns/daemonsets"),
+        (("v1", "Node", None, "gpu-0"), "/api/v1/nodes/gpu-0"),
+        (("v1", "Namespace", "ignored", "x"), "/api/v1/namespaces/x"),
+        (
+            ("lmcache.dev/v1alpha1", "LMCacheCluster", "ns", "c"),
+            "/apis/lmcache.dev/v1alpha1/namespaces/ns/lmcacheclusters/c",
+        ),
+    ],
+)
+def test_object_paths(args: tuple[str, str, str | None, str | None], path: str) -> None:
+    assert object_path(*args) == path
+
+
+def test_request_counter_names_resource_and_subresource() -> None:
+    assert _resource_of("/apis/lmcache.dev/v1alpha1/namespaces/n/lmcacheclusters/c/status") == (
+        "lmcacheclusters/status"
+    )
+    assert _resource_of("/api/v1/namespaces/n/pods") == "pods"
+
+
+def _self_signed(tmp_path: Path) -> Path:
+    cert = tmp_path / "ca.crt"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test",
+            "-keyout",
+            str(tmp_path / "ca.key"),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert
+
+
+def test_kubeconfig_with_token_and_ca_data(tmp_path: Path) -> None:
+    cert = _self_signed(tmp_path)
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "c",
+                "cluster": {
+                    "server": "https://127.0.0.1:6443/",
+                    "certificate-authority-data": base64.b64encode(cert.read_bytes()).decode(),
+                },
+            }
+        ],
+        "users": [{"name": "u", "user": {"token": "secret-token"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    credentials = load_credentials(str(path))
+    assert credentials.server == "https://127.0.0.1:6443"
+    assert credentials.token == "secret-token"
+    assert isinstance(credentials.ssl_context, ssl.SSLContext)
+
+
+def test_missing_credentials_say_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(RuntimeError, match="set KUBECONFIG to a kubeconfig file"):
+        load_credentials(str(tmp_path / "absent"))
