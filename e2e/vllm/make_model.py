@@ -138,6 +138,8 @@ def make_model(size: str, out: Path) -> Path:
     _build_tokenizer(out, recipe.vocab_size)
     _build_model(out, recipe)
     stamp.write_text(json.dumps(wanted, indent=1))
+    for path in out.iterdir():  # safetensors are written 0600; pods run as another uid
+        path.chmod(0o644)
     print(f"make_model: done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     return out
 

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lmcache_node.engine.core import CacheEngine
+from lmcache_node.tiers.metrics import TierCollector
 
 PREFIX = "lmcache_node_"
 _LATENCY_BUCKETS = (
@@ -88,12 +89,17 @@ class NodeMetrics:
             registry=self.registry,
         )
         self._engine_collector: _EngineCollector | None = None
+        self._tier_collector: TierCollector | None = None
 
     def attach_engine(self, engine: CacheEngine, workers: Callable[[], int]) -> None:
         if self._engine_collector is not None:
             self.registry.unregister(self._engine_collector)
+        if self._tier_collector is not None:
+            self.registry.unregister(self._tier_collector)
         self._engine_collector = _EngineCollector(engine, workers)
         self.registry.register(self._engine_collector)
+        self._tier_collector = TierCollector(engine)  # per-tier hits, bytes, usage, errors
+        self.registry.register(self._tier_collector)
 
     def observe(self, op: str, outcome: str, seconds: float) -> None:
         self.requests.labels(op=op, outcome=outcome).inc()

@@ -52,6 +52,42 @@ class KubeError(RuntimeError):
         super().__init__(f"{method} {path}: HTTP {status}: {message}")
         self.status = status
         self.body = body
+        self.method = method
+        self.path = path
+
+
+FORBIDDEN_RETRY_S = 30.0  # RBAC is fixed by a person: retry slowly, never give up
+_RBAC_VERBS = {
+    "GET": "get",
+    "POST": "create",
+    "PUT": "update",
+    "PATCH": "patch",
+    "DELETE": "delete",
+    "WATCH": "watch",
+}
+
+
+def forbidden_message(exc: KubeError) -> str | None:
+    """What RBAC refused (verb, resource, namespace) and how to fix it; None unless HTTP 403.
+
+    A 403 is the operator's permissions, not the user's spec: it is retried, never reported
+    as an invalid spec.
+    """
+    if exc.status != 403:
+        return None
+    parts = [p for p in exc.path.split("?")[0].split("/") if p]
+    group = parts[1] if parts[:1] == ["apis"] and len(parts) > 1 else ""
+    namespace = parts[parts.index("namespaces") + 1] if "namespaces" in parts[:-1] else None
+    verb = _RBAC_VERBS.get(exc.method.upper(), exc.method.lower())
+    resource = _resource_of(exc.path.split("?")[0])
+    where = f" in namespace {namespace}" if namespace else ""
+    api_group = group or "core"
+    detail = exc.body.get("message") if isinstance(exc.body, dict) else exc.body
+    return (
+        f"the operator may not {verb} {resource} (apiGroup {api_group}){where}: grant "
+        f"'{verb}' on '{resource}' in the operator's ClusterRole/Role; retrying every "
+        f"{FORBIDDEN_RETRY_S:.0f} s" + (f" (API server: {detail})" if detail else "")
+    )
 
 
 @dataclass(frozen=True)
@@ -74,18 +110,53 @@ def _materialise(data_b64: str | None, file: str | None, suffix: str) -> str | N
     return handle.name
 
 
+@dataclass(frozen=True)
+class InCluster:
+    """A pod's ServiceAccount login: the API server by IP (no cluster DNS needed)."""
+
+    server: str
+    token: str
+    ca_path: str | None
+    namespace: str | None
+
+
+def in_cluster(
+    sa_dir: Path | None = None, environ: Mapping[str, str] | None = None
+) -> InCluster | None:
+    """The ServiceAccount credentials when running in a pod, else None.
+
+    The server is ``$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`` (set by kubelet in
+    every pod), never ``kubernetes.default.svc``, which needs cluster DNS.
+    """
+    env = os.environ if environ is None else environ
+    host = env.get("KUBERNETES_SERVICE_HOST")
+    sa_dir = SA_DIR if sa_dir is None else sa_dir
+    token_file = sa_dir / "token"
+    if not host or not token_file.is_file():
+        return None
+    port = env.get("KUBERNETES_SERVICE_PORT") or "443"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    ca_file = sa_dir / "ca.crt"
+    ns_file = sa_dir / "namespace"
+    return InCluster(
+        server=f"https://{host}:{port}",
+        token=token_file.read_text().strip(),
+        ca_path=str(ca_file) if ca_file.is_file() else None,
+        namespace=(ns_file.read_text().strip() or None) if ns_file.is_file() else None,
+    )
+
+
 def load_credentials(kubeconfig: str | None = None) -> Credentials:
     """Credentials from a kubeconfig (argument, $KUBECONFIG, ~/.kube/config) or in-cluster."""
     path = kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     first = path.split(os.pathsep)[0]
     if Path(first).is_file():
         return _from_kubeconfig(Path(first))
-    if (SA_DIR / "token").is_file() and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        host = os.environ["KUBERNETES_SERVICE_HOST"]
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        context = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
-        token = (SA_DIR / "token").read_text().strip()
-        return Credentials(f"https://{host}:{port}", token, context)
+    pod = in_cluster()
+    if pod is not None:
+        context = ssl.create_default_context(cafile=pod.ca_path)
+        return Credentials(pod.server, pod.token, context)
     raise RuntimeError(
         f"No Kubernetes credentials: {first} does not exist and this is not a pod; "
         "set KUBECONFIG to a kubeconfig file, or run the operator in a pod"

@@ -10,6 +10,7 @@ from typing import Any, cast
 import kopf
 
 from lmcache_operator.api.common import GROUP
+from lmcache_operator.kube import InCluster, in_cluster
 
 logger = logging.getLogger(__name__)
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
@@ -70,6 +71,36 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
 @kopf.on.startup()
 async def _apply_settings(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure_settings(settings)
+
+
+def in_cluster_connection(pod: InCluster, *, trust_env: bool = False) -> kopf.ConnectionInfo:
+    """kopf's connection for a pod: the API server by IP, the ServiceAccount token and CA."""
+    return kopf.ConnectionInfo(
+        server=pod.server,
+        ca_path=pod.ca_path,
+        token=pod.token,
+        scheme="Bearer",
+        default_namespace=pod.namespace,
+        trust_env=trust_env,
+    )
+
+
+@kopf.on.login()
+def _login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the ServiceAccount at $KUBERNETES_SERVICE_HOST (kopf's own in-cluster login
+    uses kubernetes.default.svc, which fails without cluster DNS). Elsewhere: the kubeconfig.
+    """
+    pod = in_cluster()
+    if pod is not None:
+        logger.info("logging in to %s with the pod's ServiceAccount", pod.server)
+        return in_cluster_connection(pod, trust_env=settings.networking.trust_env)
+    info = kopf.login_with_kubeconfig(settings=settings, **kwargs)
+    if info is None:
+        raise kopf.LoginError(
+            "No Kubernetes credentials: KUBECONFIG is unset, ~/.kube/config does not exist "
+            "and this is not a pod; set KUBECONFIG or run the operator in a pod"
+        )
+    return info
 
 
 def run(

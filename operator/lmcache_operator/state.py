@@ -27,6 +27,7 @@ class Applied:
     daemonset_generation: int
     monitoring_condition: dict[str, str] | None = None
     problems: list[str] = field(default_factory=list)
+    forbidden: str | None = None  # RBAC refused the last apply (retried; not a spec problem)
 
 
 @dataclass

@@ -25,6 +25,7 @@ class Observed:
     previous: Mapping[str, Any]  # the status as it is now on the object
     monitoring_condition: Mapping[str, str] | None = None  # type/status/reason/message
     node_problems: Mapping[str, str] = field(default_factory=dict)  # node -> "NotReady", ...
+    forbidden: str | None = None  # RBAC refused the last apply: reason Forbidden
 
 
 def now_rfc3339() -> str:
@@ -107,6 +108,9 @@ def _phase_and_reasons(
     """(phase, reason, message)."""
     if observed.problems:
         return "Failed", "InvalidSpec", "; ".join(observed.problems)
+    if observed.forbidden:
+        phase = "Pending" if observed.daemonset is None else "Progressing"
+        return phase, "Forbidden", observed.forbidden
     if observed.daemonset is None or observed.applied_generation is None:
         return "Pending", "Creating", "creating the cache DaemonSet"
     if not _daemonset_current(observed):

@@ -216,3 +216,40 @@ def test_configmap_holds_yaml_the_node_reads() -> None:
     cm = build_configmap("c1", "ns", spec_of())
     assert cm["metadata"]["name"] == "c1-cache-config"
     assert yaml.safe_load(cm["data"][CONFIG_KEY])["chunk_size"] == 256
+
+
+def test_disk_tier_gets_an_init_container_that_hands_the_hostpath_to_the_server() -> None:
+    pod = daemonset(spec_of(cache={"cpuSize": "1Gi", "disk": {"path": "/mnt/l2", "size": "5Gi"}}))[
+        "spec"
+    ]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    main = pod["containers"][0]
+    assert init["image"] == main["image"]
+    assert init["args"] == ["65532", "65532", "/mnt/l2"]  # the image's user by default
+    context = init["securityContext"]
+    assert context["runAsUser"] == 0 and context["runAsNonRoot"] is False
+    assert context["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
+    assert init["volumeMounts"] == [{"name": "disk", "mountPath": "/mnt/l2"}]
+    disk_volume = next(v for v in pod["volumes"] if v["name"] == "disk")
+    assert disk_volume["hostPath"] == {"path": "/mnt/l2", "type": "DirectoryOrCreate"}
+    assert {"name": "disk", "mountPath": "/mnt/l2"} in main["volumeMounts"]
+
+
+def test_disk_init_container_follows_the_servers_security_context() -> None:
+    spec = spec_of(
+        cache={"cpuSize": "1Gi", "disk": {"path": "/mnt/l2", "size": "5Gi"}},
+        pod={
+            "securityContext": {"runAsUser": 1000, "runAsGroup": 2000},
+            "containerSecurityContext": {"runAsUser": 1234},
+        },
+    )
+    pod = daemonset(spec)["spec"]["template"]["spec"]
+    main = pod["containers"][0]
+    uid = main["securityContext"]["runAsUser"]
+    assert pod["initContainers"][0]["args"][:2] == [str(uid), "2000"]
+    assert uid == 1234
+
+
+def test_no_init_container_without_a_disk_tier() -> None:
+    pod = daemonset(spec_of(cache={"cpuSize": "1Gi"}))["spec"]["template"]["spec"]
+    assert "initContainers" not in pod

@@ -502,7 +502,7 @@ class RequestHandler:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "chunk_size": self.config.chunk_size,
-            "tiers": {"l1": stats},
+            "tiers": {"l1": stats, **self.engine.tier_stats()},
             "sessions": len(self.sessions.sessions()),
             "registered_workers": [
                 {

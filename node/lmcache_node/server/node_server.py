@@ -320,6 +320,7 @@ class NodeServer:
         if self._handler is not None:
             for session in self.sessions.sessions():
                 self._handler.drop_session(session, reason="shutdown", unlink=False)
+            self.engine.close()  # finish queued write-downs (bounded), release the disk lock
         self._waker.close()
         log.info("server stopped")
         self._stopped.set()

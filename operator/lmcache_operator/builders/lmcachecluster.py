@@ -22,6 +22,9 @@ CONTAINER_NAME = "lmcache-node"
 CONFIG_KEY = "config.yaml"
 CONFIG_DIR = "/etc/lmcache"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+DISK_INIT_NAME = "disk-owner"
+IMAGE_UID = 65532  # USER of images/node/Dockerfile
+IMAGE_GID = 65532
 MEMORY_OVERHEAD_BYTES = 2 * GIB
 REMOTE_URL_ENV = "LMCACHE_REMOTE_URL"
 METRICS_LABEL = "lmcache.dev/metrics"
@@ -166,6 +169,41 @@ def _volumes(name: str, spec: LMCacheClusterSpec) -> tuple[list[Any], list[Any]]
     return volumes, mounts
 
 
+def run_as(spec: LMCacheClusterSpec) -> tuple[int, int]:
+    """(uid, gid) the cache server runs as: container, then pod security context, else image."""
+    uid, gid = IMAGE_UID, IMAGE_GID
+    for context in (spec.pod.security_context, spec.pod.container_security_context):
+        if context:
+            uid = int(context.get("runAsUser", uid))
+            gid = int(context.get("runAsGroup", gid))
+    return uid, gid
+
+
+def _disk_owner_init(spec: LMCacheClusterSpec) -> dict[str, Any] | None:
+    """An initContainer giving the disk tier's hostPath to the server's user.
+
+    kubelet creates a DirectoryOrCreate hostPath root-owned; the server runs as non-root.
+    """
+    disk = spec.cache.disk
+    if disk is None:
+        return None
+    uid, gid = run_as(spec)
+    return {
+        "name": DISK_INIT_NAME,
+        "image": spec.image.reference,
+        "imagePullPolicy": spec.image.pull_policy,
+        "command": ["sh", "-c", 'chown "$0:$1" "$2" && chmod 0750 "$2"'],
+        "args": [str(uid), str(gid), disk.path],
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]},
+        },
+        "volumeMounts": [{"name": "disk", "mountPath": disk.path}],
+    }
+
+
 def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": port},
@@ -217,6 +255,9 @@ def build_daemonset(
         "securityContext": spec.pod.security_context,
         "imagePullSecrets": [{"name": s} for s in spec.image.pull_secrets] or None,
     }
+    disk_init = _disk_owner_init(spec)
+    if disk_init is not None:
+        pod_spec["initContainers"] = [disk_init]
     pod_spec.update({key: value for key, value in optional.items() if value is not None})
     strategy = spec.update_strategy
     update: dict[str, Any] = {"type": strategy.type}

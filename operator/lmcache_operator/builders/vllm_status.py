@@ -54,6 +54,7 @@ class VLLMObserved:
     previous: Mapping[str, Any] = field(default_factory=dict)
     url: str = ""
     selector: str = ""
+    forbidden: str = ""  # RBAC refused the last apply: reason Forbidden
 
 
 def pod_summary(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -256,9 +257,11 @@ def compute_status(observed: VLLMObserved, now: str | None = None) -> dict[str, 
         compat = (None, cache_reason, cache_message)
     current = _deployment_current(observed)
     rolled = current and counts["updatedReplicas"] >= desired and counts["replicas"] == desired
-    ready = valid and rolled and counts["readyReplicas"] >= desired
+    ready = valid and not observed.forbidden and rolled and counts["readyReplicas"] >= desired
     if not valid:
         reason, message = "InvalidSpec", "; ".join(observed.problems)
+    elif observed.forbidden:
+        reason, message = "Forbidden", observed.forbidden
     elif observed.applied_generation is None:
         reason, message = "WaitingForCacheCluster", cache_message
     elif not rolled:

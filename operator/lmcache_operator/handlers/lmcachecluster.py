@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -27,7 +28,7 @@ from lmcache_operator.builders.lmcachecluster import (
     daemonset_name,
     name_problems,
 )
-from lmcache_operator.kube import KubeClient, KubeError
+from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeClient, KubeError, forbidden_message
 from lmcache_operator.state import REGISTRY, Applied, ClusterView, Key
 from lmcache_operator.status import Observed, compute_status, same_status
 from lmcache_operator.validation import describe_validation_error
@@ -160,6 +161,17 @@ async def reconcile(
             child["metadata"]["ownerReferences"] = [owner_reference(owner)]
         results = await asyncio.gather(*(client.apply(child) for child in children))
     except KubeError as exc:
+        forbidden = forbidden_message(exc)
+        if forbidden is not None:  # the operator's RBAC, not the spec: retry, never give up
+            previous = view.applied
+            view.applied = (
+                replace(previous, forbidden=forbidden)
+                if previous is not None and not previous.problems
+                else Applied(generation=generation, daemonset_generation=0, forbidden=forbidden)
+            )
+            REGISTRY.request_refresh(key)
+            kopf.warn(body, reason="Forbidden", message=forbidden)
+            raise kopf.TemporaryError(forbidden, delay=FORBIDDEN_RETRY_S) from exc
         if _transient(exc):
             raise kopf.TemporaryError(str(exc), delay=2) from exc
         problems = [f"the API server refused a generated object: {exc}"]
@@ -354,6 +366,7 @@ async def refresh_status(key: Key, view: ClusterView) -> None:
         previous=body.get("status") or {},
         monitoring_condition=applied.monitoring_condition,
         node_problems=REGISTRY.node_problems,
+        forbidden=applied.forbidden,
     )
     status = compute_status(observed)
     from lmcache_operator.handlers.vllmdeployment import consumers_of  # noqa: PLC0415 - cycle

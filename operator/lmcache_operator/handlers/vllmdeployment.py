@@ -14,7 +14,7 @@ import asyncio
 import copy
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -51,7 +51,7 @@ from lmcache_operator.builders.vllmdeployment import (
     service_url,
 )
 from lmcache_operator.handlers.lmcachecluster import Context
-from lmcache_operator.kube import KubeError, object_path
+from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeError, forbidden_message, object_path
 from lmcache_operator.state import REGISTRY
 from lmcache_operator.validation import describe_validation_error
 from lmcache_operator.watchers import WatchLoop
@@ -69,6 +69,7 @@ class Applied:
     generation: int | None
     deployment_generation: int = 0
     problems: list[str] = field(default_factory=list)
+    forbidden: str = ""  # RBAC refused the last apply (retried; not a spec problem)
 
 
 @dataclass
@@ -240,6 +241,18 @@ def _record_refusal(key: Key, generation: int, exc: KubeError) -> str:
     return message
 
 
+def _record_forbidden(key: Key, message: str) -> None:
+    """RBAC refused an apply: status says Forbidden; what was applied before stays."""
+    view = VIEWS.setdefault(key, VLLMView())
+    previous = view.applied
+    view.applied = (
+        replace(previous, forbidden=message)
+        if previous is not None and not previous.problems
+        else Applied(generation=None, forbidden=message)
+    )
+    STATUS.request(key)
+
+
 async def _apply_in_background(key: Key) -> None:
     """Re-apply after the LMCacheCluster changed (outside kopf's handler retries)."""
     try:
@@ -247,6 +260,12 @@ async def _apply_in_background(key: Key) -> None:
     except kopf.PermanentError as exc:
         logger.warning("%s/%s: %s", key[0], key[1], exc)
     except KubeError as exc:
+        forbidden = forbidden_message(exc)
+        if forbidden is not None:
+            logger.warning("%s/%s: %s", key[0], key[1], forbidden)
+            _record_forbidden(key, forbidden)
+            asyncio.get_running_loop().call_later(FORBIDDEN_RETRY_S, APPLY.request, key)
+            return
         if _transient(exc):
             raise  # the coalescer retries
         body = VIEWS.get(key, VLLMView()).body or {}
@@ -267,6 +286,11 @@ async def reconcile(body: kopf.Body, name: str, namespace: str | None, **_: Any)
         kopf.warn(body, reason="InvalidSpec", message=str(exc))
         raise
     except KubeError as exc:
+        forbidden = forbidden_message(exc)
+        if forbidden is not None:  # the operator's RBAC, not the spec: retry, never give up
+            _record_forbidden(key, forbidden)
+            kopf.warn(body, reason="Forbidden", message=forbidden)
+            raise kopf.TemporaryError(forbidden, delay=FORBIDDEN_RETRY_S) from exc
         if _transient(exc):
             raise kopf.TemporaryError(str(exc), delay=2) from exc
         message = _record_refusal(key, int(body["metadata"].get("generation", 0)), exc)
@@ -605,6 +629,7 @@ def observe(key: Key, view: VLLMView) -> VLLMObserved | None:
         previous=body.get("status") or {},
         url=service_url(name, namespace, model) if model is not None else "",
         selector=selector_string(name),
+        forbidden=applied.forbidden,
     )
 
 

@@ -120,3 +120,26 @@ def test_second_node_reads_what_the_first_stored(tmp_path: Path, redis_server: R
         assert retrieve_chunks(node_b.endpoint, keys, expected) == 3
         other = [os.urandom(16) for _ in range(2)]
         assert retrieve_chunks(node_b.endpoint, other, []) == 0  # misses, not errors
+
+
+def test_stats_and_metrics_show_the_disk_tier_and_sigterm_flushes_it(tmp_path: Path) -> None:
+    """/stats lists every tier, /metrics has per-tier series, SIGTERM finishes write-downs."""
+    import json
+    import urllib.request
+
+    from lmcache_node.keys import KeyNamespace, chunk_keys
+
+    disk = tmp_path / "disk"
+    keys = chunk_keys(list(range(CHUNK * 2)), CHUNK, KeyNamespace(model_name="stats"))
+    args = server_args("--local-disk", f"file://{disk}/", "--max-local-disk-size", "0.01")
+    with ServerProcess(*args) as server:
+        store_chunks(server.endpoint, list(keys), kv_layers(3))
+        with urllib.request.urlopen(server.http_url + "/stats", timeout=10) as reply:
+            tiers = json.load(reply)["tiers"]
+        assert "l1" in tiers and "disk" in tiers, tiers.keys()
+        with urllib.request.urlopen(server.http_url + "/metrics", timeout=10) as reply:
+            metrics = reply.read().decode()
+        assert 'lmcache_node_tier_capacity_bytes{tier="disk"}' in metrics
+        assert server.terminate() == 0
+    files = list(disk.rglob("*.lmc"))
+    assert len(files) == len(keys)  # nothing queued was lost at shutdown
