@@ -51,7 +51,7 @@ pytest: setup ## Unit + integration tests (real redis-server, real server proces
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 .PHONY: test
-test: setup lint typecheck pytest e2e-vllm ## Everything CI runs: setup, lint, type check, all tests, real-vLLM e2e
+test: setup lint typecheck vllm-venv pytest e2e-vllm ## Everything CI runs: setup, lint, type check, all tests, real-vLLM e2e
 	@echo "make test: all green"
 
 .PHONY: bench
