@@ -169,6 +169,24 @@ async def kubectl_apply(env: dict[str, str], docs: list[dict[str, Any]]) -> floa
     return started
 
 
+DS_SELECTOR = "app.kubernetes.io/managed-by=lmcache-operator"
+
+
+async def _start_watchers(
+    client: KubeClient, selector: str
+) -> tuple[Watcher, Watcher, Watcher, Watcher]:
+    """DaemonSets seen / ready, and LMCacheClusters ready / seen, all streaming."""
+    watchers = (
+        Watcher(client, "apps/v1", "DaemonSet", lambda _: True, DS_SELECTOR),
+        Watcher(client, "apps/v1", "DaemonSet", ds_ready, DS_SELECTOR),
+        Watcher(client, API_VERSION, "LMCacheCluster", cr_ready(1), selector),
+        Watcher(client, API_VERSION, "LMCacheCluster", lambda _: True, selector),
+    )
+    for watcher in watchers:
+        await watcher.start()
+    return watchers
+
+
 def cpu_seconds(proc: psutil.Process) -> float:
     times = proc.cpu_times()
     return float(times.user + times.system)
@@ -183,28 +201,11 @@ async def bench(env: dict[str, str], operator: psutil.Process, repetitions: int)
         to_ds, to_ds_ready, to_ready, change, change_ds = [], [], [], [], []
         created_to_ds: list[float] = []
         created_to_ready: list[float] = []
-        ds_selector = "app.kubernetes.io/managed-by=lmcache-operator"
+        ds_selector = DS_SELECTOR
         for rep in range(repetitions):
             ns = f"bench-one-{rep}"
             await client.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-            ds_seen = Watcher(
-                client,
-                "apps/v1",
-                "DaemonSet",
-                lambda _: True,
-                "app.kubernetes.io/managed-by=lmcache-operator",
-            )
-            ds_ok = Watcher(
-                client,
-                "apps/v1",
-                "DaemonSet",
-                ds_ready,
-                "app.kubernetes.io/managed-by=lmcache-operator",
-            )
-            cr_ok = Watcher(client, API_VERSION, "LMCacheCluster", cr_ready(1), selector)
-            cr_new = Watcher(client, API_VERSION, "LMCacheCluster", lambda _: True, selector)
-            for w in (ds_seen, ds_ok, cr_ok, cr_new):
-                await w.start()
+            ds_seen, ds_ok, cr_ok, cr_new = await _start_watchers(client, selector)
             port = 21000 + 10 * rep
             started = await kubectl_apply(env, [cluster_doc("one", ns, port)])
             await cr_ok.wait_count(1, 60)
@@ -247,24 +248,7 @@ async def bench(env: dict[str, str], operator: psutil.Process, repetitions: int)
             for i, ns in enumerate(namespaces)
             for j in range(10)
         ]
-        ds_seen = Watcher(
-            client,
-            "apps/v1",
-            "DaemonSet",
-            lambda _: True,
-            "app.kubernetes.io/managed-by=lmcache-operator",
-        )
-        ds_ok = Watcher(
-            client,
-            "apps/v1",
-            "DaemonSet",
-            ds_ready,
-            "app.kubernetes.io/managed-by=lmcache-operator",
-        )
-        cr_ok = Watcher(client, API_VERSION, "LMCacheCluster", cr_ready(1), selector)
-        cr_seen = Watcher(client, API_VERSION, "LMCacheCluster", lambda _: True, selector)
-        for w in (ds_seen, ds_ok, cr_ok, cr_seen):
-            await w.start()
+        ds_seen, ds_ok, cr_ok, cr_seen = await _start_watchers(client, selector)
         rss_idle = operator.memory_info().rss / 1e6
         cpu_before = cpu_seconds(operator)
         started = await kubectl_apply(env, docs)
