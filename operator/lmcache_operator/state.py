@@ -15,8 +15,15 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-Key = tuple[str, str]  # (namespace, cluster name)
+Key = tuple[str, str]  # (namespace, name of the owning resource)
 SETTLE_SECONDS = 0.01
+
+
+def owner_key(obj: dict[str, Any], label: str) -> Key | None:
+    """(namespace, owner) of a child object from its owner label; None when it has none."""
+    meta = obj["metadata"]
+    owner = (meta.get("labels") or {}).get(label)
+    return (meta["namespace"], owner) if owner else None
 
 
 @dataclass

@@ -22,6 +22,7 @@ FIELD_MANAGER = "lmcache-operator"
 
 # Marks a free-form object (Kubernetes types we pass through unchanged, e.g. affinity).
 FREE_FORM: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
+EMPTY_DEFAULT: JsonDict = {"default": {}}  # so the API server applies nested defaults
 
 
 class ApiModel(BaseModel):
@@ -32,6 +33,15 @@ class ApiModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         validate_default=True,
+    )
+
+
+def nested_default(model: type[ApiModel], description: str | None = None) -> Any:
+    """A sub-object field that defaults to the model's own defaults, in Python and in the CRD."""
+    return Field(
+        default_factory=lambda: model.model_validate({}),
+        description=description if description is not None else (model.__doc__ or "").strip(),
+        json_schema_extra=EMPTY_DEFAULT,
     )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
-from pydantic.config import JsonDict
 
 from lmcache_operator.api.common import (
     ApiModel,
@@ -18,6 +17,7 @@ from lmcache_operator.api.common import (
     Quantity,
     ResourceRequirements,
     SecretKeyRef,
+    nested_default,
     positive_quantity_field,
 )
 from lmcache_operator.quantity import parse_bytes
@@ -167,27 +167,12 @@ class MonitoringSpec(ApiModel):
     )
 
 
-EMPTY_DEFAULT: JsonDict = {"default": {}}  # so the API server applies nested defaults
-
-
 class LMCacheClusterSpec(ApiModel):
     """Desired state of an LMCacheCluster: one cache server on every selected node."""
 
-    image: ImageSpec = Field(
-        default_factory=lambda: ImageSpec.model_validate({}),
-        description="Cache server image.",
-        json_schema_extra=EMPTY_DEFAULT,
-    )
-    server: ServerSpec = Field(
-        default_factory=lambda: ServerSpec.model_validate({}),
-        description="Cache server process settings.",
-        json_schema_extra=EMPTY_DEFAULT,
-    )
-    cache: CacheSpec = Field(
-        default_factory=lambda: CacheSpec.model_validate({}),
-        description="Cache tiers.",
-        json_schema_extra=EMPTY_DEFAULT,
-    )
+    image: ImageSpec = nested_default(ImageSpec, "Cache server image.")
+    server: ServerSpec = nested_default(ServerSpec, "Cache server process settings.")
+    cache: CacheSpec = nested_default(CacheSpec, "Cache tiers.")
     device: Device = Field(
         "auto",
         description=(
@@ -195,11 +180,7 @@ class LMCacheClusterSpec(ApiModel):
             "(cuda when the pods are placed on GPU nodes, cpu otherwise)."
         ),
     )
-    placement: PlacementSpec = Field(
-        default_factory=lambda: PlacementSpec.model_validate({}),
-        description="Node selection and scheduling.",
-        json_schema_extra=EMPTY_DEFAULT,
-    )
+    placement: PlacementSpec = nested_default(PlacementSpec, "Node selection and scheduling.")
     host_network: bool = Field(
         True, description="Run on the host network, so vLLM reaches the server at its node's IP."
     )
@@ -216,21 +197,9 @@ class LMCacheClusterSpec(ApiModel):
             "is 25% above it (at least 2Gi more)."
         ),
     )
-    update_strategy: UpdateStrategy = Field(
-        default_factory=lambda: UpdateStrategy.model_validate({}),
-        description="DaemonSet update strategy.",
-        json_schema_extra=EMPTY_DEFAULT,
-    )
-    monitoring: MonitoringSpec = Field(
-        default_factory=lambda: MonitoringSpec.model_validate({}),
-        description="Metrics scraping.",
-        json_schema_extra=EMPTY_DEFAULT,
-    )
-    pod: PodOverrides = Field(
-        default_factory=lambda: PodOverrides.model_validate({}),
-        description="Escape hatches for the pod template.",
-        json_schema_extra=EMPTY_DEFAULT,
-    )
+    update_strategy: UpdateStrategy = nested_default(UpdateStrategy, "DaemonSet update strategy.")
+    monitoring: MonitoringSpec = nested_default(MonitoringSpec, "Metrics scraping.")
+    pod: PodOverrides = nested_default(PodOverrides, "Escape hatches for the pod template.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> LMCacheClusterSpec:

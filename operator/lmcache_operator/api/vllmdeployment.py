@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
-from pydantic.config import JsonDict
 
 from lmcache_operator.api.common import (
     FREE_FORM,
@@ -17,6 +16,7 @@ from lmcache_operator.api.common import (
     PullPolicy,
     Quantity,
     SecretKeyRef,
+    nested_default,
     positive_quantity_field,
 )
 
@@ -30,7 +30,6 @@ Colocation = Literal["Required", "Preferred", "None"]
 GPU_IMAGE = ("docker.io/vllm/vllm-openai", "v0.32.0")
 CPU_IMAGE = ("ghcr.io/lmcache-k8s/lmcache-vllm-cpu", "0.1.0")
 KV_TRANSFER_FLAGS = ("--kv-transfer-config", "--kv_transfer_config")
-EMPTY_DEFAULT: JsonDict = {"default": {}}
 
 Arg = Annotated[str, Field(max_length=4096)]
 CpuQuantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$", max_length=32)]
@@ -262,29 +261,21 @@ class StrategySpec(ApiModel):
     )
 
 
-def _default(model: type[ApiModel]) -> Any:
-    return Field(
-        default_factory=lambda: model.model_validate({}),
-        description=(model.__doc__ or "").strip(),
-        json_schema_extra=EMPTY_DEFAULT,
-    )
-
-
 class VLLMDeploymentSpec(ApiModel):
     """Desired state of a VLLMDeployment."""
 
     model: ModelSpec = Field(description="The model to serve.")
-    image: VLLMImageSpec = _default(VLLMImageSpec)
+    image: VLLMImageSpec = nested_default(VLLMImageSpec)
     replicas: int = Field(1, ge=0, le=10000, description="Number of vLLM replicas (pods).")
-    parallelism: ParallelismSpec = _default(ParallelismSpec)
-    engine: EngineSpec = _default(EngineSpec)
-    resources: VLLMResources = _default(VLLMResources)
-    cache: VLLMCacheSpec = _default(VLLMCacheSpec)
-    placement: VLLMPlacement = _default(VLLMPlacement)
-    service: ServiceSpec = _default(ServiceSpec)
-    probes: ProbeSpec = _default(ProbeSpec)
-    strategy: StrategySpec = _default(StrategySpec)
-    pod: PodOverrides = _default(PodOverrides)
+    parallelism: ParallelismSpec = nested_default(ParallelismSpec)
+    engine: EngineSpec = nested_default(EngineSpec)
+    resources: VLLMResources = nested_default(VLLMResources)
+    cache: VLLMCacheSpec = nested_default(VLLMCacheSpec)
+    placement: VLLMPlacement = nested_default(VLLMPlacement)
+    service: ServiceSpec = nested_default(ServiceSpec)
+    probes: ProbeSpec = nested_default(ProbeSpec)
+    strategy: StrategySpec = nested_default(StrategySpec)
+    pod: PodOverrides = nested_default(PodOverrides)
 
     @model_validator(mode="after")
     def _cross_field(self) -> VLLMDeploymentSpec:

@@ -29,7 +29,7 @@ from lmcache_operator.builders.lmcachecluster import (
     name_problems,
 )
 from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeClient, KubeError, forbidden_message
-from lmcache_operator.state import REGISTRY, Applied, ClusterView, Key
+from lmcache_operator.state import REGISTRY, Applied, ClusterView, Key, owner_key
 from lmcache_operator.status import Observed, compute_status, same_status
 from lmcache_operator.validation import describe_validation_error
 from lmcache_operator.watchers import WatchLoop
@@ -215,11 +215,9 @@ async def cluster_event(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> 
 def on_daemonset(event: str, obj: dict[str, Any]) -> None:
     if event == "SYNCED":
         return
-    meta = obj["metadata"]
-    cluster = (meta.get("labels") or {}).get(CLUSTER_LABEL)
-    if not cluster:
+    key = owner_key(obj, CLUSTER_LABEL)
+    if key is None:
         return
-    key: Key = (meta["namespace"], cluster)
     view = REGISTRY.view(key)
     view.daemonset = None if event == "DELETED" else obj
     REGISTRY.prune(key)
@@ -257,10 +255,9 @@ def on_pod(event: str, obj: dict[str, Any]) -> None:
                 REGISTRY.request_refresh(cluster_key)
         return
     meta = obj["metadata"]
-    cluster = (meta.get("labels") or {}).get(CLUSTER_LABEL)
-    if not cluster:
+    key = owner_key(obj, CLUSTER_LABEL)
+    if key is None:
         return
-    key: Key = (meta["namespace"], cluster)
     view = REGISTRY.view(key)
     if event == "DELETED":
         view.pods.pop(meta["name"], None)

@@ -52,13 +52,12 @@ from lmcache_operator.builders.vllmdeployment import (
 )
 from lmcache_operator.handlers.lmcachecluster import Context
 from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeError, forbidden_message, object_path
-from lmcache_operator.state import REGISTRY
+from lmcache_operator.state import REGISTRY, Key, owner_key
 from lmcache_operator.validation import describe_validation_error
 from lmcache_operator.watchers import WatchLoop
 
 logger = logging.getLogger(__name__)
 
-Key = tuple[str, str]  # (namespace, name)
 RETRY_DELAY_S = 2.0
 
 
@@ -343,11 +342,9 @@ def _forget_unseen(
 def on_deployment(event: str, obj: dict[str, Any]) -> None:
     if event == "SYNCED":
         return
-    meta = obj["metadata"]
-    owner = (meta.get("labels") or {}).get(DEPLOYMENT_LABEL)
-    if not owner:
+    key = owner_key(obj, DEPLOYMENT_LABEL)
+    if key is None:
         return
-    key: Key = (meta["namespace"], owner)
     view = VIEWS.setdefault(key, VLLMView())
     view.deployment = None if event == "DELETED" else obj
     _forget_if_gone(key)
@@ -367,10 +364,9 @@ def on_vllm_pod(event: str, obj: dict[str, Any]) -> None:
             STATUS.request(changed)
         return
     meta = obj["metadata"]
-    owner = (meta.get("labels") or {}).get(DEPLOYMENT_LABEL)
-    if not owner:
+    key = owner_key(obj, DEPLOYMENT_LABEL)
+    if key is None:
         return
-    key: Key = (meta["namespace"], owner)
     view = VIEWS.setdefault(key, VLLMView())
     if event == "DELETED":
         view.pods.pop(meta["name"], None)
@@ -395,10 +391,9 @@ def on_cache_pod(event: str, obj: dict[str, Any]) -> None:
         changed = _forget_unseen(lambda: ((k, v.pods) for k, v in CLUSTERS.items()), obj)
     else:
         meta = obj["metadata"]
-        cluster = (meta.get("labels") or {}).get(CLUSTER_LABEL)
-        if not cluster:
+        cluster_key = owner_key(obj, CLUSTER_LABEL)
+        if cluster_key is None:
             return
-        cluster_key: Key = (meta["namespace"], cluster)
         view = CLUSTERS.setdefault(cluster_key, CacheView())
         if event == "DELETED":
             view.pods.pop(meta["name"], None)
