@@ -33,13 +33,13 @@ run: setup ## Run the cache server in CPU mode (the embedded default)
 
 .PHONY: lint
 lint: setup lint-images ## ruff (lint + format check) and hadolint on the Dockerfiles
-	$(VENV)/bin/ruff check node operator tests e2e
-	$(VENV)/bin/ruff format --check node operator tests e2e
+	$(VENV)/bin/ruff check node operator tests e2e scripts
+	$(VENV)/bin/ruff format --check node operator tests e2e scripts
 
 .PHONY: fmt
 fmt: setup ## Format the code with ruff
-	$(VENV)/bin/ruff format node operator tests e2e
-	$(VENV)/bin/ruff check --fix node operator tests e2e
+	$(VENV)/bin/ruff format node operator tests e2e scripts
+	$(VENV)/bin/ruff check --fix node operator tests e2e scripts
 
 .PHONY: typecheck
 typecheck: setup ## mypy --strict on both packages
@@ -111,6 +111,15 @@ demo: vllm-venv ## Query twice: cold vs warm TTFT of an 8k-token prompt through 
 crds: setup ## Regenerate crds/ from the operator's pydantic API models (and the chart's copies)
 	$(VENV)/bin/lmcache-operator crds --output-dir crds
 	$(MAKE) manifests
+	$(MAKE) docs
+
+.PHONY: docs
+docs: setup ## Regenerate docs/reference (CRD and node configuration references) from the code
+	$(PY) scripts/docgen.py
+
+.PHONY: docs-check
+docs-check: setup ## Fail when docs/reference is stale (names the file and the fix)
+	$(PY) scripts/docgen.py --check
 
 .PHONY: bench-operator
 bench-operator: setup ## Operator benchmark on a local cluster (1 CR x5, 200 CRs); JSON on the last line

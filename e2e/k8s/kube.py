@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -126,6 +129,72 @@ class Kube:
         if answer not in ("yes", "no"):
             raise AssertionError(f"kubectl auth can-i {verb} {resource}: {result.stderr.strip()}")
         return answer == "yes"
+
+    @contextmanager
+    def watch_values(
+        self, kind: str, name: str, namespace: str, jsonpath: str
+    ) -> Iterator[list[str]]:
+        """``kubectl get -w``: every value ``jsonpath`` takes on the object, changes only.
+
+        A watch sees each version the API server stores, so a state that lasts less than a
+        polling interval (or that passes while the test is busy) is still recorded.
+        """
+        process = subprocess.Popen(
+            ["kubectl", "get", kind, name, "-n", namespace, "-w",
+             "-o", f"jsonpath={jsonpath}{{\"\\n\"}}"],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        values: list[str] = []
+
+        def read() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                value = line.strip()
+                if not values or values[-1] != value:
+                    values.append(value)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            wait_until(f"the first {kind}/{name} event", lambda: bool(values), timeout=30)
+            yield values
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+            reader.join(timeout=10)
+
+    @contextmanager
+    def port_forward(self, namespace: str, target: str, port: int) -> Iterator[str]:
+        """``kubectl port-forward`` to ``target`` (pod/x, svc/x): yields http://127.0.0.1:<p>."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            local = probe.getsockname()[1]
+        process = subprocess.Popen(
+            ["kubectl", "port-forward", "-n", namespace, target, f"{local}:{port}",
+             "--address", "127.0.0.1"],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+
+            def listening() -> bool:
+                if process.poll() is not None:
+                    _, err = process.communicate()
+                    raise AssertionError(f"kubectl port-forward {target} exited: {err.strip()}")
+                try:
+                    socket.create_connection(("127.0.0.1", local), timeout=1).close()
+                except OSError:
+                    return False
+                return True
+
+            wait_until(f"kubectl port-forward {target} {local}:{port}", listening, timeout=30)
+            yield f"http://127.0.0.1:{local}"
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 class Timings:

@@ -1,24 +1,28 @@
 """The chart, the operator and the cache server together on a real Kubernetes node.
 
-The tests run in file order and build on each other (one install, one cache cluster):
-install -> LMCacheCluster Ready -> cache pod serves on the node's IP -> RBAC sufficient
-and minimal -> cache pod deleted and back (Degraded -> Ready) -> helm upgrade -> cleanup.
+The tests run in file order and build on each other (one install, one cache cluster, one
+VLLMDeployment): install -> LMCacheCluster Ready -> cache pod serves on the node's IP ->
+VLLMDeployment Ready, the same prompt twice (the second served by the node cache) -> cache
+pod deleted and back (Degraded -> Ready, vLLM answers throughout and hits again) -> RBAC
+sufficient (all of that done by the operator) and minimal -> helm upgrade -> cleanup.
 The same module runs on a kind cluster (e2e/kind/run.sh); only the set-up differs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from e2e.k8s import vllm_pod
+from e2e.k8s import vllm_deployment
 from e2e.k8s.conftest import REPO, Settings
 from e2e.k8s.kube import Kube, Timings, http_get, wait_until
 from e2e.vllm.harness import Completion, prompt_text, read_stream, retrieved_tokens_logged
@@ -27,6 +31,7 @@ pytestmark = pytest.mark.k8s
 
 CLUSTER = "cache"
 HTTP_PORT = 8080
+CHUNK = 256  # the LMCacheCluster's server.chunkSize (default)
 CHART = REPO / "charts" / "lmcache-operator"
 HOST_IP = "status.hostIP"
 # the connector's log line for a hit served by the node server
@@ -290,6 +295,239 @@ def _probe_from_a_pod(kube: Kube, settings: Settings, host_ip: str) -> dict[str,
                      check=False)  # fmt: skip
 
 
+@dataclass
+class VLLM:
+    """The VLLMDeployment's pod (when E2E_VLLM_MODEL_DIR is set) and what it answered cold."""
+
+    url: str
+    pod: str
+    prompt: str
+    cold_text: str | None = None
+
+
+def _vllm_status(kube: Kube, settings: Settings) -> dict[str, Any]:
+    body = kube.get("vllmdeployments.lmcache.dev", vllm_deployment.NAME, settings.cache_namespace)
+    return dict((body or {}).get("status") or {})
+
+
+def _vllm_pods(kube: Kube, settings: Settings) -> list[dict[str, Any]]:
+    selector = f"lmcache.dev/vllm-deployment={vllm_deployment.NAME}"
+    pods = kube.items("pods", settings.cache_namespace, selector)
+    for pod in pods:
+        for status in pod.get("status", {}).get("containerStatuses") or []:
+            if status.get("restartCount", 0) > 0:
+                last = (status.get("lastState") or {}).get("terminated") or {}
+                hint = (
+                    "; raise resources.memory in e2e/k8s/vllm_deployment.py"
+                    if last.get("reason") == "OOMKilled"
+                    else ""
+                )
+                # the container's last log lines (terminationMessagePolicy FallbackToLogsOnError)
+                raise AssertionError(
+                    f"vLLM restarted: {last.get('reason')} (exit {last.get('exitCode')}){hint}\n"
+                    f"{str(last.get('message') or '')[-3000:]}"
+                )
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def _vllm_ready(kube: Kube, settings: Settings) -> dict[str, Any] | None:
+    """The VLLMDeployment's status once it says Ready with its cache Ready and compatible."""
+    _vllm_pods(kube, settings)  # fail fast on a crash loop
+    status = _vllm_status(kube, settings)
+    if (
+        _condition(status, "Ready") == "True"
+        and _condition(status, "CacheReady") == "True"
+        and _condition(status, "CacheCompatible") == "True"
+        and status.get("readyReplicas") == 1
+    ):
+        return status
+    return None
+
+
+@pytest.fixture(scope="module")
+def vllm(
+    kube: Kube, settings: Settings, timings: Timings, installed: None
+) -> Iterator[VLLM | None]:
+    """A VLLMDeployment on the real node wired by the operator to its cache server."""
+    if settings.vllm_model_dir is None:
+        yield None
+        return
+    start = time.monotonic()
+    kube.apply(vllm_deployment.build(settings, settings.vllm_model_dir, CLUSTER))
+    status = wait_until(
+        "VLLMDeployment Ready (CacheReady, CacheCompatible)",
+        lambda: _vllm_ready(kube, settings),
+        timeout=600,
+        interval=2,
+    )
+    timings.record("VLLMDeployment apply -> Ready", time.monotonic() - start)
+    assert status["cache"]["clusterRef"] == CLUSTER
+    assert status["observedGeneration"] >= 1
+    (pod,) = _vllm_pods(kube, settings)
+    # what the operator built: on the real node, beside a Ready cache pod, wired to it
+    assert pod["spec"]["nodeName"] == settings.node
+    assert not pod["spec"].get("schedulingGates"), "the scheduling gate was never lifted"
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == settings.image("vllm-cpu")
+    transfer = json.loads(container["args"][container["args"].index("--kv-transfer-config") + 1])
+    assert transfer["kv_connector_extra_config"]["lmcache.node.host"] == "tcp://$(HOST_IP)"
+    wait_until(
+        "the LMCacheCluster's status.consumers to list the VLLMDeployment",
+        lambda: vllm_deployment.NAME in (_status(kube, settings).get("consumers") or []),
+        timeout=30,
+    )
+    prompt = prompt_text(3, 4000)
+    if settings.host_reaches_node:
+        # through the Service (kube-proxy) the operator created, as clients in the cluster do
+        service = kube.get("service", vllm_deployment.NAME, settings.cache_namespace)
+        assert service is not None
+        yield VLLM(
+            f"http://{service['spec']['clusterIP']}:{vllm_deployment.PORT}",
+            pod["metadata"]["name"],
+            prompt,
+        )
+        return
+    with kube.port_forward(
+        settings.cache_namespace, f"svc/{vllm_deployment.NAME}", vllm_deployment.PORT
+    ) as url:
+        yield VLLM(url, pod["metadata"]["name"], prompt)
+
+
+@contextmanager
+def _cache_url(kube: Kube, settings: Settings) -> Iterator[str]:
+    """The HTTP API of the cache server on the real node: its IP, or a port-forward."""
+    endpoint = _real_endpoint(_status(kube, settings), settings.node)
+    assert endpoint is not None, "no ready cache server on the real node"
+    if settings.host_reaches_node:
+        yield f"http://{endpoint['hostIP']}:{HTTP_PORT}"
+        return
+    target = f"pod/{endpoint['pod']}"
+    with kube.port_forward(settings.cache_namespace, target, HTTP_PORT) as url:
+        yield url
+
+
+def _metric(kube: Kube, settings: Settings, name: str, labels: str) -> float:
+    with _cache_url(kube, settings) as url:
+        code, text = http_get(f"{url}/metrics")
+    assert code == 200, text
+    pattern = re.compile(rf"^{re.escape(name)}\{{{re.escape(labels)}\}}\s+(\S+)$", re.M)
+    match = pattern.search(text)
+    return float(match.group(1)) if match else 0.0
+
+
+def _retrieved(kube: Kube, settings: Settings) -> float:
+    return _metric(kube, settings, "lmcache_node_tokens_total", 'kind="retrieved"')
+
+
+def _complete(vllm: VLLM, prompt: str) -> Completion:
+    body = json.dumps(
+        {
+            "model": vllm_deployment.SERVED_MODEL,
+            "prompt": prompt,
+            "max_tokens": 16,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    request = urllib.request.Request(
+        vllm.url + "/v1/completions", body, {"Content-Type": "application/json"}
+    )
+    return read_stream(request, 300)
+
+
+def test_vllm_second_request_is_served_by_the_node_cache(
+    kube: Kube, settings: Settings, timings: Timings, vllm: VLLM | None
+) -> None:
+    if vllm is None:
+        pytest.skip("E2E_VLLM_MODEL_DIR not set: no vLLM pod in this run")
+    before = _retrieved(kube, settings)
+    cold = _complete(vllm, vllm.prompt)
+    warm = _complete(vllm, vllm.prompt)
+    expected = (cold.prompt_tokens - 1) // CHUNK * CHUNK
+    assert expected >= 2 * CHUNK, f"prompt too short: {cold.prompt_tokens} tokens"
+    assert warm.text == cold.text, "greedy output changed when the prefix came from the cache"
+    retrieved = _retrieved(kube, settings) - before
+    assert retrieved == expected, f"the node cache served {retrieved} tokens, not {expected}"
+    log = kube.kubectl("logs", vllm.pod, "-n", settings.cache_namespace).stdout
+    logged = [int(n) for n in LOADED_LOG.findall(log)] + retrieved_tokens_logged(log)
+    assert expected in logged, f"the connector logged no load of {expected} tokens: {logged}"
+    vllm.cold_text = cold.text
+    timings.record("vLLM TTFT cold (prefix computed)", cold.ttft_s)
+    timings.record("vLLM TTFT warm (prefix from the node cache)", warm.ttft_s)
+
+
+def test_deleted_cache_pod_comes_back_and_status_follows(
+    kube: Kube, settings: Settings, timings: Timings, vllm: VLLM | None
+) -> None:
+    pods = kube.items("pods", settings.cache_namespace, f"lmcache.dev/cluster={CLUSTER}")
+    (old,) = [p for p in pods if p["spec"]["nodeName"] == settings.node]
+    ns = settings.cache_namespace
+    with contextlib.ExitStack() as watches:
+        phases = watches.enter_context(
+            kube.watch_values("lmcacheclusters.lmcache.dev", CLUSTER, ns, "{.status.phase}")
+        )
+        # the VLLMDeployment's CacheReady condition over time
+        cache_ready: list[str] = []
+        if vllm is not None:
+            cache_ready = watches.enter_context(
+                kube.watch_values("vllmdeployments.lmcache.dev", vllm_deployment.NAME, ns,
+                                  '{.status.conditions[?(@.type=="CacheReady")].status}')
+            )  # fmt: skip
+        start = time.monotonic()
+        kube.kubectl("delete", "pod", old["metadata"]["name"], "-n", ns, "--wait=false")
+        if vllm is not None and vllm.cold_text is not None:
+            # the cache is going away: vLLM recomputes and answers the same
+            assert _complete(vllm, vllm.prompt).text == vllm.cold_text
+
+        def back_ready() -> dict[str, Any] | None:
+            status = _status(kube, settings)
+            endpoint = _real_endpoint(status, settings.node)
+            if (
+                status.get("phase") == "Ready"
+                and endpoint
+                and endpoint["pod"] != old["metadata"]["name"]
+            ):
+                return status
+            return None
+
+        wait_until("cache pod replaced and cluster Ready", back_ready, timeout=180, interval=0.2)
+        timings.record("cache pod deleted -> Ready again", time.monotonic() - start)
+        if vllm is not None:
+            wait_until(
+                "VLLMDeployment CacheReady=True again",
+                lambda: _condition(_vllm_status(kube, settings), "CacheReady") == "True",
+                timeout=60,
+            )
+        phases, cache_ready = list(phases), list(cache_ready)
+    assert phases[0] == "Ready" and "Degraded" in phases, f"status never showed the loss: {phases}"
+    assert phases[-1] == "Ready", phases
+    if vllm is not None:
+        # the VLLMDeployment said its replica had no Ready cache, then that it has one again
+        assert "False" in cache_ready, f"CacheReady never went False: {cache_ready}"
+        assert cache_ready[-1] == "True", cache_ready
+        assert [p["metadata"]["name"] for p in _vllm_pods(kube, settings)] == [vllm.pod], (
+            "the vLLM pod was replaced: losing the cache must not restart vLLM"
+        )
+    status = _status(kube, settings)
+    endpoint = _real_endpoint(status, settings.node)
+    assert endpoint is not None
+    with _cache_url(kube, settings) as url:
+        assert http_get(f"{url}/healthz")[0] == 200
+    if vllm is not None and vllm.cold_text is not None:
+        # the new (empty) cache fills again and serves a later identical request, once the
+        # connector has reconnected (it retries in the background): a bounded number of tries
+        before = _retrieved(kube, settings)
+
+        def hit_again() -> bool:
+            assert _complete(vllm, vllm.prompt).text == vllm.cold_text
+            return _retrieved(kube, settings) - before > 0
+
+        start = time.monotonic()
+        wait_until("a hit on the new cache server", hit_again, timeout=120, interval=2)
+        timings.record("cache back -> vLLM hits again", time.monotonic() - start)
+
+
 # What the operator must be allowed (it did all of the above with exactly this) ...
 NEEDED = [
     ("watch", "lmcacheclusters.lmcache.dev", "-A"),
@@ -303,7 +541,9 @@ NEEDED = [
     ("create", "events", "-A"),
     ("watch", "vllmdeployments.lmcache.dev", "-A"),
     ("patch", "deployments.apps", "-A"),
+    ("patch", "vllmdeployments.lmcache.dev/status", "-A"),
     ("patch", "pods", "-A"),
+    ("delete", "pods", "-A"),
     ("list", "customresourcedefinitions.apiextensions.k8s.io"),
     ("watch", "nodes"),
 ]
@@ -337,148 +577,6 @@ def test_rbac_is_sufficient_and_minimal(kube: Kube, settings: Settings, installe
     assert not missing, f"the chart's RBAC lacks {missing}"
     granted = [c for c in FORBIDDEN if kube.can_i(sa, *c)]
     assert not granted, f"the chart's RBAC grants more than needed: {granted}"
-
-
-@dataclass
-class VLLM:
-    """The vLLM pod (when E2E_VLLM_MODEL_DIR is set) and what it answered cold."""
-
-    url: str
-    pod: str
-    prompt: str
-    cold_text: str | None = None
-
-
-def _metric(kube: Kube, settings: Settings, name: str, labels: str) -> float:
-    endpoint = _real_endpoint(_status(kube, settings), settings.node)
-    assert endpoint is not None, "no ready cache server on the real node"
-    code, text = http_get(f"http://{endpoint['hostIP']}:{HTTP_PORT}/metrics")
-    assert code == 200, text
-    pattern = re.compile(rf"^{re.escape(name)}\{{{re.escape(labels)}\}}\s+(\S+)$", re.M)
-    match = pattern.search(text)
-    return float(match.group(1)) if match else 0.0
-
-
-def _retrieved(kube: Kube, settings: Settings) -> float:
-    return _metric(kube, settings, "lmcache_node_tokens_total", 'kind="retrieved"')
-
-
-@pytest.fixture(scope="module")
-def vllm(kube: Kube, settings: Settings, timings: Timings, installed: None) -> VLLM | None:
-    """A vLLM pod on the real node wired to its cache server, or None when not asked for."""
-    if settings.vllm_model_dir is None:
-        return None
-    if not settings.host_reaches_node:
-        pytest.skip("the vLLM checks call the vLLM pod from this machine (real node only)")
-    start = time.monotonic()
-    kube.apply(vllm_pod.build_deployment(settings, settings.vllm_model_dir, zmq_port=5555))
-    selector = f"app.kubernetes.io/name={vllm_pod.NAME}"
-
-    def ready_pod() -> dict[str, Any] | None:
-        pods = kube.items("pods", settings.cache_namespace, selector)
-        for pod in pods:
-            for status in pod.get("status", {}).get("containerStatuses") or []:
-                if status.get("restartCount", 0) > 0:
-                    last = (status.get("lastState") or {}).get("terminated") or {}
-                    raise AssertionError(
-                        f"vLLM restarted: {last.get('reason')} (exit {last.get('exitCode')}); "
-                        "OOMKilled with no memory limit means the machine ran out of memory"
-                    )
-        ready = [p for p in pods if _pod_ready(p)]
-        return ready[0] if ready else None
-
-    pod = wait_until("the vLLM pod Ready", ready_pod, timeout=600, interval=2)
-    timings.record("vLLM Deployment apply -> Ready", time.monotonic() - start)
-    return VLLM(
-        url=f"http://{pod['status']['podIP']}:{vllm_pod.PORT}",
-        pod=pod["metadata"]["name"],
-        prompt=prompt_text(3, 4000),
-    )
-
-
-def _complete(vllm: VLLM, prompt: str) -> Completion:
-    body = json.dumps(
-        {
-            "model": "model",
-            "prompt": prompt,
-            "max_tokens": 16,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
-    request = urllib.request.Request(
-        vllm.url + "/v1/completions", body, {"Content-Type": "application/json"}
-    )
-    return read_stream(request, 300)
-
-
-def test_vllm_second_request_is_served_by_the_node_cache(
-    kube: Kube, settings: Settings, timings: Timings, vllm: VLLM | None
-) -> None:
-    if vllm is None:
-        pytest.skip("E2E_VLLM_MODEL_DIR not set: no vLLM pod in this run")
-    before = _retrieved(kube, settings)
-    cold = _complete(vllm, vllm.prompt)
-    warm = _complete(vllm, vllm.prompt)
-    expected = (cold.prompt_tokens - 1) // vllm_pod.CHUNK * vllm_pod.CHUNK
-    assert expected >= 2 * vllm_pod.CHUNK, f"prompt too short: {cold.prompt_tokens} tokens"
-    assert warm.text == cold.text, "greedy output changed when the prefix came from the cache"
-    retrieved = _retrieved(kube, settings) - before
-    assert retrieved == expected, f"the node cache served {retrieved} tokens, not {expected}"
-    log = kube.kubectl("logs", vllm.pod, "-n", settings.cache_namespace).stdout
-    logged = [int(n) for n in LOADED_LOG.findall(log)] + retrieved_tokens_logged(log)
-    assert expected in logged, f"the connector logged no load of {expected} tokens: {logged}"
-    vllm.cold_text = cold.text
-    timings.record("vLLM TTFT cold (prefix computed)", cold.ttft_s)
-    timings.record("vLLM TTFT warm (prefix from the node cache)", warm.ttft_s)
-
-
-def test_deleted_cache_pod_comes_back_and_status_follows(
-    kube: Kube, settings: Settings, timings: Timings, vllm: VLLM | None
-) -> None:
-    pods = kube.items("pods", settings.cache_namespace, f"lmcache.dev/cluster={CLUSTER}")
-    (old,) = [p for p in pods if p["spec"]["nodeName"] == settings.node]
-    phases: list[str] = []
-    start = time.monotonic()
-    kube.kubectl(
-        "delete", "pod", old["metadata"]["name"], "-n", settings.cache_namespace, "--wait=false"
-    )
-    if vllm is not None and vllm.cold_text is not None:
-        # the cache is going away: vLLM recomputes and answers the same
-        assert _complete(vllm, vllm.prompt).text == vllm.cold_text
-
-    def back_ready() -> dict[str, Any] | None:
-        status = _status(kube, settings)
-        phase = str(status.get("phase"))
-        if not phases or phases[-1] != phase:
-            phases.append(phase)
-        endpoint = _real_endpoint(status, settings.node)
-        if phase == "Ready" and endpoint and endpoint["pod"] != old["metadata"]["name"]:
-            return status
-        return None
-
-    wait_until("cache pod replaced and cluster Ready", back_ready, timeout=180, interval=0.2)
-    timings.record("cache pod deleted -> Ready again", time.monotonic() - start)
-    assert "Degraded" in phases, f"status never showed the lost node: {phases}"
-    assert phases[-1] == "Ready"
-    status = _status(kube, settings)
-    endpoint = _real_endpoint(status, settings.node)
-    assert endpoint is not None
-    if settings.host_reaches_node:
-        assert http_get(f"http://{endpoint['hostIP']}:{HTTP_PORT}/healthz")[0] == 200
-    if vllm is not None and vllm.cold_text is not None:
-        # the new (empty) cache fills again and serves a later identical request, once the
-        # connector has reconnected (it retries in the background): a bounded number of tries
-        before = _retrieved(kube, settings)
-
-        def hit_again() -> bool:
-            assert _complete(vllm, vllm.prompt).text == vllm.cold_text
-            return _retrieved(kube, settings) - before > 0
-
-        start = time.monotonic()
-        wait_until("a hit on the new cache server", hit_again, timeout=120, interval=2)
-        timings.record("cache back -> vLLM hits again", time.monotonic() - start)
 
 
 def test_helm_upgrade_rolls_the_operator_and_leaves_the_caches_alone(
@@ -533,25 +631,34 @@ def test_uninstall_and_deleting_the_resources_leaves_nothing(
     kube: Kube, settings: Settings, timings: Timings, installed: None
 ) -> None:
     start = time.monotonic()
+    # the VLLMDeployment first (while the operator runs), then the cache it used
+    kube.kubectl(
+        "delete", "vllmdeployments.lmcache.dev", "--all", "-n", settings.cache_namespace,
+        "--wait=true", "--timeout=60s",
+    )  # fmt: skip
     kube.kubectl(
         "delete", "lmcacheclusters.lmcache.dev", CLUSTER, "-n", settings.cache_namespace,
         "--wait=true", "--timeout=60s",
     )  # fmt: skip
-    selector = f"lmcache.dev/cluster={CLUSTER}"
+    selectors = [
+        f"lmcache.dev/cluster={CLUSTER}",
+        f"lmcache.dev/vllm-deployment={vllm_deployment.NAME}",
+    ]
 
     def children_gone() -> list[str] | None:
         left = [
             f"{kind}/{o['metadata']['name']}"
-            for kind in ("daemonsets", "configmaps", "services")
+            for kind in ("daemonsets", "deployments", "configmaps", "services")
+            for selector in selectors
             for o in kube.items(kind, settings.cache_namespace, selector)
         ]
         return None if left else ["gone"]
 
-    wait_until("the cluster's children garbage-collected", children_gone, timeout=60)
+    wait_until("the resources' children garbage-collected", children_gone, timeout=60)
     wait_until(
-        "cache pods gone",
-        lambda: not kube.items("pods", settings.cache_namespace, selector),
-        timeout=90,
+        "cache and vLLM pods gone",
+        lambda: not any(kube.items("pods", settings.cache_namespace, s) for s in selectors),
+        timeout=120,
     )
     kube.helm("uninstall", settings.release, "-n", settings.operator_namespace, "--wait")
 
@@ -587,3 +694,4 @@ def test_uninstall_and_deleting_the_resources_leaves_nothing(
     # the CRD stays by design (helm.sh/resource-policy: keep); it holds no resources now
     assert kube.get("crd", "lmcacheclusters.lmcache.dev") is not None
     assert not kube.items("lmcacheclusters.lmcache.dev")
+    assert not kube.items("vllmdeployments.lmcache.dev")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from lmcache_node.server.process import ServerProcess, free_port
+from lmcache_node.transfer.shm import sweep_stale_segments
 
 from e2e.vllm.harness import VLLMProcess
 from e2e.vllm.make_model import make_model
@@ -113,6 +114,9 @@ def deployment(work_dir: Path, tiny_model: Path) -> Iterator[Deployment]:
         for instance in dep.instances:
             instance.stop()
         server.stop()
+        # KV segments of vLLM workers that died with no server left to sweep them (a
+        # later cache server run by another user could not remove them from /dev/shm)
+        sweep_stale_segments()
         keep = os.environ.get("LMCACHE_E2E_KEEP_LOGS")
         if keep:
             shutil.copytree(work_dir, keep, dirs_exist_ok=True, ignore=_skip_big)

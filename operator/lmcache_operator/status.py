@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from lmcache_operator.podfailures import container_failures, describe
+
 CONDITION_TYPES = ("Ready", "Available", "Progressing", "Degraded", "ConfigValid")
 
 
@@ -67,6 +69,26 @@ def endpoints(
         )
     result.sort(key=lambda e: (e["node"], e["pod"]))
     return result
+
+
+def pod_failures(pod: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Failing containers of a pod (a handler's summary carries them precomputed)."""
+    if "failures" in pod:
+        return list(pod["failures"])
+    return container_failures(pod.get("status") or {})
+
+
+def _failing_servers(pods: Sequence[Mapping[str, Any]]) -> list[str]:
+    """'<pod> on <node>: server CrashLoopBackOff (exit 1: <its last log line>)' per pod."""
+    failing = []
+    for pod in pods:
+        if pod.get("metadata", {}).get("deletionTimestamp") or pod_ready(pod):
+            continue
+        failures = pod_failures(pod)
+        if failures:
+            node = pod.get("spec", {}).get("nodeName") or "no node"
+            failing.append(f"{pod['metadata']['name']} on {node}: {describe(failures)}")
+    return sorted(failing)
 
 
 def _unschedulable(pods: Sequence[Mapping[str, Any]]) -> str:
@@ -152,6 +174,9 @@ def _phase_and_reasons(
     if not parts:
         parts.append("waiting for the DaemonSet controller to count the ready pods")
     message = f"{ready_nodes} of {desired} nodes ready; " + "; ".join(parts)
+    failing = _failing_servers(observed.pods)
+    if failing:  # crash loops, image pulls: waiting will not fix them
+        return "Degraded", "ServersFailing", message + "; failing: " + "; ".join(failing)
     was_ready = observed.previous.get("phase") in ("Ready", "Degraded") and (
         observed.previous.get("observedGeneration") == observed.applied_generation
     )

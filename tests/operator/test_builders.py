@@ -107,6 +107,9 @@ def test_daemonset_pod_wiring() -> None:
     ]
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8080}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
+    # no LMCACHE_*_PORT variables from Services named lmcache-...; errors reach the status
+    assert pod["enableServiceLinks"] is False
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     for kind in ("requests", "limits"):
         assert not any("nvidia.com" in r for r in container["resources"][kind])
     env = {e["name"]: e for e in container["env"]}

@@ -160,3 +160,43 @@ def test_monitoring_condition_is_added() -> None:
     }
     status = compute_status(observe(monitoring_condition=monitor))
     assert conditions(status)["ServiceMonitorReady"]["reason"] == "CRDNotInstalled"
+
+
+def crash_looping(node: str, restarts: int = 5, last_line: str = "") -> dict[str, Any]:
+    failing = pod(node, ready=False, restarts=restarts)
+    failing["status"]["containerStatuses"] = [
+        {
+            "name": "server",
+            "restartCount": restarts,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 1m20s"}},
+            "lastState": {
+                "terminated": {
+                    "reason": "Error",
+                    "exitCode": 1,
+                    "message": f"INFO starting\n{last_line}\n",
+                }
+            },
+        }
+    ]
+    return failing
+
+
+def test_a_crash_looping_server_is_degraded_with_its_last_words() -> None:
+    """Not 'Progressing' forever: the first rollout already says which pod fails and why."""
+    line = "lmcache-node serve: [Errno 1] Operation not permitted: '/dev/shm/x'"
+    status = compute_status(
+        observe(daemonset=ds(2, 1), pods=[pod("gpu-0"), crash_looping("gpu-1", last_line=line)])
+    )
+    assert status["phase"] == "Degraded"
+    degraded = conditions(status)["Degraded"]
+    assert degraded["status"] == "True" and degraded["reason"] == "ServersFailing"
+    assert f"p-gpu-1 on gpu-1: server CrashLoopBackOff (exit 1: {line})" in degraded["message"]
+    assert conditions(status)["Ready"]["status"] == "False"
+
+
+def test_a_restarting_pod_that_is_ready_again_is_not_failing() -> None:
+    recovered = crash_looping("gpu-1")
+    recovered["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    recovered["status"]["containerStatuses"][0]["state"] = {"running": {}}
+    status = compute_status(observe(pods=[pod("gpu-0"), recovered]))
+    assert status["phase"] == "Ready"

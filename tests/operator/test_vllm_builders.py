@@ -193,6 +193,17 @@ def test_shm_is_the_hosts_and_gpus_follow_the_device() -> None:
     assert pod_of(amd, conn)["containers"][0]["resources"]["limits"] == {"amd.com/gpu": "1"}
 
 
+def test_a_deployment_named_vllm_gets_no_service_link_variables() -> None:
+    """A Service "vllm" would give its pods VLLM_PORT=tcp://..., which vLLM dies on."""
+    children = {o["kind"]: o for o in build_children("vllm", "ns", vllm_spec(), conn_of())}
+    assert children["Service"]["metadata"]["name"] == "vllm"
+    pod = children["Deployment"]["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False
+    assert not [e for e in pod["containers"][0]["env"] if e["name"].startswith("VLLM_PORT")]
+    # a crash leaves its last log lines in the pod status (ReplicaFailure quotes them)
+    assert pod["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
 def test_stock_images_get_the_connector_from_the_cache_image() -> None:
     pod = pod_of(vllm_spec(), conn_of())
     init = {c["name"]: c for c in pod["initContainers"]}

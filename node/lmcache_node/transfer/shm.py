@@ -82,7 +82,25 @@ def unlink_segment(name: str) -> bool:
     except SharedMemoryError:
         log.warning("refusing to unlink foreign shared memory name %r", name)
         return False
+    except OSError as exc:
+        # e.g. a segment another user left in the sticky /dev/shm: report it, keep serving
+        path = segment_path(name)
+        log.warning(
+            "cannot remove shared memory segment %s (%s; owner uid %s): it stays until its "
+            "owner or root removes it",
+            path,
+            exc.strerror,
+            _owner(path),
+        )
+        return False
     return True
+
+
+def _owner(path: Path) -> str:
+    try:
+        return str(path.stat().st_uid)
+    except OSError:
+        return "unknown"
 
 
 def hold_segment(name: str) -> int:

@@ -233,6 +233,9 @@ def build_daemonset(
         "readinessProbe": _probe("/readyz", server.http_port, period=5, failures=2),
         "livenessProbe": _probe("/healthz", server.http_port, period=10, failures=3),
         "startupProbe": _probe("/healthz", server.http_port, period=2, failures=60),
+        # a server that exits on a bad config says why in its last log line: this puts it
+        # in the pod status, which the LMCacheCluster's Degraded condition quotes
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.pod.container_security_context is not None:
         container["securityContext"] = dict(spec.pod.container_security_context)
@@ -246,6 +249,9 @@ def build_daemonset(
         "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": 30,
+        # no <SERVICE>_PORT variables: a Service named lmcache-... would inject LMCACHE_*
+        # variables the server reads as configuration
+        "enableServiceLinks": False,
     }
     optional: dict[str, Any] = {
         "tolerations": [dict(t) for t in placement.tolerations] or None,

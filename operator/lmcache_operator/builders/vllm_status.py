@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmcache_operator.podfailures import container_failures, describe
 from lmcache_operator.status import now_rfc3339, pod_ready
 
 # Set by the operator when it lifts a pod's scheduling gate: the nodes it may run on.
@@ -19,18 +20,6 @@ CONDITION_TYPES = (
     "CacheCompatible",
     "ConfigValid",
     "ReplicaFailure",
-)
-FAILURE_REASONS = frozenset(
-    {
-        "CrashLoopBackOff",
-        "ImagePullBackOff",
-        "ErrImagePull",
-        "InvalidImageName",
-        "CreateContainerConfigError",
-        "CreateContainerError",
-        "RunContainerError",
-        "OOMKilled",
-    }
 )
 
 
@@ -62,24 +51,7 @@ def pod_summary(body: Mapping[str, Any]) -> dict[str, Any]:
     meta = body.get("metadata", {})
     spec = body.get("spec", {})
     status = body.get("status", {})
-    statuses = [
-        *(status.get("initContainerStatuses") or []),
-        *(status.get("containerStatuses") or []),
-    ]
-    failures = []
-    for container in statuses:
-        state = container.get("state") or {}
-        last = container.get("lastState") or {}
-        reason = (state.get("waiting") or {}).get("reason") or (state.get("terminated") or {}).get(
-            "reason"
-        )
-        if (
-            reason not in FAILURE_REASONS
-            and (last.get("terminated") or {}).get("reason") == "OOMKilled"
-        ):
-            reason = "OOMKilled"
-        if reason in FAILURE_REASONS:
-            failures.append({"container": container.get("name", "?"), "reason": reason})
+    failures = container_failures(status)
     return {
         "metadata": {
             "name": meta.get("name", ""),
@@ -186,11 +158,7 @@ def _replica_failure(observed: VLLMObserved) -> tuple[bool, str, str]:
         key=lambda p: str(p["metadata"]["name"]),
     )
     if failing:
-        parts = [
-            f"pod {p['metadata']['name']}: "
-            + ", ".join(f"{f['container']} {f['reason']}" for f in p["failures"])
-            for p in failing
-        ]
+        parts = [f"pod {p['metadata']['name']}: {describe(p['failures'])}" for p in failing]
         return True, str(failing[0]["failures"][0]["reason"]), "; ".join(parts)
     for condition in (observed.deployment or {}).get("status", {}).get("conditions") or []:
         if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":

@@ -224,6 +224,7 @@ def build_deployment(
         "imagePullPolicy": spec.image.pull_policy,
         "command": ["vllm", "serve"],
         "args": _engine_args(spec, conn),
+        "terminationMessagePolicy": "FallbackToLogsOnError",  # quoted by ReplicaFailure
         "ports": [{"name": "http", "containerPort": spec.service.port, "protocol": "TCP"}],
         "env": container_env(spec, conn, install=install),
         "volumeMounts": mounts,
@@ -249,6 +250,9 @@ def build_deployment(
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
+        # Kubernetes would set VLLM_PORT=tcp://... for a Service named "vllm" (and
+        # VLLM_*_PORT for "vllm-*"), which vLLM reads as its own setting and dies on
+        "enableServiceLinks": False,
         **placement(spec, conn),
     }
     optional: dict[str, Any] = {

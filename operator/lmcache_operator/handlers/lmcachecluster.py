@@ -29,6 +29,7 @@ from lmcache_operator.builders.lmcachecluster import (
     name_problems,
 )
 from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeClient, KubeError, forbidden_message
+from lmcache_operator.podfailures import container_failures
 from lmcache_operator.state import REGISTRY, Applied, ClusterView, Key, owner_key
 from lmcache_operator.status import Observed, compute_status, same_status
 from lmcache_operator.validation import describe_validation_error
@@ -241,6 +242,7 @@ def _pod_summary(body: Mapping[str, Any]) -> dict[str, Any]:
                 for s in status.get("containerStatuses") or []
             ],
         },
+        "failures": container_failures(status),
     }
 
 

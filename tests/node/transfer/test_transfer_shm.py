@@ -124,6 +124,34 @@ def test_sweep_removes_only_segments_nobody_holds(private_shm: Path) -> None:
         shm.unlink_segment(held)
 
 
+def test_sweep_skips_a_segment_it_may_not_remove(
+    private_shm: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another user's leftover in the sticky /dev/shm (EPERM) is reported, not fatal."""
+    foreign = shm.new_segment_name("kv")
+    orphan = shm.new_segment_name("kv")
+    shm.create_segment(foreign, 16)
+    shm.create_segment(orphan, 16)
+    unlink = Path.unlink
+
+    def refuse_foreign(path: Path, missing_ok: bool = False) -> None:
+        if path.name == foreign:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse_foreign)
+    with caplog.at_level("WARNING", logger=shm.log.name):
+        removed = shm.sweep_stale_segments(min_age_s=0)
+    assert removed == [orphan]
+    assert (private_shm / foreign).exists()
+    assert any(
+        foreign in r.getMessage() and "Operation not permitted" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
+    monkeypatch.undo()
+    shm.unlink_segment(foreign)
+
+
 def test_exported_segments_are_held_until_unlinked(private_shm: Path) -> None:
     exported = export_kv_caches([torch.zeros(4, 4)], share=True)
     name = exported.shm_names[0]
