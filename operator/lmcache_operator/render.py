@@ -6,17 +6,14 @@ from collections.abc import Iterable
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
 from lmcache_operator.api.common import API_VERSION
 from lmcache_operator.api.lmcachecluster import KIND, LMCacheClusterSpec
 from lmcache_operator.builders.lmcachecluster import build_children, name_problems
-from lmcache_operator.builders.vllm_render import VLLMRenderError, render_vllm_documents
-from lmcache_operator.validation import describe_validation_error
+from lmcache_operator.builders.vllm_render import render_vllm_documents
+from lmcache_operator.validation import RenderError, validated_document
 
-
-class RenderError(ValueError):
-    """A document that is not a valid resource; the message names the document and field."""
+__all__ = ["RenderError", "render_documents", "render_text"]
 
 
 def render_documents(documents: Iterable[Any], *, service_monitor: bool = True) -> list[Any]:
@@ -37,26 +34,15 @@ def render_documents(documents: Iterable[Any], *, service_monitor: bool = True) 
                 f"document {index}: kind {kind!r} apiVersion {api_version!r} is not supported; "
                 f"expected kind {KIND} or VLLMDeployment, apiVersion {API_VERSION}"
             )
-        meta = doc.get("metadata") or {}
-        name = meta.get("name")
-        if not name:
-            raise RenderError(f"document {index}: metadata.name is required")
-        label = f"{KIND} {name!r}"
-        try:
-            spec = LMCacheClusterSpec.model_validate(doc.get("spec") or {})
-        except ValidationError as exc:
-            raise RenderError(
-                f"{label}:\n  " + "\n  ".join(describe_validation_error(exc, prefix="spec"))
-            ) from None
-        problems = name_problems(name) + spec.semantic_problems()
-        if problems:
-            raise RenderError(f"{label}:\n  " + "\n  ".join(problems))
-        namespace = meta.get("namespace", "default")
+        name, namespace, spec = validated_document(
+            index,
+            doc,
+            KIND,
+            LMCacheClusterSpec,
+            lambda name, spec: name_problems(name) + spec.semantic_problems(),
+        )
         objects += build_children(name, namespace, spec, service_monitor=service_monitor)
-    try:
-        objects += render_vllm_documents(vllm_docs, documents)
-    except VLLMRenderError as exc:
-        raise RenderError(str(exc)) from None
+    objects += render_vllm_documents(vllm_docs, documents)
     return objects
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
 def describe_validation_error(exc: ValidationError, *, prefix: str = "") -> list[str]:
@@ -17,3 +22,34 @@ def describe_validation_error(exc: ValidationError, *, prefix: str = "") -> list
             message = f"{message} (got {error['input']!r})"
         problems.append(f"{where or '(spec)'}: {message}")
     return problems
+
+
+class RenderError(ValueError):
+    """A document that cannot be rendered; the message names the document and field."""
+
+
+def validated_document(
+    index: int,
+    doc: dict[str, Any],
+    kind: str,
+    model: type[SpecT],
+    problems: Callable[[str, SpecT], list[str]],
+) -> tuple[str, str, SpecT]:
+    """(name, namespace, spec) of one resource document of ``lmcache-operator render``.
+
+    ``problems(name, spec)`` adds what the schema alone does not catch.
+    """
+    meta = doc.get("metadata") or {}
+    name = meta.get("name")
+    if not name:
+        raise RenderError(f"document {index}: metadata.name is required")
+    label = f"{kind} {name!r}"
+    try:
+        spec = model.model_validate(doc.get("spec") or {})
+    except ValidationError as exc:
+        found = describe_validation_error(exc, prefix="spec")
+        raise RenderError(f"{label}:\n  " + "\n  ".join(found)) from None
+    found = problems(name, spec)
+    if found:
+        raise RenderError(f"{label}:\n  " + "\n  ".join(found))
+    return str(name), str(meta.get("namespace", "default")), spec

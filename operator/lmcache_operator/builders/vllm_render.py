@@ -14,11 +14,7 @@ from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.vllmdeployment import KIND, VLLMDeploymentSpec
 from lmcache_operator.builders.vllm_connector import CacheConnection
 from lmcache_operator.builders.vllmdeployment import build_children, name_problems
-from lmcache_operator.validation import describe_validation_error
-
-
-class VLLMRenderError(ValueError):
-    """A VLLMDeployment that cannot be rendered; the message names the document and field."""
+from lmcache_operator.validation import RenderError, validated_document
 
 
 def _clusters(documents: Sequence[Any]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -38,26 +34,16 @@ def render_vllm_documents(
     clusters = _clusters(documents)
     objects: list[dict[str, Any]] = []
     for index, doc in indexed:
-        meta = doc.get("metadata") or {}
-        name = meta.get("name")
-        if not name:
-            raise VLLMRenderError(f"document {index}: metadata.name is required")
+        name, namespace, spec = validated_document(
+            index, doc, KIND, VLLMDeploymentSpec, lambda name, _: name_problems(name)
+        )
         label = f"{KIND} {name!r}"
-        try:
-            spec = VLLMDeploymentSpec.model_validate(doc.get("spec") or {})
-        except ValidationError as exc:
-            problems = describe_validation_error(exc, prefix="spec")
-            raise VLLMRenderError(f"{label}:\n  " + "\n  ".join(problems)) from None
-        problems = name_problems(name)
-        if problems:
-            raise VLLMRenderError(f"{label}:\n  " + "\n  ".join(problems))
-        namespace = meta.get("namespace", "default")
         conn = None
         if spec.cache.enabled and spec.cache.cluster_ref is not None:
             ref = spec.cache.cluster_ref.name
             cluster = clusters.get((namespace, ref))
             if cluster is None:
-                raise VLLMRenderError(
+                raise RenderError(
                     f"{label}: cache.clusterRef {ref!r} names no {CLUSTER_KIND} ({API_VERSION}) "
                     f"in namespace {namespace!r} of this file: add it to the file (the render "
                     "reads the connection settings from it)"
@@ -65,6 +51,6 @@ def render_vllm_documents(
             try:
                 conn = CacheConnection.from_cluster(ref, LMCacheClusterSpec.model_validate(cluster))
             except ValidationError:
-                raise VLLMRenderError(f"{label}: {CLUSTER_KIND} {ref!r} is invalid") from None
+                raise RenderError(f"{label}: {CLUSTER_KIND} {ref!r} is invalid") from None
         objects += build_children(name, namespace, spec, conn)
     return objects
