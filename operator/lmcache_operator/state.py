@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,24 @@ def owner_key(obj: dict[str, Any], label: str) -> Key | None:
     meta = obj["metadata"]
     owner = (meta.get("labels") or {}).get(label)
     return (meta["namespace"], owner) if owner else None
+
+
+def forget_unseen(
+    pods_by_key: Iterable[tuple[Key, dict[str, Any]]], synced: Mapping[str, Any]
+) -> list[Key]:
+    """After a (re)list (a watch's SYNCED event): drop the pods deleted while the watch was
+    down from each owner's pod map; the owners whose maps changed."""
+    seen, namespace = synced["seen"], synced["namespace"]
+    changed = []
+    for key, pods in pods_by_key:
+        if namespace is not None and key[0] != namespace:
+            continue
+        gone = [name for name in pods if (key[0], name) not in seen]
+        for name in gone:
+            del pods[name]
+        if gone:
+            changed.append(key)
+    return changed
 
 
 @dataclass

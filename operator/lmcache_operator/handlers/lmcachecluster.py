@@ -30,7 +30,7 @@ from lmcache_operator.builders.lmcachecluster import (
 )
 from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeClient, KubeError, forbidden_message
 from lmcache_operator.podfailures import container_failures
-from lmcache_operator.state import REGISTRY, Applied, ClusterView, Key, owner_key
+from lmcache_operator.state import REGISTRY, Applied, ClusterView, Key, forget_unseen, owner_key
 from lmcache_operator.status import Observed, compute_status, same_status
 from lmcache_operator.validation import describe_validation_error
 from lmcache_operator.watchers import WatchLoop
@@ -248,13 +248,8 @@ def _pod_summary(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def on_pod(event: str, obj: dict[str, Any]) -> None:
     if event == "SYNCED":  # after a (re)list: forget pods deleted while we were not watching
-        seen, namespace = obj["seen"], obj["namespace"]
-        for cluster_key, cluster_view in REGISTRY.views.items():
-            if namespace is not None and cluster_key[0] != namespace:
-                continue
-            for pod in [p for p in cluster_view.pods if (cluster_key[0], p) not in seen]:
-                del cluster_view.pods[pod]
-                REGISTRY.request_refresh(cluster_key)
+        for changed in forget_unseen(((k, v.pods) for k, v in REGISTRY.views.items()), obj):
+            REGISTRY.request_refresh(changed)
         return
     meta = obj["metadata"]
     key = owner_key(obj, CLUSTER_LABEL)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -52,7 +52,7 @@ from lmcache_operator.builders.vllmdeployment import (
 )
 from lmcache_operator.handlers.lmcachecluster import Context
 from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeError, forbidden_message, object_path
-from lmcache_operator.state import REGISTRY, Key, owner_key
+from lmcache_operator.state import REGISTRY, Key, forget_unseen, owner_key
 from lmcache_operator.validation import describe_validation_error
 from lmcache_operator.watchers import WatchLoop
 
@@ -322,23 +322,6 @@ VLLM_POD_SELECTOR = f"app.kubernetes.io/name={APP_NAME},{DEPLOYMENT_LABEL}"
 CACHE_POD_SELECTOR = f"app.kubernetes.io/name={CACHE_APP_NAME},{CLUSTER_LABEL}"
 
 
-def _forget_unseen(
-    pods_of: Callable[[], Iterable[tuple[Key, dict[str, Any]]]], obj: Any
-) -> list[Key]:
-    """After a (re)list: drop pods deleted while the watch was down; the keys that changed."""
-    seen, namespace = obj["seen"], obj["namespace"]
-    changed = []
-    for key, pods in pods_of():
-        if namespace is not None and key[0] != namespace:
-            continue
-        gone = [name for name in pods if (key[0], name) not in seen]
-        for name in gone:
-            del pods[name]
-        if gone:
-            changed.append(key)
-    return changed
-
-
 def on_deployment(event: str, obj: dict[str, Any]) -> None:
     if event == "SYNCED":
         return
@@ -360,7 +343,7 @@ def _forget_if_gone(key: Key) -> None:
 
 def on_vllm_pod(event: str, obj: dict[str, Any]) -> None:
     if event == "SYNCED":
-        for changed in _forget_unseen(lambda: ((k, v.pods) for k, v in VIEWS.items()), obj):
+        for changed in forget_unseen(((k, v.pods) for k, v in VIEWS.items()), obj):
             STATUS.request(changed)
         return
     meta = obj["metadata"]
@@ -388,7 +371,7 @@ def _waiting(summary: Mapping[str, Any]) -> bool:
 
 def on_cache_pod(event: str, obj: dict[str, Any]) -> None:
     if event == "SYNCED":
-        changed = _forget_unseen(lambda: ((k, v.pods) for k, v in CLUSTERS.items()), obj)
+        changed = forget_unseen(((k, v.pods) for k, v in CLUSTERS.items()), obj)
     else:
         meta = obj["metadata"]
         cluster_key = owner_key(obj, CLUSTER_LABEL)
