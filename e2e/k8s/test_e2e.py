@@ -14,7 +14,6 @@ import contextlib
 import json
 import re
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import pytest
 from e2e.k8s import vllm_deployment
 from e2e.k8s.conftest import REPO, Settings
 from e2e.k8s.kube import Kube, Timings, http_get, wait_until
-from e2e.vllm.harness import Completion, prompt_text, read_stream, retrieved_tokens_logged
+from e2e.vllm.harness import Completion, prompt_text, retrieved_tokens_logged, stream_completion
 
 pytestmark = pytest.mark.k8s
 
@@ -420,20 +419,7 @@ def _retrieved(kube: Kube, settings: Settings) -> float:
 
 
 def _complete(vllm: VLLM, prompt: str) -> Completion:
-    body = json.dumps(
-        {
-            "model": vllm_deployment.SERVED_MODEL,
-            "prompt": prompt,
-            "max_tokens": 16,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
-    request = urllib.request.Request(
-        vllm.url + "/v1/completions", body, {"Content-Type": "application/json"}
-    )
-    return read_stream(request, 300)
+    return stream_completion(vllm.url, vllm_deployment.SERVED_MODEL, prompt)
 
 
 def test_vllm_second_request_is_served_by_the_node_cache(

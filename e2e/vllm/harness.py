@@ -138,20 +138,7 @@ class VLLMProcess:
         self, prompt: str | list[int], max_tokens: int = 16, timeout_s: float = 300.0
     ) -> Completion:
         """Greedy completion, streamed so the time to the first token is measured."""
-        body = json.dumps(
-            {
-                "model": str(self.model),
-                "prompt": prompt,
-                "max_tokens": max_tokens,
-                "temperature": 0,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-        ).encode()
-        request = urllib.request.Request(
-            self.url + "/v1/completions", body, {"Content-Type": "application/json"}
-        )
-        return read_stream(request, timeout_s)
+        return stream_completion(self.url, str(self.model), prompt, max_tokens, timeout_s)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -162,6 +149,30 @@ class VLLMProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+def stream_completion(
+    base_url: str,
+    model: str,
+    prompt: str | list[int],
+    max_tokens: int = 16,
+    timeout_s: float = 300.0,
+) -> Completion:
+    """A greedy /v1/completions request to vLLM at ``base_url``, streamed (TTFT measured)."""
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    request = urllib.request.Request(
+        base_url + "/v1/completions", body, {"Content-Type": "application/json"}
+    )
+    return read_stream(request, timeout_s)
 
 
 def read_stream(request: urllib.request.Request, timeout_s: float) -> Completion:
