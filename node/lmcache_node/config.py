@@ -48,6 +48,7 @@ class NodeConfig(BaseSettings):
         extra="forbid",
         validate_default=True,
         case_sensitive=False,
+        allow_inf_nan=False,
     )
 
     # --- engine (LMCache names) ---
@@ -111,6 +112,113 @@ class NodeConfig(BaseSettings):
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP API port (0 disables it).")
     max_workers: int = Field(1, ge=1, le=256, description="Request worker threads.")
     device: Device = Field("cpu", description="Device of the KV caches: cpu, cuda or xpu.")
+    # --- trust: credentials (docs/security.md) ---
+    curve_server_key: str | None = Field(
+        None,
+        description=(
+            "File holding the server's CURVE secret key (Z85, 40 characters). With "
+            "curve_client_keys it makes the ZMQ port encrypted and authenticated."
+        ),
+    )
+    curve_client_keys: str | None = Field(
+        None,
+        description=(
+            "File of the client CURVE public keys allowed to connect, one Z85 key per line; "
+            "re-read when it changes, so keys rotate without a restart."
+        ),
+    )
+    insecure_allow_unauthenticated: bool = Field(
+        False,
+        description=(
+            "Serve a non-loopback address without CURVE credentials (anyone who reaches the "
+            "port can read and write the cache); logged as a warning at every start."
+        ),
+    )
+    http_host: str | None = Field(
+        None,
+        max_length=1024,
+        description=(
+            "Addresses the HTTP API binds, comma-separated; unset: 127.0.0.1, plus host when "
+            "it names one address. 0.0.0.0 only when given here."
+        ),
+    )
+    http_token_file: str | None = Field(
+        None,
+        description=(
+            "File holding the bearer token the HTTP API's admin endpoints require "
+            "(/cache/clear, /loglevel); unset: they answer loopback clients only."
+        ),
+    )
+    http_max_body_bytes: int = Field(
+        64 * 1024, ge=1024, le=16 * 1024**2, description="Largest HTTP request body accepted."
+    )
+    remote_secret_file: str | None = Field(
+        None,
+        description=(
+            "File holding the remote tier's secret (at least 16 bytes): remote keys are "
+            "HMACs under it and every value carries a MAC checked on read."
+        ),
+    )
+    remote_key_prefix: str = Field(
+        "lmcache",
+        min_length=1,
+        max_length=256,
+        pattern=r"^[A-Za-z0-9._/:-]+$",
+        description="Prefix of every remote key (the operator sets <namespace>/<cluster>).",
+    )
+    shm_dir: str = Field(
+        "/dev/shm/lmcache-default",  # noqa: S108 - POSIX shm, a directory of our own
+        min_length=2,
+        max_length=1024,
+        description=(
+            "Directory of the shared memory segments (mode 2770, created by the server); "
+            "clients learn it from the handshake. The operator names one per cluster."
+        ),
+    )
+    shm_group: int | None = Field(
+        None,
+        ge=0,
+        le=2**31 - 1,
+        description="Group of shm_dir and its segments (default: the server's own group).",
+    )
+    # --- bounds on what clients control (each exceeded limit is a typed error) ---
+    max_lock_ttl_secs: float = Field(
+        60.0, gt=0, le=3600, description="Longest lookup lock a client may ask for (seconds)."
+    )
+    max_locks_per_session: int = Field(
+        4096, ge=1, le=1 << 20, description="Lookup locks one client session may hold at once."
+    )
+    max_keys_per_request: int = Field(
+        8192, ge=1, le=1 << 20, description="Chunk keys in one lookup, store or retrieve."
+    )
+    max_registrations_per_session: int = Field(
+        64, ge=1, le=4096, description="KV cache registrations one client session may hold."
+    )
+    max_layers_per_registration: int = Field(
+        1024, ge=1, le=65536, description="Layers in one registration."
+    )
+    max_segments_per_registration: int = Field(
+        1024, ge=1, le=65536, description="Shared memory segments in one registration."
+    )
+    max_staging_chunks_per_session: int = Field(
+        2048,
+        ge=1,
+        le=1 << 20,
+        description="Engine-mode staging chunks (server memory) one client session may hold.",
+    )
+    max_sessions: int = Field(1024, ge=1, le=1 << 20, description="Client sessions at once.")
+    max_queued_requests: int = Field(
+        4096,
+        ge=1,
+        le=1 << 20,
+        description="Requests waiting for a worker; beyond it the server answers busy.",
+    )
+    max_message_bytes: int = Field(
+        16 * 1024**2,
+        ge=64 * 1024,
+        le=1024**3,
+        description="Largest ZMQ message accepted (ZMQ_MAXMSGSIZE); a bigger one drops the peer.",
+    )
     # --- standalone starter / worker identity ---
     model_name: str = Field("default", min_length=1, description="Model name (key namespace).")
     worker_id: int = Field(0, ge=0, description="Worker rank (key namespace).")
@@ -169,6 +277,12 @@ class NodeConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_field(self) -> NodeConfig:
+        if self.lock_ttl_secs > self.max_lock_ttl_secs:
+            raise _cross_field(
+                ("lock_ttl_secs", "max_lock_ttl_secs"),
+                "the default lock lifetime exceeds the longest one allowed: lower "
+                "lock_ttl_secs or raise max_lock_ttl_secs",
+            )
         if self.local_disk is not None and self.max_local_disk_size <= 0:
             raise _cross_field(
                 ("local_disk", "max_local_disk_size"),

@@ -27,6 +27,7 @@ from zmq.utils.monitor import recv_monitor_message
 from lmcache_node.client.errors import NodeUnavailableError
 from lmcache_node.protocol import messages as m
 from lmcache_node.protocol.codec import FrameError, decode_header, encode_request
+from lmcache_node.protocol.credentials import ClientCredentials
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,10 @@ class Connection:
         *,
         on_disconnect: Callable[[], None],
         on_connect: Callable[[], None],
+        credentials: ClientCredentials | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._credentials = credentials
         self.routing_id = uuid.uuid4().bytes
         self._on_disconnect = on_disconnect
         self._on_connect = on_connect
@@ -102,6 +105,8 @@ class Connection:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self._credentials is not None:
+            self._credentials.apply(sock)
         monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         poller = zmq.Poller()

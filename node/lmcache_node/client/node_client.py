@@ -36,6 +36,7 @@ from lmcache_node.engine.memory import copy_stream
 from lmcache_node.keys import KeyNamespace
 from lmcache_node.protocol import messages as m
 from lmcache_node.protocol.codec import decode_payload
+from lmcache_node.protocol.credentials import ClientCredentials
 from lmcache_node.transfer import cuda_ipc, shm
 from lmcache_node.transfer.export import ExportedKV, export_kv_caches, layout_tag, local_geometry
 from lmcache_node.transfer.layout import KVGeometry
@@ -86,6 +87,7 @@ class NodeClient:
         heartbeat_interval_s: float | None = None,
         max_backoff_s: float = 2.0,
         async_workers: int = 4,
+        credentials: ClientCredentials | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -102,7 +104,10 @@ class NodeClient:
         self._last_call = time.monotonic()
         self._executor = ThreadPoolExecutor(async_workers, thread_name_prefix="lmcache-node-client")
         self._conn = Connection(
-            endpoint, on_disconnect=self._lost, on_connect=self._recover_wanted.set
+            endpoint,
+            on_disconnect=self._lost,
+            on_connect=self._recover_wanted.set,
+            credentials=credentials,
         )
         self._background = threading.Thread(
             target=self._background_loop, name="lmcache-node-client-keepalive", daemon=True

@@ -1,4 +1,4 @@
-"""Message types of protocol version 1.
+"""Message types of protocol version 2.
 
 A request is two ZMQ frames, ``[header, payload]``; the server's ROUTER prepends the
 peer's routing id. A reply has the same shape: the header echoes the op and request id
@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 MAGIC = b"LMCN"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: CURVE transport, session ownership, bounds, shm_dir
 TRANSFER_MODES = ("shared", "engine")
 
 
@@ -51,6 +51,9 @@ class ErrorCode(str, enum.Enum):
     OUT_OF_RANGE = "out_of_range"  # block id outside the registered tensors
     REGISTRATION_FAILED = "registration_failed"  # tensors could not be mapped or checked
     SHUTTING_DOWN = "shutting_down"
+    FORBIDDEN = "forbidden"  # a lock or registration of another session
+    BUSY = "busy"  # the request queue is full: back off and retry
+    LIMIT_EXCEEDED = "limit_exceeded"  # a size, count or time above the server's bound
     INTERNAL = "internal"  # a bug: logged with its traceback on the server
 
 
@@ -88,6 +91,8 @@ class HandshakeReply(_Msg):
     transfer_modes: list[str]
     device: str
     heartbeat_timeout_s: float
+    shm_dir: str = ""  # where shm segments of this server's cluster live
+    limits: dict[str, float] = msgspec.field(default_factory=dict)  # max_* bounds in force
 
 
 # ----- registration -----

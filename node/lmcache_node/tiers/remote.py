@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -68,7 +68,7 @@ def make_redis_client(url: str, timeout_secs: float, max_connections: int = 16) 
     return redis.Redis(connection_pool=pool, retry=no_retry)
 
 
-def _sentinel_client(url: str, options: dict[str, object]) -> redis.Redis:
+def _sentinel_client(url: str, options: dict[str, Any]) -> redis.Redis:
     """``redis-sentinel://[:password@]host:port[,host:port...]/service_name[/db]``."""
     parsed = urlparse(url)
     hosts_part = parsed.netloc.rsplit("@", 1)[-1]
@@ -83,12 +83,8 @@ def _sentinel_client(url: str, options: dict[str, object]) -> redis.Redis:
             "redis-sentinel:// URLs name the service: redis-sentinel://host:26379/mymaster"
         )
     db = int(parts[1]) if len(parts) > 1 else 0
-    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
-        sentinels, sentinel_kwargs=dict(options), **options
-    )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        parts[0], db=db, password=password, **options
-    )
+    sentinel = redis.sentinel.Sentinel(sentinels, sentinel_kwargs=dict(options), **options)
+    client: redis.Redis = sentinel.master_for(parts[0], db=db, password=password, **options)
     return client
 
 
