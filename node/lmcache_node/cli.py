@@ -1,4 +1,4 @@
-"""`lmcache-node`: the cache node's command line (serve, standalone, bench)."""
+"""`lmcache-node`: the cache node's command line (serve, standalone, bench, keys)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lmcache_node.server.cli", "run the cache server (ZMQ + HTTP)"),
     "standalone": ("lmcache_node.standalone", "start the engine without vLLM or a GPU"),
     "bench": ("lmcache_node.bench.runner", "measure the engine against memcpy"),
+    "keys": ("lmcache_node.keygen", "generate CURVE keys for the server and its clients"),
 }
 
 

@@ -206,6 +206,11 @@ class NodeConfig(BaseSettings):
         le=1 << 20,
         description="Engine-mode staging chunks (server memory) one client session may hold.",
     )
+    max_staging_bytes_per_session: float = Field(
+        4.0,
+        gt=0,
+        description="Engine-mode staging memory one client session may hold, in GB (GiB).",
+    )
     max_sessions: int = Field(1024, ge=1, le=1 << 20, description="Client sessions at once.")
     max_queued_requests: int = Field(
         4096,
@@ -233,7 +238,9 @@ class NodeConfig(BaseSettings):
     use_mla: bool = Field(False, description="MLA layout (one latent vector per token).")
     fmt: Literal["vllm"] = Field("vllm", description="KV layout family.")
 
-    @field_validator("max_local_cpu_size", "max_local_disk_size", mode="before")
+    @field_validator(
+        "max_local_cpu_size", "max_local_disk_size", "max_staging_bytes_per_session", mode="before"
+    )
     @classmethod
     def _gb(cls, value: object) -> float:
         try:

@@ -201,8 +201,8 @@ def test_mla_must_fit_the_shape() -> None:
 
 
 def test_redacted_hides_passwords() -> None:
-    config = load_config({"remote_url": "redis://user:secret@host:6379/0"}, environ={})
-    assert "secret" not in str(config.redacted())
+    config = load_config({"remote_url": "redis://user:pw-s3cr3t@host:6379/0"}, environ={})
+    assert "pw-s3cr3t" not in str(config.redacted())
     assert "user:***@host" in config.redacted()["remote_url"]
 
 

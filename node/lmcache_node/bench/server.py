@@ -5,7 +5,9 @@ Llama-3-8B-like KV caches (32 layers, 8 KV heads, head dim 128, fp16; 256-token 
 ``[2, blocks, 128, heads, head_dim]`` on CPU tensors, shared with the server through
 /dev/shm. The physical limit is a plain memcpy of one chunk between two touched CPU buffers
 in the same run: one thread, timed right before every measured call, and threaded, timed
-apart; the faster median is ``server_memcpy_gbps`` and every ratio divides by it.
+apart; the faster median is ``server_memcpy_gbps`` and every ratio divides by it. The
+server runs with CURVE keys, as it does off loopback; ``bench/auth.py`` then measures the
+same calls with and without authentication (``auth_overhead_ratio``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lmcache_node.bench.auth import curve_keys, measure_auth_overhead
 from lmcache_node.bench.common import (
     CHUNK_BYTES,
     CHUNK_TOKENS,
@@ -192,13 +195,21 @@ def _run(
     l1_gb: float,
 ) -> dict[str, float | int | bool]:
     result: dict[str, float | int | bool] = {}
-    with tempfile.TemporaryDirectory(prefix="lmcache-node-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="lmcache-node-bench-") as tmp,
+        curve_keys(Path(tmp) / "keys") as (curve_args, credentials),
+    ):
         server = ServerProcess(
             "--chunk-size", str(CHUNK_TOKENS), "--cpu-buffer-size", f"{l1_gb:.3f}",
-            "--max-workers", "1", "--log-level", "WARNING", log_file=Path(tmp) / "server.log",
-            startup_timeout_s=300,
+            "--max-workers", "1", "--log-level", "WARNING", *curve_args,
+            log_file=Path(tmp) / "server.log", startup_timeout_s=300,
         )  # fmt: skip
-        with server, NodeClient(server.endpoint, timeout_s=60, expected_chunk_size=256) as client:
+        with (
+            server,
+            NodeClient(
+                server.endpoint, timeout_s=60, expected_chunk_size=256, credentials=credentials
+            ) as client,
+        ):
             client.connect()
             probe = _Limit(int(CHUNK_BYTES * scale))
             cpu_reg = client.register_kv_caches(
@@ -211,7 +222,7 @@ def _run(
             )
             probe.clear()
             probe.measure_threaded()
-            client.clear()
+            server.clear_cache()
             store_1, retrieve_1 = _transfer(
                 client, cpu_reg, probe, calls=single_calls, chunks_per_call=1,
                 total_blocks=total_blocks,
@@ -221,7 +232,7 @@ def _run(
                 total_blocks=total_blocks,
             ).medians()  # fmt: skip
             client.unregister(cpu_reg)
-            client.clear()
+            server.clear_cache()
 
             gpu_blocks = 8 * BLOCKS_PER_CHUNK
             gpu_reg = client.register_kv_caches(
@@ -240,7 +251,7 @@ def _run(
                 client.store(gpu_reg, [key], [0, 1])
                 misses += client.lookup([key])[0] != 1
             client.unregister(gpu_reg)
-            client.clear()
+            server.clear_cache()
 
             # lookups of a 100-chunk prefix that is all hits: a tiny layout stores 100 keys
             small = client.register_kv_caches(
@@ -263,6 +274,11 @@ def _run(
             memcpy = probe.gbps()
             memcpy_threaded = probe.threaded_gbps
             memcpy_single = probe.single.gbps()
+        result.update(
+            measure_auth_overhead(
+                layers=layers, rounds=12 if single_calls < 20 else 40, tmp=Path(tmp)
+            )
+        )
     result.update(
         {
             "server_memcpy_gbps": round(memcpy, 2),

@@ -24,7 +24,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from lmcache_node.client.errors import NodeUnavailableError
+from lmcache_node.client.errors import NodeAuthenticationError, NodeUnavailableError
 from lmcache_node.protocol import messages as m
 from lmcache_node.protocol.codec import FrameError, decode_header, encode_request
 from lmcache_node.protocol.credentials import ClientCredentials
@@ -32,6 +32,11 @@ from lmcache_node.protocol.credentials import ClientCredentials
 log = logging.getLogger(__name__)
 
 Reply = tuple[m.Header, bytes]
+_AUTH_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 class Connection:
@@ -45,6 +50,7 @@ class Connection:
     ) -> None:
         self.endpoint = endpoint
         self._credentials = credentials
+        self.auth_failure: str | None = None  # why the server refused us, until it accepts
         self.routing_id = uuid.uuid4().bytes
         self._on_disconnect = on_disconnect
         self._on_connect = on_connect
@@ -107,7 +113,9 @@ class Connection:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if self._credentials is not None:
             self._credentials.apply(sock)
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _AUTH_FAILURES
+        )
         sock.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -181,4 +189,35 @@ class Connection:
                 self._fail_pending(f"the connection to {self.endpoint} was lost")
                 self._on_disconnect()
             elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.auth_failure = None
                 self._on_connect()
+            elif event["event"] & _AUTH_FAILURES:
+                self._refused(int(event["event"]), int(event["value"]))
+
+    def _refused(self, event: int, value: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            reason = (
+                f"the cache server at {self.endpoint} refused this client's CURVE key (ZAP "
+                f"status {value}): the Secret mounted at LMCACHE_NODE_CREDENTIALS_DIR must hold "
+                "a client key the server allows (after a key rotation, restart this pod)"
+            )
+        elif self._credentials is None:
+            reason = (
+                f"the security handshake with {self.endpoint} failed: the server requires "
+                "CURVE credentials; set LMCACHE_NODE_CREDENTIALS_DIR to the directory of the "
+                "cluster's client-credentials Secret"
+            )
+        else:
+            reason = (
+                f"the security handshake with {self.endpoint} failed (ZMQ event {event}, "
+                f"value {value}): check that server.pub in LMCACHE_NODE_CREDENTIALS_DIR is this "
+                "server's public key and that the server has CURVE enabled"
+            )
+        if reason != self.auth_failure:
+            log.error("%s", reason)
+        self.auth_failure = reason
+        with self._mutex:
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(NodeAuthenticationError(reason))

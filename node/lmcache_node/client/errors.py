@@ -11,6 +11,10 @@ class NodeUnavailableError(NodeClientError):
     """No connection to the server right now (down, restarting, or never reached)."""
 
 
+class NodeAuthenticationError(NodeUnavailableError):
+    """The server refused this client's CURVE credentials (or the client has none)."""
+
+
 class NodeTimeoutError(NodeClientError):
     """The server did not answer within the call's timeout."""
 

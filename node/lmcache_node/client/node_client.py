@@ -27,6 +27,7 @@ from lmcache_node import __version__
 from lmcache_node.client.connection import Connection
 from lmcache_node.client.errors import (
     IncompatibleServerError,
+    NodeAuthenticationError,
     NodeClientError,
     NodeTimeoutError,
     NodeUnavailableError,
@@ -56,6 +57,11 @@ class HandshakeInfo:
     transfer_modes: tuple[str, ...]
     device: str
     heartbeat_timeout_s: float
+    shm_dir: str = ""
+    limits: dict[str, float] = field(default_factory=dict)
+
+    def limit(self, name: str) -> float | None:
+        return self.limits.get(name)
 
 
 @dataclass(eq=False)
@@ -123,7 +129,11 @@ class NodeClient:
             try:
                 info = self._handshake(max(0.05, deadline - time.monotonic()))
                 break
+            except NodeAuthenticationError:
+                raise
             except (NodeUnavailableError, NodeTimeoutError):
+                if self._conn.auth_failure is not None:
+                    raise NodeAuthenticationError(self._conn.auth_failure) from None
                 if time.monotonic() >= deadline:
                     raise NodeUnavailableError(
                         f"cannot reach the cache server at {self.endpoint} within "
@@ -153,6 +163,8 @@ class NodeClient:
             transfer_modes=tuple(reply.transfer_modes),
             device=reply.device,
             heartbeat_timeout_s=reply.heartbeat_timeout_s,
+            shm_dir=reply.shm_dir,
+            limits=dict(reply.limits),
         )
         self.info = info
         return info
@@ -422,11 +434,23 @@ class NodeClient:
     def lookup(
         self, keys: list[bytes], *, lock: bool = False, lock_ttl_s: float | None = None
     ) -> tuple[int, int | None]:
-        """Leading chunks found; with ``lock``, also a lock id holding them (free it)."""
+        """Leading chunks found; with ``lock``, also a lock id holding them (free it).
+
+        Within the server's limits: at most ``max_keys_per_request`` leading keys are looked
+        up (a prefix lookup, so the answer stays right), and the lock lifetime is capped at
+        ``max_lock_ttl_secs``.
+        """
+        info = self.info
+        keys = list(keys)
+        if info is not None:
+            max_keys = info.limit("max_keys_per_request")
+            if max_keys is not None and len(keys) > max_keys:
+                keys = keys[: int(max_keys)]
+            max_ttl = info.limit("max_lock_ttl_secs")
+            if lock_ttl_s is not None and max_ttl is not None and lock_ttl_s > max_ttl:
+                lock_ttl_s = max_ttl
         reply = self._call(
-            m.Op.LOOKUP,
-            m.LookupRequest(keys=list(keys), lock=lock, lock_ttl_s=lock_ttl_s),
-            m.LookupReply,
+            m.Op.LOOKUP, m.LookupRequest(keys=keys, lock=lock, lock_ttl_s=lock_ttl_s), m.LookupReply
         )
         return reply.hits, reply.lock_id
 

@@ -21,7 +21,12 @@ import torch
 
 from lmcache_node.engine.memory import MemoryPool, PageSpan, as_bytes
 from lmcache_node.engine.policy import EvictionPolicy, LRUPolicy
-from lmcache_node.engine.types import EntryState, StoreOutcome
+from lmcache_node.engine.types import (
+    EntryState,
+    ForeignLockError,
+    LockLimitError,
+    StoreOutcome,
+)
 from lmcache_node.keys import ChunkKey
 
 log = logging.getLogger(__name__)
@@ -142,6 +147,7 @@ class CacheEngine:
         self._mutex = threading.Lock()
         self._index: dict[ChunkKey, Entry] = {}
         self._locks: dict[int, _Lock] = {}
+        self._owner_locks: dict[str, int] = {}  # locks held per owner (bounded by the caller)
         self._lock_expiry: list[tuple[float, int]] = []
         self._lock_ids = itertools.count(1)
         self._stats = EngineStats(
@@ -167,14 +173,19 @@ class CacheEngine:
         lock: bool = False,
         lock_ttl: float | None = None,
         owner: str = "",
+        max_owner_locks: int | None = None,
     ) -> LookupResult:
         """Count the leading keys present; with ``lock``, hold them until unlock or TTL.
 
         With lower tiers attached the count goes on below L1: those keys get L1 pages
         reserved (PROMOTING) and are filled in the background; ``pin`` waits for them.
+        ``max_owner_locks`` bounds the locks ``owner`` holds: ``LockLimitError`` beyond it.
         """
         with self._mutex:
             self._expire_locks_locked()
+            held_now = self._owner_locks.get(owner, 0)
+            if lock and max_owner_locks is not None and held_now >= max_owner_locks:
+                raise LockLimitError(held_now, max_owner_locks)
             found: list[Entry] = []
             for key in keys:
                 entry = self._index.get(key)
@@ -216,6 +227,7 @@ class CacheEngine:
         for entry in entries:
             entry.locks += 1
         self._locks[lock_id] = _Lock(lock_id, entries, expires, owner)
+        self._owner_locks[owner] = self._owner_locks.get(owner, 0) + 1
         heapq.heappush(self._lock_expiry, (expires, lock_id))
         return LookupResult(hits=len(entries), lock_id=lock_id)
 
@@ -256,6 +268,23 @@ class CacheEngine:
         with self._mutex:
             return self._release_lock_locked(lock_id)
 
+    def unlock_owned(self, lock_ids: Iterable[int], owner: str) -> int:
+        """Release ``owner``'s locks among ``lock_ids``; unknown (expired) ids are skipped.
+
+        All or nothing: if any id belongs to another owner, ``ForeignLockError`` and no lock
+        is released.
+        """
+        ids = list(lock_ids)
+        with self._mutex:
+            foreign = [i for i in ids if i in self._locks and self._locks[i].owner != owner]
+            if foreign:
+                raise ForeignLockError(foreign)
+            return sum(1 for lock_id in ids if self._release_lock_locked(lock_id))
+
+    def owner_lock_count(self, owner: str) -> int:
+        with self._mutex:
+            return self._owner_locks.get(owner, 0)
+
     def unlock_owner(self, owner: str) -> int:
         """Release every lock taken by ``owner`` (a session that ended or died)."""
         with self._mutex:
@@ -272,6 +301,11 @@ class CacheEngine:
         record = self._locks.pop(lock_id, None)
         if record is None:
             return False
+        remaining = self._owner_locks.get(record.owner, 0) - 1
+        if remaining > 0:
+            self._owner_locks[record.owner] = remaining
+        else:
+            self._owner_locks.pop(record.owner, None)
         for entry in record.entries:
             entry.locks -= 1
         return True

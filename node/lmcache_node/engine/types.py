@@ -19,3 +19,24 @@ class EntryState(enum.Enum):
     WRITING = "writing"  # reserved, invisible to lookups
     READY = "ready"  # committed, visible
     PROMOTING = "promoting"  # being filled from a lower tier: lookups count it, pin waits for it
+
+
+class LockLimitError(Exception):
+    """An owner asked for more lookup locks than it may hold at once."""
+
+    def __init__(self, owner_locks: int, limit: int) -> None:
+        super().__init__(
+            f"this session holds {owner_locks} lookup lock(s), the most allowed is {limit} "
+            "(max_locks_per_session): free locks after each retrieve"
+        )
+
+
+class ForeignLockError(Exception):
+    """Lock ids that belong to another owner; nothing was released."""
+
+    def __init__(self, lock_ids: list[int]) -> None:
+        self.lock_ids = lock_ids
+        shown = ", ".join(str(i) for i in lock_ids[:8])
+        super().__init__(
+            f"lock id(s) {shown} belong to another session: a session frees only its own locks"
+        )

@@ -75,8 +75,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmcache_node.httpapi import HttpApi  # noqa: PLC0415 - keeps `--help` fast
-    from lmcache_node.server.node_server import NodeServer  # noqa: PLC0415
+    from lmcache_node.server.transport import (  # noqa: PLC0415 - keeps `--help` fast
+        Transport,
+        TransportSecurityError,
+    )
 
     try:
         config = config_from_args(args)
@@ -84,7 +86,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"lmcache-node serve: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
-    server = NodeServer(config)
+    try:  # before torch and the engine are loaded: a refusal is immediate
+        transport = Transport.from_config(config)
+    except TransportSecurityError as exc:
+        print(f"lmcache-node serve: {exc}", file=sys.stderr)
+        return 2
+    from lmcache_node.httpapi import HttpApi  # noqa: PLC0415
+    from lmcache_node.server.node_server import NodeServer  # noqa: PLC0415
+
+    server = NodeServer(config, transport=transport)
     http: HttpApi | None = None
     if config.http_port:  # first, so /healthz answers and /readyz says 503 while starting
         http = HttpApi(server, config.host, config.http_port)

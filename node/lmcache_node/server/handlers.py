@@ -2,7 +2,11 @@
 
 ``RequestHandler.handle`` never raises: a malformed frame, an unknown op, a payload of the
 wrong type, an unknown session or registration, out-of-range blocks and bugs all become
-an ``ErrorReply`` (bugs are logged with their traceback). Byte copies go through
+an ``ErrorReply`` (bugs are logged with their traceback). Sessions belong to the client
+identity that opened them (the CURVE key; "" on an unauthenticated loopback server):
+another identity's registrations and locks are ``forbidden``, and every size, count and
+time a client sends is checked against the server's ``max_*`` bounds (``limit_exceeded``)
+before anything is mapped, allocated or iterated. Byte copies go through
 ``KVGeometry.chunk_views`` and ``PageSpan.write``/``read_into``: the same code for CPU
 shared memory and CUDA IPC tensors.
 """
@@ -10,6 +14,7 @@ shared memory and CUDA IPC tensors.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -22,7 +27,7 @@ import torch
 from lmcache_node import __version__
 from lmcache_node.config import NodeConfig
 from lmcache_node.engine.core import CacheEngine, Pinned
-from lmcache_node.engine.types import StoreOutcome
+from lmcache_node.engine.types import ForeignLockError, LockLimitError, StoreOutcome
 from lmcache_node.keys import HASH_ALGORITHM, KEY_BYTES, ChunkKey
 from lmcache_node.metrics import NodeMetrics
 from lmcache_node.protocol import messages as m
@@ -33,13 +38,16 @@ from lmcache_node.protocol.codec import (
     encode_reply,
     op_of,
 )
-from lmcache_node.server.state import Registration, Session, SessionTable
+from lmcache_node.server.state import IdentityMismatch, Registration, Session, SessionTable
 from lmcache_node.transfer import cuda_ipc, shm
 from lmcache_node.transfer.layout import KVGeometry, LayerGeometry, LayoutError
 
 log = logging.getLogger(__name__)
 
 _ERROR_HEADER = m.Header(m.MAGIC, m.PROTOCOL_VERSION, 0, 0)
+_MAX_SEGMENT_BYTES = 1 << 48  # 256 TiB: above any real KV allocation, far below int64
+_MAX_LAYOUT_CHARS = 256
+_DEVICES = ("cpu", "cuda", "xpu")
 
 
 class RequestError(Exception):
@@ -58,14 +66,15 @@ class RequestHandler:
         metrics: NodeMetrics,
         *,
         is_stopping: Callable[[], bool] = lambda: False,
+        authenticated: bool = False,
     ) -> None:
         self.config = config
         self.engine = engine
         self.sessions = sessions
         self.metrics = metrics
         self.is_stopping = is_stopping
+        self.authenticated = authenticated
         self._ops: dict[m.Op, Callable[[Session | None, bytes, Any], msgspec.Struct]] = {
-            m.Op.HANDSHAKE: self._handshake,
             m.Op.REGISTER: self._register,
             m.Op.UNREGISTER: self._unregister,
             m.Op.LOOKUP: self._lookup,
@@ -79,7 +88,7 @@ class RequestHandler:
         }
 
     # ----- entry point -----
-    def handle(self, routing_id: bytes, frames: list[bytes]) -> list[bytes]:
+    def handle(self, routing_id: bytes, frames: list[bytes], *, identity: str = "") -> list[bytes]:
         start = time.perf_counter()
         header = _ERROR_HEADER
         op_name = "invalid"
@@ -97,14 +106,25 @@ class RequestHandler:
                     m.ErrorCode.SHUTTING_DOWN, "the server is shutting down; retry after restart"
                 )
             payload = decode_payload(frames[1], m.REQUEST_TYPES[op])
-            session = self.sessions.touch(routing_id)
+            if self.authenticated and not identity:
+                raise RequestError(
+                    m.ErrorCode.FORBIDDEN, "the connection carries no authenticated identity"
+                )
+            try:
+                session = self.sessions.touch(routing_id, identity)
+            except IdentityMismatch as exc:
+                raise RequestError(m.ErrorCode.FORBIDDEN, str(exc)) from None
             if session is None and op is not m.Op.HANDSHAKE:
                 raise RequestError(
                     m.ErrorCode.NO_SESSION,
                     "no session for this client: send a handshake first (the server may "
                     "have restarted)",
                 )
-            reply = self._ops[op](session, routing_id, payload)
+            reply: msgspec.Struct
+            if isinstance(payload, m.HandshakeRequest):
+                reply = self._handshake(session, routing_id, payload, identity)
+            else:
+                reply = self._ops[op](session, routing_id, payload)
             outcome = "ok"
         except (FrameError, RequestError) as exc:
             log.warning(
@@ -128,7 +148,7 @@ class RequestHandler:
 
     # ----- ops -----
     def _handshake(
-        self, session: Session | None, routing_id: bytes, req: m.HandshakeRequest
+        self, session: Session | None, routing_id: bytes, req: m.HandshakeRequest, identity: str
     ) -> m.HandshakeReply:
         if req.protocol_version != m.PROTOCOL_VERSION:
             raise RequestError(
@@ -141,7 +161,20 @@ class RequestHandler:
                 f"client chunk size {req.chunk_size} != server chunk size "
                 f"{self.config.chunk_size}: start both with the same --chunk-size",
             )
-        new, old = self.sessions.open(routing_id, req.pid, req.hostname)
+        if len(req.client_version) > 64 or len(req.hostname) > 255:
+            raise RequestError(
+                m.ErrorCode.LIMIT_EXCEEDED, "client_version or hostname is too long (64 / 255)"
+            )
+        if session is None and self.sessions.count() >= self.config.max_sessions:
+            raise RequestError(
+                m.ErrorCode.LIMIT_EXCEEDED,
+                f"the server has {self.config.max_sessions} client sessions, its limit "
+                "(max_sessions): end idle sessions or raise the limit",
+            )
+        try:
+            new, old = self.sessions.open(routing_id, req.pid, req.hostname, identity)
+        except IdentityMismatch as exc:
+            raise RequestError(m.ErrorCode.FORBIDDEN, str(exc)) from None
         if old is not None:
             log.info(
                 "client %s (pid %d) handshook again: dropping its old session",
@@ -164,12 +197,26 @@ class RequestHandler:
             transfer_modes=list(m.TRANSFER_MODES),
             device=self.config.device,
             heartbeat_timeout_s=self.config.heartbeat_timeout_secs,
+            limits=self._limits(),
         )
+
+    def _limits(self) -> dict[str, float]:
+        c = self.config
+        return {
+            "max_lock_ttl_secs": c.max_lock_ttl_secs,
+            "max_locks_per_session": c.max_locks_per_session,
+            "max_keys_per_request": c.max_keys_per_request,
+            "max_registrations_per_session": c.max_registrations_per_session,
+            "max_layers_per_registration": c.max_layers_per_registration,
+            "max_segments_per_registration": c.max_segments_per_registration,
+            "max_staging_chunks_per_session": c.max_staging_chunks_per_session,
+        }
 
     def _register(
         self, session: Session | None, routing_id: bytes, req: m.RegisterRequest
     ) -> m.RegisterReply:
         assert session is not None
+        self._check_registration(session, req)
         if req.transfer_mode not in m.TRANSFER_MODES:
             raise RequestError(
                 m.ErrorCode.BAD_REQUEST,
@@ -221,6 +268,7 @@ class RequestHandler:
                     raise LayoutError(
                         f"staging_chunks must be in [1, 1024], got {req.staging_chunks}"
                     )
+                self._check_staging(session, req.staging_chunks, geometry.chunk_bytes)
                 staging_name = shm.new_segment_name("staging")
                 staging = shm.create_segment(
                     staging_name, geometry.chunk_bytes * req.staging_chunks
@@ -263,6 +311,61 @@ class RequestHandler:
             staging_chunks=registration.staging_chunks,
         )
 
+    def _check_registration(self, session: Session, req: m.RegisterRequest) -> None:
+        """Bounds of a registration, checked before anything is mapped or allocated."""
+        c = self.config
+        held = len(session.registrations)
+        if held >= c.max_registrations_per_session:
+            raise RequestError(
+                m.ErrorCode.LIMIT_EXCEEDED,
+                f"this session holds {held} registrations, the most allowed "
+                "(max_registrations_per_session): unregister before registering again",
+            )
+        if len(req.layers) > c.max_layers_per_registration:
+            raise RequestError(
+                m.ErrorCode.LIMIT_EXCEEDED,
+                f"{len(req.layers)} layers in one registration; at most "
+                f"{c.max_layers_per_registration} (max_layers_per_registration)",
+            )
+        if len(req.segments) > c.max_segments_per_registration:
+            raise RequestError(
+                m.ErrorCode.LIMIT_EXCEEDED,
+                f"{len(req.segments)} segments in one registration; at most "
+                f"{c.max_segments_per_registration} (max_segments_per_registration)",
+            )
+        for index, seg in enumerate(req.segments):
+            if not 0 < seg.nbytes <= _MAX_SEGMENT_BYTES:
+                raise RequestError(
+                    m.ErrorCode.BAD_REQUEST,
+                    f"segment {index} has {seg.nbytes} bytes; a segment has 1 to "
+                    f"{_MAX_SEGMENT_BYTES} bytes",
+                )
+        if req.device not in _DEVICES or len(req.layout) > _MAX_LAYOUT_CHARS:
+            raise RequestError(
+                m.ErrorCode.BAD_REQUEST,
+                f"device must be one of {', '.join(_DEVICES)} and layout at most "
+                f"{_MAX_LAYOUT_CHARS} characters",
+            )
+        if not 0 <= req.worker_id < 1 << 31 or not 0 <= req.block_dim < 64:
+            raise RequestError(m.ErrorCode.BAD_REQUEST, "worker_id or block_dim is out of range")
+
+    def _check_staging(self, session: Session, chunks: int, chunk_bytes: int) -> None:
+        c = self.config
+        held = [r for r in session.registrations.values() if r.staging_chunks]
+        total_chunks = chunks + sum(r.staging_chunks for r in held)
+        total_bytes = chunks * chunk_bytes + sum(
+            r.staging_chunks * r.geometry.chunk_bytes for r in held
+        )
+        byte_limit = int(c.max_staging_bytes_per_session * 1024**3)
+        if total_chunks > c.max_staging_chunks_per_session or total_bytes > byte_limit:
+            raise RequestError(
+                m.ErrorCode.LIMIT_EXCEEDED,
+                f"engine-mode staging of {total_chunks} chunk(s), {total_bytes} bytes for this "
+                f"session exceeds max_staging_chunks_per_session "
+                f"({c.max_staging_chunks_per_session}) or max_staging_bytes_per_session "
+                f"({c.max_staging_bytes_per_session:g} GB): ask for fewer staging_chunks",
+            )
+
     def _map_segment(self, seg: m.SegmentDesc) -> torch.Tensor:
         if seg.kind == "shm":
             return shm.map_segment(seg.name, seg.nbytes)
@@ -276,6 +379,7 @@ class RequestHandler:
         assert session is not None
         registration = self.sessions.remove_registration(session, req.registration_id)
         if registration is None:
+            self._refuse_foreign_registration(session, req.registration_id)
             return m.UnregisterReply(removed=False)
         self._release(registration, unlink=False)
         log.info(
@@ -296,6 +400,12 @@ class RequestHandler:
                 shm.unlink_if_unheld(name)
 
     def _keys(self, keys: list[bytes]) -> list[ChunkKey]:
+        if len(keys) > self.config.max_keys_per_request:
+            raise RequestError(
+                m.ErrorCode.LIMIT_EXCEEDED,
+                f"{len(keys)} keys in one request; at most {self.config.max_keys_per_request} "
+                "(max_keys_per_request): split the request",
+            )
         for key in keys:
             if len(key) != KEY_BYTES:
                 raise RequestError(
@@ -309,21 +419,44 @@ class RequestHandler:
     ) -> m.LookupReply:
         assert session is not None
         keys = self._keys(req.keys)
-        if req.lock_ttl_s is not None and not req.lock_ttl_s > 0:
+        ttl = req.lock_ttl_s
+        if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
             raise RequestError(
-                m.ErrorCode.BAD_REQUEST, f"lock_ttl_s must be positive, got {req.lock_ttl_s}"
+                m.ErrorCode.BAD_REQUEST, f"lock_ttl_s must be a positive number, got {ttl}"
             )
-        result = self.engine.lookup(
-            keys, lock=req.lock, lock_ttl=req.lock_ttl_s, owner=session.session_id
-        )
+        if ttl is not None and ttl > self.config.max_lock_ttl_secs:
+            raise RequestError(
+                m.ErrorCode.LIMIT_EXCEEDED,
+                f"lock_ttl_s {ttl:g} exceeds the server's limit of "
+                f"{self.config.max_lock_ttl_secs:g} s (max_lock_ttl_secs)",
+            )
+        try:
+            result = self.engine.lookup(
+                keys,
+                lock=req.lock,
+                lock_ttl=ttl,
+                owner=session.session_id,
+                max_owner_locks=self.config.max_locks_per_session,
+            )
+        except LockLimitError as exc:
+            raise RequestError(m.ErrorCode.LIMIT_EXCEEDED, str(exc)) from None
         chunk = self.config.chunk_size
         self.metrics.tokens.labels(kind="lookup").inc(len(keys) * chunk)
         self.metrics.tokens.labels(kind="hit").inc(result.hits * chunk)
         return m.LookupReply(hits=result.hits, lock_id=result.lock_id)
 
+    def _refuse_foreign_registration(self, session: Session, reg_id: int) -> None:
+        if self.sessions.owner_of(reg_id) not in (None, session.session_id):
+            raise RequestError(
+                m.ErrorCode.FORBIDDEN,
+                f"registration {reg_id} belongs to another session: a session uses only the "
+                "KV caches it registered itself",
+            )
+
     def _acquire(self, session: Session, reg_id: int) -> Registration:
         registration = self.sessions.acquire(session, reg_id)
         if registration is None:
+            self._refuse_foreign_registration(session, reg_id)
             raise RequestError(
                 m.ErrorCode.NOT_REGISTERED,
                 f"registration {reg_id} is unknown to this server: register the KV caches "
@@ -457,9 +590,17 @@ class RequestHandler:
     def _free_lock(
         self, session: Session | None, routing_id: bytes, req: m.FreeLockRequest
     ) -> m.FreeLockReply:
-        return m.FreeLockReply(
-            freed=sum(1 for lock_id in req.lock_ids if self.engine.unlock(lock_id))
-        )
+        assert session is not None
+        if len(req.lock_ids) > self.config.max_locks_per_session:
+            raise RequestError(
+                m.ErrorCode.LIMIT_EXCEEDED,
+                f"{len(req.lock_ids)} lock ids in one request; a session holds at most "
+                f"{self.config.max_locks_per_session} (max_locks_per_session)",
+            )
+        try:
+            return m.FreeLockReply(freed=self.engine.unlock_owned(req.lock_ids, session.session_id))
+        except ForeignLockError as exc:
+            raise RequestError(m.ErrorCode.FORBIDDEN, str(exc)) from None
 
     def _end_session(
         self, session: Session | None, routing_id: bytes, req: m.EndSessionRequest
@@ -471,6 +612,7 @@ class RequestHandler:
             registration = self.sessions.remove_registration(session, reg_id)
             if registration is not None:
                 self._release(registration, unlink=False)
+        self.sessions.close(session)  # frees its slot (max_sessions) at once
         log.info(
             "client %s ended its session: %d lock(s), %d registration(s) released",
             session.session_id,
@@ -482,6 +624,12 @@ class RequestHandler:
     def _clear(
         self, session: Session | None, routing_id: bytes, req: m.ClearRequest
     ) -> m.ClearReply:
+        if self.authenticated:
+            raise RequestError(
+                m.ErrorCode.FORBIDDEN,
+                "clearing the cache is an admin operation: use POST /cache/clear on the HTTP "
+                "API with its bearer token (vLLM workers' credentials cannot clear)",
+            )
         cleared = self.engine.clear()
         log.info("cleared %d chunk(s) on request of client %s", cleared, routing_id.hex())
         return m.ClearReply(cleared=cleared)

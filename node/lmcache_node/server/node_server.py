@@ -1,10 +1,13 @@
 """The node server: a ZMQ ROUTER owned by one I/O thread, a pool of request workers.
 
-The I/O thread is the only one that touches the socket. It hands each request to the
-worker pool and sends the replies workers queue (a pipe wakes it). Every request gets one
-reply: handlers turn failures into typed errors, and a request that arrives during
-shutdown is answered ``shutting_down``. A reaper drops sessions that stopped sending
-(heartbeat timeout) with their registrations, shared memory and locks. ``stop()``
+The I/O thread is the only one that touches the socket. It hands each request, with the
+CURVE identity (ZAP ``User-Id``) of the connection it came on, to the worker pool and
+sends the replies workers queue (a pipe wakes it). Every request gets one reply: handlers
+turn failures into typed errors, a request that arrives during shutdown is answered
+``shutting_down`` and one that finds the queue full ``busy``. Off loopback the socket is
+CURVE-encrypted and only allowed client keys get in (``transport.py``). A reaper drops
+sessions that stopped sending (heartbeat timeout) with their registrations, shared memory
+and locks. ``stop()``
 stops accepting, lets in-flight requests finish (bounded by ``blocking_timeout_secs``),
 releases the shared memory and returns.
 """
@@ -31,13 +34,15 @@ from lmcache_node.protocol import messages as m
 from lmcache_node.protocol.codec import FrameError, decode_header, encode_reply
 from lmcache_node.server.handlers import RequestHandler
 from lmcache_node.server.state import SessionTable
+from lmcache_node.server.transport import Transport
 from lmcache_node.transfer import shm
 
 log = logging.getLogger(__name__)
 
 _BATCH = 256  # requests read per poll wake-up
 _SWEEP_PERIOD_S = 60.0  # how often leaked /dev/shm segments of dead processes are removed
-_MAX_MESSAGE_BYTES = 256 * 1024**2  # far above any real request (keys + block ids)
+_HEARTBEAT_IVL_MS = 5000  # ZMTP pings find dead connections, so a reconnecting client's
+_HEARTBEAT_TIMEOUT_MS = 15000  # routing id is free again soon (no handover of live ids)
 
 
 def make_engine(config: NodeConfig) -> CacheEngine:
@@ -82,6 +87,7 @@ class NodeServer:
         *,
         engine: CacheEngine | None = None,
         registry: CollectorRegistry | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.config = config
         self._engine = engine
@@ -89,8 +95,11 @@ class NodeServer:
         self.sessions = SessionTable()
         self._handler: RequestHandler | None = None
         self.endpoint = f"tcp://{config.host}:{config.port}"
-        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self._work: queue.SimpleQueue[tuple[bytes, list[bytes]] | None] = queue.SimpleQueue()
+        # raises TransportSecurityError when credentials are missing or unreadable
+        self.transport = transport or Transport.from_config(config)
+        # A context of our own: the ZAP handler is per context (one server, one handler).
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._work: queue.SimpleQueue[tuple[bytes, str, list[bytes]] | None] = queue.SimpleQueue()
         self._replies: collections.deque[list[bytes]] = collections.deque()
         self._waker = _Waker()
         self._stopping = threading.Event()
@@ -147,7 +156,13 @@ class NodeServer:
             raise
         shm.sweep_stale_segments()
         self.metrics.attach_engine(self._engine, self.sessions.registration_count)
-        self._handler = RequestHandler(self.config, self._engine, self.sessions, self.metrics)
+        self._handler = RequestHandler(
+            self.config,
+            self._engine,
+            self.sessions,
+            self.metrics,
+            authenticated=self.transport.authenticated,
+        )
         self._engine_ready.set()
         for index in range(self.config.max_workers):
             worker = threading.Thread(
@@ -159,8 +174,9 @@ class NodeServer:
         reaper.start()
         self._threads.append(reaper)
         log.info(
-            "lmcache-node server listening on %s (chunk size %d, %d worker(s), device %s)",
-            self.endpoint, self.config.chunk_size, self.config.max_workers, self.config.device,
+            "lmcache-node server listening on %s (%s; chunk size %d, %d worker(s), device %s)",
+            self.endpoint, self.transport.describe(), self.config.chunk_size,
+            self.config.max_workers, self.config.device,
         )  # fmt: skip
 
     def request_stop(self) -> None:
@@ -184,13 +200,18 @@ class NodeServer:
         router = self._context.socket(zmq.ROUTER)
         try:
             router.setsockopt(zmq.LINGER, 1000)
-            router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            router.setsockopt(zmq.MAXMSGSIZE, _MAX_MESSAGE_BYTES)  # a peer sending more is cut
+            # No ROUTER_HANDOVER: a second connection can never take over a live routing id.
+            router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)  # bigger: cut
+            router.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
+            router.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
+            self.transport.secure(self._context, router)
             router.bind(self.endpoint)
             if self.config.port == 0:
                 self.endpoint = str(router.getsockopt_string(zmq.LAST_ENDPOINT))
         except zmq.ZMQError as exc:
             router.close(0)
+            self.transport.close()
+            self._context.term()
             self._bind_error = OSError(
                 f"cannot bind the ZMQ server to {self.endpoint}: {exc}; is another server "
                 "running on this port? pick another with --port"
@@ -225,37 +246,29 @@ class NodeServer:
             self._stopping.set()
         finally:
             router.close(linger=1000)
+            self.transport.close()
+            self._context.term()
             self._shutdown_workers()
 
     def _receive(self, router: zmq.Socket[bytes]) -> None:
+        limit = self.config.max_queued_requests + self.config.max_workers
         for _ in range(_BATCH):
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            routing_id, body = frames[0], frames[1:]
+            routing_id = frames[0].bytes
+            body = [frame.bytes for frame in frames[1:]]
             if self._stopping.is_set():
-                router.send_multipart([routing_id, *self._shutdown_reply(body)])
+                router.send_multipart([routing_id, *_refusal(body, _SHUTTING_DOWN)])
                 continue
+            if self._inflight >= limit:
+                self.metrics.observe("busy", m.ErrorCode.BUSY.value, 0.0)
+                router.send_multipart([routing_id, *_refusal(body, _BUSY)])
+                continue
+            identity = self.transport.identity(frames[-1])
             self._inflight += 1
-            self._work.put((routing_id, body))
-
-    @staticmethod
-    def _shutdown_reply(body: list[bytes]) -> list[bytes]:
-        """A ``shutting_down`` error echoing the request's op and id when its header decodes."""
-        header = m.Header(m.MAGIC, m.PROTOCOL_VERSION, 0, 0)
-        try:
-            if body:
-                header = decode_header(body[0])
-        except FrameError:
-            pass
-        return encode_reply(
-            header,
-            m.ErrorReply(
-                code=m.ErrorCode.SHUTTING_DOWN.value,
-                message="the server is shutting down; retry after it restarts",
-            ),
-        )
+            self._work.put((routing_id, identity, body))
 
     def _send_replies(self, router: zmq.Socket[bytes]) -> None:
         while self._replies:
@@ -273,9 +286,9 @@ class NodeServer:
             item = self._work.get()
             if item is None:
                 return
-            routing_id, body = item
+            routing_id, identity, body = item
             try:
-                reply = self.handler.handle(routing_id, body)
+                reply = self.handler.handle(routing_id, body, identity=identity)
             except BaseException:  # handle() answers every failure; this is a last resort
                 log.exception("request worker failed; answering with an internal error")
                 reply = encode_reply(
@@ -327,3 +340,24 @@ class NodeServer:
 
     def stats(self) -> dict[str, Any]:
         return self.handler.snapshot()
+
+
+_SHUTTING_DOWN = m.ErrorReply(
+    code=m.ErrorCode.SHUTTING_DOWN.value,
+    message="the server is shutting down; retry after it restarts",
+)
+_BUSY = m.ErrorReply(
+    code=m.ErrorCode.BUSY.value,
+    message="the server's request queue is full (max_queued_requests): back off and retry",
+)
+
+
+def _refusal(body: list[bytes], error: m.ErrorReply) -> list[bytes]:
+    """``error`` echoing the request's op and id when its header decodes."""
+    header = m.Header(m.MAGIC, m.PROTOCOL_VERSION, 0, 0)
+    try:
+        if body:
+            header = decode_header(body[0])
+    except FrameError:
+        pass
+    return encode_reply(header, error)

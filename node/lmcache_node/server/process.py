@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -77,6 +78,14 @@ class ServerProcess:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"the server was not ready within {self.startup_timeout_s} s")
+
+    def clear_cache(self, token: str | None = None) -> int:
+        """POST /cache/clear (the admin path; CURVE clients cannot clear); chunks removed."""
+        request = urllib.request.Request(self.http_url + "/cache/clear", method="POST")  # noqa: S310
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            return int(json.loads(response.read())["cleared"])
 
     def log_tail(self, chars: int = 4000) -> str:
         if self.log_file is None or not self.log_file.exists():

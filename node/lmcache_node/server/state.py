@@ -1,4 +1,9 @@
-"""Server-side sessions (one per client routing id) and the KV registrations they own."""
+"""Server-side sessions (one per client routing id) and the KV registrations they own.
+
+A session belongs to the identity that opened it (the client's CURVE key, or "" on an
+unauthenticated loopback server): a request from another identity under the same routing
+id never touches it (``IdentityMismatch``).
+"""
 
 from __future__ import annotations
 
@@ -50,6 +55,14 @@ class Registration:
                     log.info("removed shared memory %s of a dead worker", name)
 
 
+class IdentityMismatch(Exception):  # noqa: N818 - a refusal, reported as ``forbidden``
+    def __init__(self) -> None:
+        super().__init__(
+            "this routing id belongs to a session of another client identity: a session is "
+            "used only by the credentials that opened it"
+        )
+
+
 @dataclass(eq=False)
 class Session:
     session_id: str  # hex of the routing id
@@ -57,6 +70,7 @@ class Session:
     pid: int
     hostname: str
     last_seen: float
+    identity: str = ""  # CURVE public key (Z85) of the client; "" when unauthenticated
     registrations: dict[int, Registration] = field(default_factory=dict)
 
 
@@ -69,17 +83,28 @@ class SessionTable:
         self._registrations: dict[int, Registration] = {}
         self._next_id = 1
 
-    def touch(self, routing_id: bytes) -> Session | None:
+    def touch(self, routing_id: bytes, identity: str = "") -> Session | None:
+        """The session of ``routing_id``, marked alive; ``IdentityMismatch`` if another
+        identity owns it (then it is left as it was)."""
         with self._mutex:
             session = self._sessions.get(routing_id)
             if session is not None:
+                if session.identity != identity:
+                    raise IdentityMismatch
                 session.last_seen = time.monotonic()
             return session
 
-    def open(self, routing_id: bytes, pid: int, hostname: str) -> tuple[Session, Session | None]:
+    def open(
+        self, routing_id: bytes, pid: int, hostname: str, identity: str = ""
+    ) -> tuple[Session, Session | None]:
         """Start a session; returns it and the one it replaces (same client, re-handshake)."""
-        session = Session(routing_id.hex(), routing_id, pid, hostname, time.monotonic())
+        session = Session(
+            routing_id.hex(), routing_id, pid, hostname, time.monotonic(), identity=identity
+        )
         with self._mutex:
+            current = self._sessions.get(routing_id)
+            if current is not None and current.identity != identity:
+                raise IdentityMismatch
             old = self._sessions.pop(routing_id, None)
             if old is not None:
                 for reg_id in old.registrations:
@@ -149,6 +174,16 @@ class SessionTable:
     def registrations(self) -> list[Registration]:
         with self._mutex:
             return list(self._registrations.values())
+
+    def count(self) -> int:
+        with self._mutex:
+            return len(self._sessions)
+
+    def owner_of(self, reg_id: int) -> str | None:
+        """The session id holding registration ``reg_id``, or None."""
+        with self._mutex:
+            registration = self._registrations.get(reg_id)
+            return None if registration is None else registration.session_id
 
     def registration_count(self) -> int:
         with self._mutex:

@@ -12,6 +12,7 @@ copy is byte-exact whatever the layout. Consecutive block ids merge into one run
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ DTYPES: dict[str, torch.dtype] = {
     "float8_e4m3fn": torch.float8_e4m3fn,
     "float8_e5m2": torch.float8_e5m2,
 }
+
+
+MAX_DIMS = 8
+MAX_OUTER_RUNS = 64  # byte runs per block and layer (K and V: 2; MLA, CPU layouts: 1)
 
 
 class LayoutError(ValueError):
@@ -78,12 +83,21 @@ class LayerGeometry:
         ndim = len(shape)
         if ndim == 0 or len(stride) != ndim:
             raise LayoutError(f"shape {list(shape)} and stride {list(stride)} do not match")
+        if ndim > MAX_DIMS:
+            raise LayoutError(f"a KV tensor has at most {MAX_DIMS} dimensions, got {ndim}")
         if not 0 <= block_dim < ndim:
             raise LayoutError(f"block_dim {block_dim} is outside a {ndim}-dimensional tensor")
         if any(d <= 0 for d in shape) or any(s < 0 for s in stride) or storage_offset < 0:
             raise LayoutError(
                 f"shape {list(shape)}, stride {list(stride)} and offset {storage_offset} "
                 "must be positive (non-negative strides and offset)"
+            )
+        outer_runs = math.prod(shape[:block_dim])
+        if outer_runs > MAX_OUTER_RUNS:
+            raise LayoutError(
+                f"the dimensions before block_dim {block_dim} of shape {list(shape)} give "
+                f"{outer_runs} byte runs per block; at most {MAX_OUTER_RUNS} are supported: "
+                "pass the dimension of the block index as block_dim"
             )
         elem = torch.empty((), dtype=dtype_of(dtype)).element_size()
         expected = 1

@@ -41,7 +41,11 @@ def test_header_is_a_compact_array() -> None:
     [
         (b"", m.ErrorCode.BAD_FRAME),
         (msgspec.msgpack.encode([b"LMCX", 1, 1, 1, 0]), m.ErrorCode.BAD_FRAME),
-        (msgspec.msgpack.encode([m.MAGIC, 2, 1, 1, 0]), m.ErrorCode.BAD_VERSION),
+        (msgspec.msgpack.encode([m.MAGIC, 1, 1, 1, 0]), m.ErrorCode.BAD_VERSION),  # v1 peers
+        (
+            msgspec.msgpack.encode([m.MAGIC, m.PROTOCOL_VERSION + 1, 1, 1, 0]),
+            m.ErrorCode.BAD_VERSION,
+        ),
         (msgspec.msgpack.encode({"magic": m.MAGIC}), m.ErrorCode.BAD_FRAME),
     ],
 )
