@@ -252,9 +252,9 @@ def test_disk_tier_init_hands_only_the_clusters_own_directory_to_the_server() ->
 
 
 def test_disk_path_equal_to_a_prefix_still_gets_a_directory_of_its_own() -> None:
-    pod = daemonset(spec_of(cache={"disk": {"path": "/var/cache/lmcache", "size": "5Gi"}}))[
-        "spec"
-    ]["template"]["spec"]
+    pod = daemonset(spec_of(cache={"disk": {"path": "/var/cache/lmcache", "size": "5Gi"}}))["spec"][
+        "template"
+    ]["spec"]
     disk_volume = next(v for v in pod["volumes"] if v["name"] == "disk")
     assert disk_volume["hostPath"]["path"] == "/var/cache/lmcache"
     (mount,) = pod["initContainers"][0]["volumeMounts"]

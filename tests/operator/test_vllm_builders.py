@@ -549,9 +549,10 @@ def test_our_cpu_image_runs_non_root_and_stock_images_opt_in() -> None:
 def test_without_a_namespace_the_connection_knows_only_an_explicit_group() -> None:
     spec = LMCacheClusterSpec.model_validate(CLUSTER)
     assert CacheConnection.from_cluster("c", spec).shm_group is None
-    assert "supplementalGroups" not in pod_of(vllm_spec(), CacheConnection.from_cluster("c", spec))[
-        "securityContext"
-    ]
+    assert (
+        "supplementalGroups"
+        not in pod_of(vllm_spec(), CacheConnection.from_cluster("c", spec))["securityContext"]
+    )
     explicit = LMCacheClusterSpec.model_validate(CLUSTER | {"shmGroup": 4242})
     assert CacheConnection.from_cluster("c", explicit).shm_group == 4242
 
