@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from lmcache_operator.api.policy import DEFAULT_ALLOWED_HOST_PATH_PREFIXES
 
 from e2e.k8s import vllm_deployment
 from e2e.k8s.conftest import REPO, Settings
@@ -46,6 +48,9 @@ def _helm_values(kube: Kube, settings: Settings, **extra: str) -> list[str]:
             "hostAliases[0].hostnames[0]": "kubernetes.default.svc",
             **extra,
         }
+    if settings.vllm_model_dir is not None:  # the generated model's hostPath must be allowed
+        prefixes = [*DEFAULT_ALLOWED_HOST_PATH_PREFIXES, os.path.dirname(settings.vllm_model_dir)]
+        extra = {"allowedHostPathPrefixes": "{" + ",".join(prefixes) + "}", **extra}
     values = {
         "image.repository": f"{settings.registry}/lmcache-operator",
         "image.tag": settings.tag,
@@ -514,9 +519,11 @@ def test_deleted_cache_pod_comes_back_and_status_follows(
         timings.record("cache back -> vLLM hits again", time.monotonic() - start)
 
 
-# What the operator must be allowed (it did all of the above with exactly this) ...
+# What the operator must be allowed (it did all of the above with exactly this, and it
+# writes the per-cluster credential Secrets) ...
 NEEDED = [
     ("watch", "lmcacheclusters.lmcache.dev", "-A"),
+    ("get", "lmcacheclusters.lmcache.dev", "-A"),
     ("patch", "lmcacheclusters.lmcache.dev/status", "-A"),
     ("create", "daemonsets.apps", "-A"),
     ("patch", "daemonsets.apps", "-A"),
@@ -532,11 +539,21 @@ NEEDED = [
     ("delete", "pods", "-A"),
     ("list", "customresourcedefinitions.apiextensions.k8s.io"),
     ("watch", "nodes"),
+    ("create", "secrets", "-A"),
+    ("patch", "secrets", "-A"),
+    ("delete", "secrets", "-A"),
 ]
 # ... and what it must not be: read Secrets, exec into pods, modify nodes, and more.
 FORBIDDEN = [
     ("get", "secrets", "-A"),
     ("list", "secrets", "-A"),
+    ("watch", "secrets", "-A"),
+    ("update", "secrets", "-A"),
+    ("get", "nodes"),
+    ("get", "lmcacheclusters.lmcache.dev/status", "-A"),
+    ("update", "lmcacheclusters.lmcache.dev", "-A"),
+    ("delete", "lmcacheclusters.lmcache.dev", "-A"),
+    ("delete", "configmaps", "-A"),
     ("create", "pods/exec", "-A"),
     ("create", "pods", "-A"),
     ("patch", "nodes"),

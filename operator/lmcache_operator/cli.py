@@ -8,6 +8,34 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmcache_operator import __version__
+from lmcache_operator.api.policy import PodPolicy
+
+
+def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    """The chart's guard rails (allowedHostPathPrefixes, allowPrivilegedPassThrough)."""
+    parser.add_argument(
+        "--allowed-host-path-prefix",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help=(
+            "a host directory below which CRs may place host paths (repeatable); default: "
+            "/var/cache/lmcache, /var/lib/lmcache, /mnt, /models, /dev/shm"
+        ),
+    )
+    parser.add_argument(
+        "--allow-privileged-pass-through",
+        action="store_true",
+        help="let CR pod fields carry privileges (privileged, capabilities, any hostPath)",
+    )
+
+
+def pod_policy(args: argparse.Namespace) -> PodPolicy:
+    """The guard rails the flags name; ValueError says which prefix is unusable."""
+    return PodPolicy.from_settings(
+        args.allowed_host_path_prefix,
+        allow_privileged_pass_through=args.allow_privileged_pass_through,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="liveness endpoint URL ('' disables it; default http://0.0.0.0:8081/healthz)",
     )
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _add_policy_flags(run)
 
     render = commands.add_parser("render", help="print the objects for a resource file")
     render.add_argument("-f", "--filename", required=True, help="YAML file ('-' for stdin)")
+    _add_policy_flags(render)
     return parser
 
 
@@ -61,7 +91,7 @@ def _crds(output_dir: str, check: bool) -> int:
     return 0
 
 
-def _render(filename: str) -> int:
+def _render(filename: str, policy: PodPolicy) -> int:
     from lmcache_operator.render import RenderError, render_text  # noqa: PLC0415
 
     try:
@@ -70,7 +100,7 @@ def _render(filename: str) -> int:
         print(f"cannot read {filename}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
-        sys.stdout.write(render_text(text))
+        sys.stdout.write(render_text(text, policy))
     except RenderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -82,11 +112,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "crds":
         return _crds(args.output_dir, args.check)
+    if args.command in ("render", "run"):
+        try:
+            policy = pod_policy(args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "render":
-        return _render(args.filename)
+        return _render(args.filename, policy)
     if args.command == "run":
         from lmcache_operator.runner import run  # noqa: PLC0415
 
+        # The flags are checked above (an unusable prefix stops the start); the runtime must
+        # validate with spec.semantic_problems(policy) and build with build_children(...,
+        # policy=policy): run() takes no policy yet (wired by the runtime's owner).
         return run(
             namespaces=args.namespace,
             liveness_endpoint=args.liveness or None,

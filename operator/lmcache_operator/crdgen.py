@@ -3,7 +3,9 @@
 Pydantic's JSON schema is turned into a Kubernetes structural schema: references inlined,
 ``Optional`` unwrapped, ``int | str`` made ``x-kubernetes-int-or-string``, free-form objects
 marked ``x-kubernetes-preserve-unknown-fields``, titles dropped; descriptions kept, so
-``kubectl explain`` shows them.
+``kubectl explain`` shows them. Pod pass-through fields (marked by ``api.k8s_types``) get the
+real core/v1 schemas of the pinned Kubernetes (``api/k8s_core_v1.json``), so a misspelt field
+is rejected by the API server.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pydantic import BaseModel
 
 from lmcache_operator.api import ALL_KINDS
 from lmcache_operator.api.common import KindDefinition
+from lmcache_operator.api.k8s_types import K8S_TYPE_KEY, k8s_schema
 
 _DROP_KEYS = {"title", "$defs", "examples"}
 
@@ -30,7 +33,17 @@ def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return _resolve(merged, defs)
 
 
-def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+def _k8s_typed(schema: dict[str, Any], typed: bool) -> dict[str, Any]:
+    """A field marked with a core/v1 type: that schema (or, for the docs, a placeholder)."""
+    name = schema[K8S_TYPE_KEY]
+    body = k8s_schema(name) if typed else {"type": "object", K8S_TYPE_KEY: name}
+    keep: dict[str, Any] = {k: schema[k] for k in ("description", "maxItems") if k in schema}
+    if schema.get("type") == "array":
+        return {"type": "array", **keep, "items": body}
+    return {**body, **keep}
+
+
+def _structural(schema: dict[str, Any], defs: dict[str, Any], typed: bool) -> dict[str, Any]:
     schema = _resolve(schema, defs)
     variants = schema.get("anyOf")
     if variants is not None:
@@ -48,19 +61,21 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         merged = {**non_null[0], **rest}
         if merged.get("default", 0) is None:
             del merged["default"]
-        return _structural(merged, defs)
+        return _structural(merged, defs, typed)
+    if K8S_TYPE_KEY in schema:
+        return _k8s_typed(schema, typed)
 
     out = {}
     for key, value in schema.items():
         if key in _DROP_KEYS:
             continue
         if key == "properties":
-            out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
+            out[key] = {name: _structural(sub, defs, typed) for name, sub in value.items()}
         elif key == "items":
-            out[key] = _structural(value, defs)
+            out[key] = _structural(value, defs, typed)
         elif key == "additionalProperties":
             if isinstance(value, dict) and value:
-                out[key] = _structural(value, defs)
+                out[key] = _structural(value, defs, typed)
             elif value is True or value == {}:
                 out["x-kubernetes-preserve-unknown-fields"] = True
             # additionalProperties: false is the structural default (unknown fields pruned)
@@ -82,20 +97,24 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def model_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The structural OpenAPI v3 schema of a model (aliases as field names)."""
+def model_schema(model: type[BaseModel], *, k8s_types: bool = True) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a model (aliases as field names).
+
+    ``k8s_types=False`` leaves core/v1-typed fields as placeholders naming the type (for the
+    CRD reference page, which links to the Kubernetes API reference instead of repeating it).
+    """
     raw = model.model_json_schema(by_alias=True, mode="validation")
-    return _structural(raw, raw.get("$defs", {}))
+    return _structural(raw, raw.get("$defs", {}), k8s_types)
 
 
-def build_crd(kind: KindDefinition) -> dict[str, Any]:
-    """The apiextensions.k8s.io/v1 CRD of one kind."""
-    spec_schema = model_schema(kind.spec_model)
+def build_crd(kind: KindDefinition, *, k8s_types: bool = True) -> dict[str, Any]:
+    """The apiextensions.k8s.io/v1 CRD of one kind (see model_schema for ``k8s_types``)."""
+    spec_schema = model_schema(kind.spec_model, k8s_types=k8s_types)
     if not spec_schema.get("required"):  # a default must itself be valid
         spec_schema["default"] = {}
     if kind.spec_rules:
         spec_schema["x-kubernetes-validations"] = [dict(rule) for rule in kind.spec_rules]
-    status_schema = model_schema(kind.status_model)
+    status_schema = model_schema(kind.status_model, k8s_types=k8s_types)
     root = {
         "type": "object",
         "description": kind.description,

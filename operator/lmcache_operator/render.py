@@ -9,6 +9,7 @@ import yaml
 
 from lmcache_operator.api.common import API_VERSION
 from lmcache_operator.api.lmcachecluster import KIND, LMCacheClusterSpec
+from lmcache_operator.api.policy import PodPolicy
 from lmcache_operator.builders.lmcachecluster import build_children, name_problems
 from lmcache_operator.builders.vllm_render import render_vllm_documents
 from lmcache_operator.validation import RenderError, validated_document
@@ -16,7 +17,12 @@ from lmcache_operator.validation import RenderError, validated_document
 __all__ = ["RenderError", "render_documents", "render_text"]
 
 
-def render_documents(documents: Iterable[Any], *, service_monitor: bool = True) -> list[Any]:
+def render_documents(
+    documents: Iterable[Any], *, service_monitor: bool = True, policy: PodPolicy | None = None
+) -> list[Any]:
+    """The objects the operator would create for ``documents``, under the chart's guard
+    rails ``policy`` (default: the chart's defaults)."""
+    policy = PodPolicy() if policy is None else policy
     objects: list[Any] = []
     documents = list(documents)
     vllm_docs: list[tuple[int, dict[str, Any]]] = []
@@ -39,16 +45,18 @@ def render_documents(documents: Iterable[Any], *, service_monitor: bool = True) 
             doc,
             KIND,
             LMCacheClusterSpec,
-            lambda name, spec: name_problems(name) + spec.semantic_problems(),
+            lambda name, spec: name_problems(name) + spec.semantic_problems(policy),
         )
-        objects += build_children(name, namespace, spec, service_monitor=service_monitor)
-    objects += render_vllm_documents(vllm_docs, documents)
+        objects += build_children(
+            name, namespace, spec, service_monitor=service_monitor, policy=policy
+        )
+    objects += render_vllm_documents(vllm_docs, documents, policy)
     return objects
 
 
-def render_text(text: str) -> str:
+def render_text(text: str, policy: PodPolicy | None = None) -> str:
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
         raise RenderError(f"not valid YAML: {exc}") from None
-    return yaml.safe_dump_all(render_documents(documents), sort_keys=False)
+    return yaml.safe_dump_all(render_documents(documents, policy=policy), sort_keys=False)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
+from lmcache_operator.api.policy import DEFAULT_ALLOWED_HOST_PATH_PREFIXES
 from lmcache_operator.builders.lmcachecluster import build_children
 from lmcache_operator.handlers.lmcachecluster import validate
 
-from tests.chart.conftest import REPO, HelmError, Render, by_kind, one
+from tests.chart.conftest import CHART, REPO, HelmError, Render, by_kind, one, run_helm
 
 MONITORING_API = "monitoring.coreos.com/v1"
 
@@ -32,12 +34,6 @@ def _rules(role: dict[str, Any]) -> list[tuple[str, str, str]]:
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
-    ]
-
-
-def _operator_role(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [
-        o for o in by_kind(objects, kind) if not o["metadata"]["name"].endswith("cluster-reader")
     ]
 
 
@@ -70,11 +66,36 @@ def test_default_deployment_is_one_hardened_replica(render: Render) -> None:
     assert not [a for a in container["args"] if a.startswith("--namespace")]
 
 
-def test_default_rbac_is_cluster_wide_but_no_wider_than_the_handlers(render: Render) -> None:
+# Every (apiGroup, resource, verb) the operator's code uses (rbac.yaml has the table of why).
+NAMESPACED_GRANTS = {
+    *[("lmcache.dev", "lmcacheclusters", v) for v in ("get", "list", "watch", "patch")],
+    *[("lmcache.dev", "vllmdeployments", v) for v in ("list", "watch", "patch")],
+    ("lmcache.dev", "lmcacheclusters/status", "patch"),
+    ("lmcache.dev", "vllmdeployments/status", "patch"),
+    *[("", r, v) for r in ("configmaps", "services") for v in ("create", "patch")],
+    *[("", "secrets", v) for v in ("create", "patch", "delete")],
+    *[("apps", r, v) for r in ("daemonsets", "deployments") for v in ("list", "watch", "create",
+                                                                        "patch")],
+    *[("", "pods", v) for v in ("get", "list", "watch", "patch", "delete")],
+    ("", "events", "create"),
+    *[("monitoring.coreos.com", "servicemonitors", v) for v in ("create", "patch", "delete")],
+}  # fmt: skip
+CLUSTER_GRANTS = {
+    ("", "nodes", "list"),
+    ("", "nodes", "watch"),
+    *[("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")],
+}
+
+
+def test_default_rbac_is_one_cluster_role_holding_exactly_what_the_code_uses(
+    render: Render,
+) -> None:
     objects = render()
-    (role,) = _operator_role(objects, "ClusterRole")
-    granted = set(_rules(role))
-    assert not by_kind(objects, "Role")
+    (role,) = by_kind(objects, "ClusterRole")
+    granted = _rules(role)
+    assert len(granted) == len(set(granted)), "a verb granted twice"
+    assert set(granted) == NAMESPACED_GRANTS | CLUSTER_GRANTS
+    assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
     # sufficient: every child the builders produce can be server-side applied (a PATCH
     # that creates a missing object, authorized as create)
     spec = LMCacheClusterSpec.model_validate({})
@@ -85,57 +106,17 @@ def test_default_rbac_is_cluster_wide_but_no_wider_than_the_handlers(render: Ren
         group = child["apiVersion"].rpartition("/")[0]
         for verb in ("create", "patch"):
             assert (group, plural[child["kind"]], verb) in granted, (child["kind"], verb)
-    for needed in [
-        ("lmcache.dev", "lmcacheclusters", "watch"),
-        ("lmcache.dev", "lmcacheclusters", "patch"),
-        ("lmcache.dev", "lmcacheclusters/status", "patch"),
-        ("lmcache.dev", "vllmdeployments", "watch"),
-        ("lmcache.dev", "vllmdeployments", "patch"),
-        ("lmcache.dev", "vllmdeployments/status", "patch"),
-        ("apps", "daemonsets", "watch"),
-        ("apps", "deployments", "watch"),
-        ("apps", "deployments", "create"),  # the VLLMDeployment's Deployment (apply)
-        ("apps", "deployments", "patch"),
-        ("", "pods", "watch"),
-        ("", "pods", "patch"),  # scheduling gates of vLLM pods
-        ("", "events", "create"),
-    ]:
-        assert needed in granted, needed
-    # minimal: no wildcards, no Secrets, no exec, no Nodes, no creating pods, and deletes
-    # only of pods (gated vLLM pods are replaced) and ServiceMonitors
+    # minimal: no wildcards; Secrets written (its credential Secrets) but never read; no exec
     assert all("*" not in triple for triple in granted)
+    assert {v for g, r, v in granted if r == "secrets"} == {"create", "patch", "delete"}
     resources = {resource for _, resource, _ in granted}
-    assert not resources & {"secrets", "pods/exec", "nodes", "namespaces", "serviceaccounts"}
-    deletes = {(g, r) for g, r, v in granted if v in ("delete", "deletecollection")}
-    assert deletes == {("monitoring.coreos.com", "servicemonitors"), ("", "pods")}
-    assert {v for g, r, v in granted if r == "pods"} == {"get", "list", "watch", "patch", "delete"}
-    creatable = {r for _, r, v in granted if v == "create"}
-    assert creatable == {"configmaps", "services", "daemonsets", "deployments", "servicemonitors",
-                         "events"}  # fmt: skip
-    assert not [t for t in granted if t[2] == "update"]
-    # the only cluster-scoped grants are reads of CRDs and Nodes
-    (reader,) = [o for o in by_kind(objects, "ClusterRole") if o not in [role]]
-    assert set(_rules(reader)) == {
-        (group, resource, verb)
-        for group, resource in (
-            ("apiextensions.k8s.io", "customresourcedefinitions"),
-            ("", "nodes"),
-        )
-        for verb in ("get", "list", "watch")
-    }
-    bindings = by_kind(objects, "ClusterRoleBinding")
-    assert {b["roleRef"]["name"] for b in bindings} == {
-        role["metadata"]["name"],
-        reader["metadata"]["name"],
-    }
-    for binding in bindings:
-        assert binding["subjects"] == [
-            {
-                "kind": "ServiceAccount",
-                "name": "lmc-lmcache-operator",
-                "namespace": "lmcache-system",
-            }
-        ]
+    assert not resources & {"pods/exec", "namespaces", "serviceaccounts", "serviceaccounts/token"}
+    assert not [t for t in granted if t[2] in ("update", "deletecollection", "impersonate")]
+    (binding,) = by_kind(objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "lmc-lmcache-operator", "namespace": "lmcache-system"}
+    ]
 
 
 def test_crds_are_the_generated_ones_kept_on_uninstall(render: Render) -> None:
@@ -159,35 +140,30 @@ def test_nothing_optional_is_rendered_by_default(render: Render) -> None:
     kinds = sorted(o["kind"] for o in render())
     crds = len(list((REPO / "crds").glob("*.yaml")))
     assert kinds == sorted(
-        ["ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
-         "ClusterRoleBinding", "Deployment"] + ["CustomResourceDefinition"] * crds
-    )  # fmt: skip
+        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
+        + ["CustomResourceDefinition"] * crds
+    )
 
 
-# --- watch scopes -----------------------------------------------------------------------
+# --- watched namespaces ----------------------------------------------------------------
 
 
-def test_release_scope_uses_a_role_in_the_release_namespace(render: Render) -> None:
-    objects = render({"watch.scope": "release"}, namespace="team-a")
-    assert _operator_role(objects, "ClusterRole") == []
-    (role,) = by_kind(objects, "Role")
-    (binding,) = by_kind(objects, "RoleBinding")
-    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "team-a"
-    assert ("apps", "daemonsets", "patch") in set(_rules(role))
-    assert "--namespace=team-a" in _container(objects)["args"]
-    # reading CRDs and Nodes stays cluster-scoped (they are cluster resources)
-    assert [o["metadata"]["name"] for o in by_kind(objects, "ClusterRole")] == [
-        "lmc-lmcache-operator-cluster-reader"
-    ]
-
-
-def test_namespaces_scope_gets_a_role_per_namespace(render: Render) -> None:
-    objects = render({"watch.scope": "namespaces", "watch.namespaces": "{ml-a,ml-b}"})
-    assert sorted(r["metadata"]["namespace"] for r in by_kind(objects, "Role")) == ["ml-a", "ml-b"]
+def test_watched_namespaces_get_roles_only_and_nothing_cluster_scoped(render: Render) -> None:
+    objects = render({"watchNamespaces": "{ml-a,ml-b}"})
+    assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
+    roles = by_kind(objects, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-a", "ml-b"]
+    for role in roles:
+        assert set(_rules(role)) == NAMESPACED_GRANTS  # the same verbs, namespaced
     bindings = by_kind(objects, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ml-a", "ml-b"]
     for binding in bindings:  # the ServiceAccount lives in the release namespace
         assert binding["subjects"][0]["namespace"] == "lmcache-system"
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": "lmc-lmcache-operator",
+        }
     args = _container(objects)["args"]
     assert [a for a in args if a.startswith("--namespace")] == [
         "--namespace=ml-a",
@@ -195,9 +171,52 @@ def test_namespaces_scope_gets_a_role_per_namespace(render: Render) -> None:
     ]
 
 
-def test_namespaces_scope_without_namespaces_fails_clearly(render: Render) -> None:
-    with pytest.raises(HelmError, match=r"watch.namespaces is empty"):
-        render({"watch.scope": "namespaces"})
+def test_the_release_namespace_alone(render: Render) -> None:
+    objects = render({"watchNamespaces": "{team-a}"}, namespace="team-a")
+    (role,) = by_kind(objects, "Role")
+    assert role["metadata"]["namespace"] == "team-a"
+    assert "--namespace=team-a" in _container(objects)["args"]
+    assert not by_kind(objects, "ClusterRole")
+
+
+def _policy_args(helm: str, tmp_path: Path, values: dict[str, Any]) -> list[str]:
+    """The args the chart's policyArgs helper gives `lmcache-operator run` (a copy of the
+    chart with one template that renders only the helper)."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "policy-args-test.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: policy-args}\ndata:\n"
+        '  args: {{ include "lmcache-operator.policyArgs" . | fromYamlArray | toJson | quote }}\n',
+        encoding="utf-8",
+    )
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    text = run_helm(helm, "template", "lmc", str(chart), "--values", str(path),
+                    "--show-only", "templates/policy-args-test.yaml")  # fmt: skip
+    args: list[str] = json.loads(yaml.safe_load(text)["data"]["args"])
+    return args
+
+
+def test_guard_rail_values_become_operator_flags(helm: str, tmp_path: Path) -> None:
+    assert _policy_args(helm, tmp_path / "a", {}) == [
+        f"--allowed-host-path-prefix={p}"
+        for p in ("/var/cache/lmcache", "/var/lib/lmcache", "/mnt", "/models", "/dev/shm")
+    ]
+    # the same defaults as the operator's own
+    assert (
+        tuple(a.split("=", 1)[1] for a in _policy_args(helm, tmp_path / "b", {}))
+        == DEFAULT_ALLOWED_HOST_PATH_PREFIXES
+    )
+    assert _policy_args(
+        helm,
+        tmp_path / "c",
+        {"allowedHostPathPrefixes": ["/data"], "allowPrivilegedPassThrough": True},
+    ) == ["--allowed-host-path-prefix=/data", "--allow-privileged-pass-through"]
+    # and the operator's parser takes them
+    from lmcache_operator.cli import build_parser, pod_policy
+
+    args = build_parser().parse_args(["run", *_policy_args(helm, tmp_path / "d", {})])
+    assert pod_policy(args).allowed_host_path_prefixes == DEFAULT_ALLOWED_HOST_PATH_PREFIXES
 
 
 # --- values ----------------------------------------------------------------------------
@@ -251,10 +270,13 @@ def test_crds_can_be_left_to_another_tool(render: Render) -> None:
     ("values", "fragment"),
     [
         ({"image.pullPolicy": "Sometimes"}, "/image/pullPolicy"),
-        ({"watch.scope": "everywhere"}, "/watch/scope"),
+        ({"watchNamespaces": "{Bad_Name}"}, "/watchNamespaces/0"),
+        ({"allowedHostPathPrefixes": "{relative}"}, "/allowedHostPathPrefixes/0"),
+        ({"allowedHostPathPrefixes": "{/mnt/}"}, "/allowedHostPathPrefixes/0"),
+        ({"allowedHostPathPrefixes": "{/mnt/../etc}"}, "/allowedHostPathPrefixes/0"),
+        ({"allowPrivilegedPassThrough": "maybe"}, "/allowPrivilegedPassThrough"),
         ({"operator.logLevel": "LOUD"}, "/operator/logLevel"),
         ({"operator.healthPort": "80"}, "/operator/healthPort"),
-        ({"watch.namespaces": "{Bad_Name}"}, "/watch/namespaces/0"),
         ({"example.name": "x" * 60}, "/example/name"),
         ({"monitoring.podMonitor.interval": "soon"}, "/monitoring/podMonitor/interval"),
         ({"monitoring.prometheusRule.l1FullFraction": "2"}, "l1FullFraction"),
@@ -337,7 +359,7 @@ def test_pod_and_service_monitors_select_the_cache_pods(render: Render) -> None:
 
 def test_monitors_follow_the_watched_namespaces(render: Render) -> None:
     objects = render(
-        {"monitoring.podMonitor.enabled": "true", "watch.scope": "release"},
+        {"monitoring.podMonitor.enabled": "true", "watchNamespaces": "{team-b}"},
         api_versions=[MONITORING_API],
         namespace="team-b",
     )

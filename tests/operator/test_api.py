@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from lmcache_operator.api import ALL_KINDS
+from lmcache_operator.api.k8s_types import k8s_schema, kubernetes_version
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
+from lmcache_operator.api.policy import SHAPE_MESSAGE, SYSTEM_MESSAGE, PodPolicy, derived_group
 from lmcache_operator.cli import main as cli_main
 from lmcache_operator.crdgen import build_crd, crd_files, stale_crds
+from lmcache_operator.k8s_openapi import TYPES
 from lmcache_operator.quantity import QuantityError, parse_bytes
 from pydantic import ValidationError
 
@@ -138,3 +144,193 @@ def test_crds_command_writes_and_checks(tmp_path: Path) -> None:
     assert cli_main(["crds", "--output-dir", str(tmp_path), "--check"]) == 0
     for name, text in crd_files().items():
         assert yaml.safe_load((tmp_path / name).read_text()) == yaml.safe_load(text)
+
+
+# ---- guard rails (api/policy.py) and typed pass-through -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"cache": {"disk": {"path": "/etc", "size": "1Gi"}}}, "system directory"),
+        ({"cache": {"disk": {"path": "/var", "size": "1Gi"}}}, "or a parent of one"),
+        ({"cache": {"disk": {"path": "/mnt/../etc", "size": "1Gi"}}}, "normalised absolute"),
+        ({"cache": {"disk": {"path": "/mnt//a", "size": "1Gi"}}}, "normalised absolute"),
+        ({"cache": {"disk": {"path": "/mnt/a/", "size": "1Gi"}}}, "normalised absolute"),
+        ({"cache": {"disk": {"path": "/dev/shm/d", "size": "1Gi"}}}, "that is memory"),
+        ({"hostShmPath": "/"}, "system directory"),
+        ({"hostShmPath": "/proc/1"}, "system directory"),
+        ({"shmGroup": 10}, "at least 1000"),
+        ({"shmGroup": 2000000000}, "reserved for derived groups"),
+        ({"pod": {"hostPID": True}}, "Extra inputs are not permitted"),
+    ],
+)
+def test_always_refused_host_paths_and_ids(spec: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ValidationError, match=fragment):
+        LMCacheClusterSpec.model_validate(spec)
+
+
+PREFIXES_FIX = "chart value allowedHostPathPrefixes"
+ADMIN_FIX = "allowPrivilegedPassThrough: true in the chart"
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment", "fix"),
+    [
+        (
+            {"cache": {"disk": {"path": "/opt/cache", "size": "1Gi"}}},
+            "spec.cache.disk.path: '/opt/cache' is not under an allowed host path prefix",
+            PREFIXES_FIX,
+        ),
+        (
+            {"cache": {"disk": {"path": "/mnt2/cache", "size": "1Gi"}}},  # not under /mnt
+            "spec.cache.disk.path: '/mnt2/cache' is not under",
+            PREFIXES_FIX,
+        ),
+        ({"hostShmPath": "/tmp/shm"}, "spec.hostShmPath: '/tmp/shm' is not under", PREFIXES_FIX),
+        (
+            {"pod": {"containerSecurityContext": {"privileged": True}}},
+            "spec.pod.containerSecurityContext.privileged: privileged containers are refused",
+            ADMIN_FIX,
+        ),
+        (
+            {"pod": {"containerSecurityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}},
+            "spec.pod.containerSecurityContext.capabilities.add: adding ['NET_ADMIN']",
+            ADMIN_FIX,
+        ),
+        (
+            {"pod": {"volumes": [{"name": "r", "hostPath": {"path": "/"}}]}},
+            "spec.pod.volumes[0].hostPath.path: '/' must not be / or a system directory",
+            ADMIN_FIX,
+        ),
+        (
+            {"pod": {"volumes": [{"name": "k", "hostPath": {"path": "/var/lib/kubelet"}}]}},
+            "spec.pod.volumes[0].hostPath.path: '/var/lib/kubelet' must not be",
+            ADMIN_FIX,
+        ),
+        (
+            {"pod": {"volumes": [{"name": "o", "hostPath": {"path": "/opt/data"}}]}},
+            "spec.pod.volumes[0].hostPath.path: '/opt/data' is not under an allowed",
+            ADMIN_FIX,
+        ),
+        (
+            {"pod": {"securityContext": {"runAsUser": 1879048193}}},
+            "spec.pod.securityContext.runAsUser: 1879048193 lies in the range reserved",
+            "choose an id outside it",
+        ),
+    ],
+)
+def test_guard_rails_are_config_problems_naming_the_field_and_the_fix(
+    spec: dict[str, object], fragment: str, fix: str
+) -> None:
+    problems = LMCacheClusterSpec.model_validate(spec).semantic_problems()
+    assert len(problems) == 1 and fragment in problems[0], problems
+    assert fix in problems[0]
+
+
+def test_privileged_pass_through_needs_the_charts_consent_but_host_paths_never_do() -> None:
+    trusted = PodPolicy(allow_privileged_pass_through=True)
+    privileged = LMCacheClusterSpec.model_validate(
+        {
+            "pod": {
+                "containerSecurityContext": {"privileged": True, "capabilities": {"add": ["X"]}},
+                "volumes": [{"name": "r", "hostPath": {"path": "/var/run/docker.sock"}}],
+            }
+        }
+    )
+    assert len(privileged.semantic_problems()) == 3
+    assert privileged.semantic_problems(trusted) == []
+    # the cache's own host paths stay under the prefixes whatever the chart trusts
+    disk = LMCacheClusterSpec.model_validate({"cache": {"disk": {"path": "/opt/c", "size": "1Gi"}}})
+    assert "spec.cache.disk.path" in disk.semantic_problems(trusted)[0]
+
+
+def test_prefixes_match_on_component_boundaries() -> None:
+    policy = PodPolicy(("/mnt", "/var/cache/lmcache"))
+    assert policy.prefix_of("/mnt") == "/mnt"
+    assert policy.prefix_of("/mnt/a/b") == "/mnt"
+    assert policy.prefix_of("/mnt2") is None
+    assert policy.prefix_of("/var/cache/lmcache-x") is None
+    assert policy.prefix_of("/var/cache") is None
+
+
+@pytest.mark.parametrize(
+    ("prefixes", "fragment"),
+    [
+        ((), "allowedHostPathPrefixes is empty"),
+        (("/",), "'/' must not be / or a system directory"),
+        (("/etc",), "'/etc' must not be"),
+        (("mnt",), "'mnt' must be a normalised absolute path"),
+        (("/mnt/../etc",), "normalised"),
+    ],
+)
+def test_unusable_prefixes_are_refused(prefixes: tuple[str, ...], fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        PodPolicy(prefixes)
+
+
+def test_derived_groups_are_stable_distinct_and_in_the_reserved_range() -> None:
+    groups = {derived_group(ns, name) for ns in ("a", "b", "a-b") for name in ("c", "b-c", "x")}
+    assert len(groups) == 9
+    assert all(1879048192 <= g <= 2147483646 for g in groups)
+    assert derived_group("a", "c") == derived_group("a", "c")
+    assert (
+        derived_group("ml", "cache")
+        == 0x70000000 + int.from_bytes(hashlib.sha256(b"ml/cache").digest()[:8], "big") % 0x0FFFFFFF
+    )
+
+
+def _spec_schema(kind_name: str) -> dict[str, Any]:
+    kind = next(k for k in ALL_KINDS if k.kind == kind_name)
+    schema: dict[str, Any] = build_crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return dict(schema["properties"]["spec"])
+
+
+def _free_form_paths(schema: dict[str, Any], path: str = "spec") -> list[str]:
+    found = [path] if schema.get("x-kubernetes-preserve-unknown-fields") else []
+    for name, sub in (schema.get("properties") or {}).items():
+        found += _free_form_paths(sub, f"{path}.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            found += _free_form_paths(schema[key], f"{path}[]")
+    return found
+
+
+@pytest.mark.parametrize("kind", ["LMCacheCluster", "VLLMDeployment"])
+def test_pass_through_fields_are_typed_with_the_core_v1_schemas(kind: str) -> None:
+    spec = _spec_schema(kind)
+    assert _free_form_paths(spec) == []  # nothing is accepted without a schema any more
+    tolerations = spec["properties"]["placement"]["properties"]["tolerations"]
+    assert set(tolerations["items"]["properties"]) >= {"key", "operator", "value", "effect"}
+    pod = spec["properties"]["pod"]["properties"]
+    assert pod["env"]["items"]["required"] == ["name"]
+    volume = pod["volumes"]["items"]["properties"]["hostPath"]["properties"]["path"]
+    assert volume["maxLength"] == 1024
+    assert volume["x-kubernetes-validations"][0]["message"].startswith("must be a normalised")
+    assert "privileged" in pod["containerSecurityContext"]["properties"]
+    assert "description" in pod["containerSecurityContext"]  # ours, for kubectl explain
+
+
+def test_core_v1_schemas_record_their_kubernetes_version() -> None:
+    assert re.fullmatch(r"v1\.\d+\.\d+", kubernetes_version())
+    for name in TYPES:
+        assert k8s_schema(name)["type"] == "object"
+    with pytest.raises(KeyError, match=r"k8s_openapi\.TYPES"):
+        k8s_schema("Pod")
+
+
+def test_crds_stay_well_under_the_etcd_and_apply_limits() -> None:
+    for name, text in crd_files().items():
+        size = len(text.encode("utf-8"))
+        # 1.5 MB is etcd's object limit; 256 KiB is client-side `kubectl apply`'s annotation
+        assert size < 256 * 1024, (name, size)
+
+
+def test_cluster_crd_rules_refuse_system_paths_with_the_models_messages() -> None:
+    spec = _spec_schema("LMCacheCluster")
+    shm = spec["properties"]["hostShmPath"]["x-kubernetes-validations"]
+    assert [r["message"] for r in shm] == [SHAPE_MESSAGE, SYSTEM_MESSAGE]
+    disk = spec["properties"]["cache"]["properties"]["disk"]["properties"]["path"]
+    assert len(disk["x-kubernetes-validations"]) == 3
+    group = spec["properties"]["shmGroup"]["x-kubernetes-validations"][0]["rule"]
+    assert group == "self >= 1000 && self < 1879048192"

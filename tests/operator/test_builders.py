@@ -9,6 +9,7 @@ import pytest
 import yaml
 from lmcache_node.config import load_config
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
+from lmcache_operator.api.policy import PodPolicy
 from lmcache_operator.builders.common import CONFIG_HASH_ANNOTATION
 from lmcache_operator.builders.lmcachecluster import (
     CONFIG_KEY,
@@ -42,10 +43,10 @@ def test_node_config_uses_the_node_keys_and_units() -> None:
         },
         device="cpu",
     )
-    config = node_config(spec)
+    config = node_config("c1", "ns", spec)
     assert config["chunk_size"] == 512
     assert config["max_local_cpu_size"] == 1.5  # GB float, never a quantity string
-    assert config["local_disk"] == "file:///mnt/cache/"  # a path URL, never True
+    assert config["local_disk"] == "file:///lmcache/disk/"  # a path URL (the mount), never True
     assert config["max_local_disk_size"] == 20.0
     assert config["remote_url"] == "redis://redis:6379/0"
     assert config["remote_serde"] == "zstd"
@@ -64,7 +65,7 @@ def test_node_config_uses_the_node_keys_and_units() -> None:
     ],
 )
 def test_device_resolution(fields: dict[str, Any], device: str) -> None:
-    assert node_config(spec_of(**fields))["device"] == device
+    assert node_config("c1", "ns", spec_of(**fields))["device"] == device
 
 
 def test_the_node_accepts_the_rendered_config_file(tmp_path: Path) -> None:
@@ -80,8 +81,10 @@ def test_the_node_accepts_the_rendered_config_file(tmp_path: Path) -> None:
     path.write_text(build_configmap("c1", "ns", spec)["data"][CONFIG_KEY])
     config = load_config(config_file=path, environ={})
     assert config.max_local_cpu_size == 2.0
-    assert config.disk_path == tmp_path / "l2"
+    assert config.disk_path == Path("/lmcache/disk")  # the cluster's directory, mounted
     assert config.max_local_disk_size == 1.0
+    assert str(config.shm_dir) == "/dev/shm/lmcache-ns-c1"
+    assert config.shm_group == spec.group("ns", "c1")
     assert config.remote_url == "redis://127.0.0.1:6379/0"
     assert config.remote_serde == "lz4"
     assert config.log_level == "DEBUG"
@@ -97,8 +100,10 @@ def test_daemonset_pod_wiring() -> None:
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     shm = next(v for v in pod["volumes"] if v["name"] == "shm")
     assert shm == {"name": "shm", "hostPath": {"path": "/dev/shm", "type": "Directory"}}
-    assert not any("emptyDir" in v for v in pod["volumes"])
     assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert [m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"] == [
+        "shm"
+    ]  # never an emptyDir over the host's tmpfs
     assert container["command"][:4] == [
         "lmcache-node",
         "serve",
@@ -146,7 +151,8 @@ def test_daemonset_without_host_network_and_with_escape_hatches() -> None:
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["runtimeClassName"] == "nvidia"
-    assert pod["securityContext"] == {"runAsUser": 1000}
+    assert pod["securityContext"]["runAsUser"] == 1000  # merged over the defaults
+    assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert template["metadata"]["labels"]["team"] == "a"
     assert template["metadata"]["annotations"]["note"] == "x"
@@ -184,7 +190,7 @@ def test_config_change_changes_the_pod_template_hash() -> None:
 
 def test_remote_url_from_a_secret_is_an_env_reference_not_config() -> None:
     spec = spec_of(cache={"remote": {"urlSecretRef": {"name": "redis", "key": "url"}}})
-    assert "remote_url" not in node_config(spec)
+    assert "remote_url" not in node_config("c1", "ns", spec)
     env = daemonset(spec)["spec"]["template"]["spec"]["containers"][0]["env"]
     remote = next(e for e in env if e["name"] == "LMCACHE_REMOTE_URL")
     assert remote["valueFrom"] == {"secretKeyRef": {"name": "redis", "key": "url"}}
@@ -221,21 +227,38 @@ def test_configmap_holds_yaml_the_node_reads() -> None:
     assert yaml.safe_load(cm["data"][CONFIG_KEY])["chunk_size"] == 256
 
 
-def test_disk_tier_gets_an_init_container_that_hands_the_hostpath_to_the_server() -> None:
+def test_disk_tier_init_hands_only_the_clusters_own_directory_to_the_server() -> None:
     pod = daemonset(spec_of(cache={"cpuSize": "1Gi", "disk": {"path": "/mnt/l2", "size": "5Gi"}}))[
         "spec"
     ]["template"]["spec"]
     (init,) = pod["initContainers"]
     main = pod["containers"][0]
     assert init["image"] == main["image"]
-    assert init["args"] == ["65532", "65532", "/mnt/l2"]  # the image's user by default
+    assert init["args"] == ["65532", "65532", "/lmcache/disk"]  # the image's user by default
+    script = init["command"][2]
+    assert '[ -L "$d" ]' in script and 'chown -h "$0:$1" "$d"' in script  # no symlink followed
+    assert "-R" not in script  # never recursive
     context = init["securityContext"]
     assert context["runAsUser"] == 0 and context["runAsNonRoot"] is False
     assert context["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
-    assert init["volumeMounts"] == [{"name": "disk", "mountPath": "/mnt/l2"}]
+    assert context["allowPrivilegeEscalation"] is False
+    # the host volume is the allowed prefix; the cluster's directory a subPath below it, which
+    # kubelet resolves inside the volume (a planted symlink cannot leave /mnt)
     disk_volume = next(v for v in pod["volumes"] if v["name"] == "disk")
-    assert disk_volume["hostPath"] == {"path": "/mnt/l2", "type": "DirectoryOrCreate"}
-    assert {"name": "disk", "mountPath": "/mnt/l2"} in main["volumeMounts"]
+    assert disk_volume["hostPath"] == {"path": "/mnt", "type": "DirectoryOrCreate"}
+    mount = {"name": "disk", "mountPath": "/lmcache/disk", "subPath": "l2/lmcache-ns-c1"}
+    assert init["volumeMounts"] == [mount]
+    assert mount in main["volumeMounts"]
+
+
+def test_disk_path_equal_to_a_prefix_still_gets_a_directory_of_its_own() -> None:
+    pod = daemonset(spec_of(cache={"disk": {"path": "/var/cache/lmcache", "size": "5Gi"}}))["spec"][
+        "template"
+    ]["spec"]
+    disk_volume = next(v for v in pod["volumes"] if v["name"] == "disk")
+    assert disk_volume["hostPath"]["path"] == "/var/cache/lmcache"
+    (mount,) = pod["initContainers"][0]["volumeMounts"]
+    assert mount["subPath"] == "lmcache-ns-c1"  # /var/cache/lmcache itself is never chowned
 
 
 def test_disk_init_container_follows_the_servers_security_context() -> None:
@@ -256,3 +279,99 @@ def test_disk_init_container_follows_the_servers_security_context() -> None:
 def test_no_init_container_without_a_disk_tier() -> None:
     pod = daemonset(spec_of(cache={"cpuSize": "1Gi"}))["spec"]["template"]["spec"]
     assert "initContainers" not in pod
+
+
+def test_cache_pods_run_non_root_without_privileges_on_a_read_only_root() -> None:
+    pod = daemonset(spec_of())["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "supplementalGroups": [spec_of().group("ns", "c1")],
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    (container,) = pod["containers"]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+    }
+    # the server writes only to its volumes: /dev/shm, the disk tier and /tmp (HOME)
+    tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+    assert tmp == {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+
+
+def test_user_security_context_merges_over_the_defaults_and_keeps_drop_all() -> None:
+    spec = spec_of(
+        pod={
+            "securityContext": {"supplementalGroups": [3000], "fsGroup": 3000},
+            "containerSecurityContext": {
+                "capabilities": {"drop": ["NET_RAW"]},
+                "readOnlyRootFilesystem": False,
+            },
+        }
+    )
+    pod = daemonset(spec)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["supplementalGroups"] == [spec.group("ns", "c1"), 3000]
+    assert pod["securityContext"]["fsGroup"] == 3000
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    context = pod["containers"][0]["securityContext"]
+    assert context["capabilities"] == {"drop": ["ALL", "NET_RAW"]}
+    assert context["readOnlyRootFilesystem"] is False
+    assert context["allowPrivilegeEscalation"] is False
+
+
+def test_shm_dir_and_group_are_the_clusters_own() -> None:
+    config = node_config("c1", "ns", spec_of())
+    assert config["shm_dir"] == "/dev/shm/lmcache-ns-c1"
+    group = config["shm_group"]
+    assert 1879048192 <= group <= 2147483646
+    assert group == node_config("c1", "ns", spec_of())["shm_group"]  # deterministic
+    others = {node_config(n, ns, spec_of())["shm_group"] for n in ("c1", "c2") for ns in "ab"}
+    assert len(others) == 4 and group not in others
+    assert node_config("c1", "ns", spec_of(shmGroup=4242))["shm_group"] == 4242
+
+
+def test_pass_through_host_paths_are_confined_to_their_prefix() -> None:
+    spec = spec_of(
+        pod={
+            "volumes": [
+                {"name": "data", "hostPath": {"path": "/mnt/data/set", "type": "Directory"}},
+                {"name": "scratch", "emptyDir": {}},
+            ],
+            "volumeMounts": [
+                {"name": "data", "mountPath": "/data", "subPath": "a", "readOnly": True},
+                {"name": "scratch", "mountPath": "/scratch"},
+            ],
+        }
+    )
+    pod = daemonset(spec)["spec"]["template"]["spec"]
+    data = next(v for v in pod["volumes"] if v["name"] == "data")
+    assert data["hostPath"] == {"path": "/mnt", "type": "DirectoryOrCreate"}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["data"] == {
+        "name": "data",
+        "mountPath": "/data",
+        "subPath": "data/set/a",
+        "readOnly": True,
+    }
+    assert "subPath" not in mounts["scratch"]
+
+
+def test_builders_refuse_a_host_path_outside_the_policy() -> None:
+    spec = spec_of(cache={"disk": {"path": "/opt/cache", "size": "1Gi"}})
+    assert spec.semantic_problems()  # validation says why ...
+    with pytest.raises(ValueError, match="outside the allowed prefixes"):  # ... builders refuse
+        daemonset(spec)
+    allowed = PodPolicy(("/opt", "/dev/shm"))
+    assert spec.semantic_problems(allowed) == []
+    objs = build_children("c1", "ns", spec, service_monitor=False, policy=allowed)
+    pod = next(o for o in objs if o["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "disk")["hostPath"]["path"] == "/opt"
+
+
+def test_env_from_reaches_the_server_container() -> None:
+    spec = spec_of(pod={"envFrom": [{"configMapRef": {"name": "extra"}}]})
+    container = daemonset(spec)["spec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [{"configMapRef": {"name": "extra"}}]

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from lmcache_operator.api import ALL_KINDS
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
+from lmcache_operator.api.policy import PodPolicy
 from lmcache_operator.api.vllmdeployment import VLLMDeploymentSpec
 from lmcache_operator.builders.common import CONFIG_HASH_ANNOTATION
 from lmcache_operator.builders.vllm_connector import (
@@ -42,7 +43,8 @@ def vllm_spec(**fields: Any) -> VLLMDeploymentSpec:
 
 
 def conn_of(**fields: Any) -> CacheConnection:
-    return CacheConnection.from_cluster("c", LMCacheClusterSpec.model_validate(CLUSTER | fields))
+    spec = LMCacheClusterSpec.model_validate(CLUSTER | fields)
+    return CacheConnection.from_cluster("c", spec, namespace="ns")
 
 
 def objects(spec: VLLMDeploymentSpec, conn: CacheConnection | None) -> dict[str, Any]:
@@ -179,12 +181,18 @@ def test_user_env_wins_and_pythonpath_keeps_the_connector_first() -> None:
 
 
 def test_shm_is_the_hosts_and_gpus_follow_the_device() -> None:
-    conn = conn_of(hostShmPath="/run/shm")
+    pod = pod_of(vllm_spec(parallelism={"tensor": 2}), conn_of())
+    assert {"name": "shm", "hostPath": {"path": "/dev/shm", "type": "Directory"}} in pod["volumes"]
+    assert {"name": "shm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    # another tmpfs of the host: the cluster's hostShmPath, confined below its allowed prefix
+    conn = conn_of(hostShmPath="/mnt/shm")
     pod = pod_of(vllm_spec(parallelism={"tensor": 2}), conn)
-    assert {"name": "shm", "hostPath": {"path": "/run/shm", "type": "Directory"}} in pod["volumes"]
+    assert {"name": "shm", "hostPath": {"path": "/mnt", "type": "DirectoryOrCreate"}} in pod[
+        "volumes"
+    ]
     assert not any("emptyDir" in v and v["name"] == "shm" for v in pod["volumes"])
     container = pod["containers"][0]
-    assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert {"name": "shm", "mountPath": "/dev/shm", "subPath": "shm"} in container["volumeMounts"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "2"}
     cpu = pod_of(vllm_spec(engine={"device": "cpu"}, resources={"memory": "8Gi"}), conn)
     limits = cpu["containers"][0]["resources"]["limits"]
@@ -286,7 +294,7 @@ def test_engine_arguments_and_service() -> None:
         model={
             "name": "/models/m",
             "servedModelName": "m",
-            "volume": {"source": {"hostPath": {"path": "/w"}}},
+            "volume": {"source": {"hostPath": {"path": "/models/w"}}},
         },
         engine={
             "maxModelLen": 4096,
@@ -310,7 +318,8 @@ def test_engine_arguments_and_service() -> None:
     ]:
         assert args[args.index(flag) + 1] == value
     assert "--no-enable-prefix-caching" in args and args[-2:] == ["--seed", "1"]
-    assert {"name": "model", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    model_mount = {"name": "model", "mountPath": "/models", "readOnly": True, "subPath": "w"}
+    assert model_mount in container["volumeMounts"]
     assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     service = objs["Service"]
     assert service["spec"]["type"] == "NodePort"
@@ -495,3 +504,131 @@ def test_copied_package_loads_the_connector_under_real_vllm(tmp_path: Path) -> N
     ).stdout.split()
     assert out[-2].startswith(str(target))
     assert out[-1] == "KVConnectorBase_V1"
+
+
+# ---- guard rails: security contexts, shm group, refused pass-through --------------------------
+
+
+def test_vllm_pods_drop_every_capability_and_join_the_clusters_shm_group() -> None:
+    from lmcache_operator.builders.lmcachecluster import build_children as cluster_children
+
+    cluster = LMCacheClusterSpec.model_validate(CLUSTER)
+    conn = CacheConnection.from_cluster("c", cluster, namespace="ns")
+    pod = pod_of(vllm_spec(), conn)  # the stock GPU image: root, so no runAsNonRoot
+    assert pod["securityContext"] == {
+        "seccompProfile": {"type": "RuntimeDefault"},
+        "supplementalGroups": [cluster.group("ns", "c")],
+    }
+    assert pod["containers"][0]["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    # the very group the cache pods of LMCacheCluster ns/c run with
+    daemonset = next(
+        o for o in cluster_children("c", "ns", cluster, service_monitor=False)
+        if o["kind"] == "DaemonSet"
+    )  # fmt: skip
+    cache_groups = daemonset["spec"]["template"]["spec"]["securityContext"]["supplementalGroups"]
+    assert cache_groups == pod["securityContext"]["supplementalGroups"]
+    for init in pod["initContainers"]:  # from the cache image: its non-root user, no privileges
+        context = init["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] == 65532
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context["allowPrivilegeEscalation"] is False
+
+
+def test_our_cpu_image_runs_non_root_and_stock_images_opt_in() -> None:
+    cpu = pod_of(vllm_spec(engine={"device": "cpu"}), conn_of(device="cpu"))
+    assert cpu["securityContext"]["runAsNonRoot"] is True
+    opted = vllm_spec(pod={"securityContext": {"runAsNonRoot": True, "runAsUser": 1000}})
+    context = pod_of(opted, conn_of())["securityContext"]
+    assert (context["runAsNonRoot"], context["runAsUser"]) == (True, 1000)
+    assert "runAsNonRoot" not in pod_of(vllm_spec(), conn_of())["securityContext"]
+
+
+def test_without_a_namespace_the_connection_knows_only_an_explicit_group() -> None:
+    spec = LMCacheClusterSpec.model_validate(CLUSTER)
+    assert CacheConnection.from_cluster("c", spec).shm_group is None
+    assert (
+        "supplementalGroups"
+        not in pod_of(vllm_spec(), CacheConnection.from_cluster("c", spec))["securityContext"]
+    )
+    explicit = LMCacheClusterSpec.model_validate(CLUSTER | {"shmGroup": 4242})
+    assert CacheConnection.from_cluster("c", explicit).shm_group == 4242
+
+
+def test_shm_group_change_rolls_the_vllm_pods() -> None:
+    spec = vllm_spec()
+    before = objects(spec, conn_of())["Deployment"]["spec"]["template"]
+    after = objects(spec, conn_of(shmGroup=4242))["Deployment"]["spec"]["template"]
+    assert (
+        before["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+        != after["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+    )
+
+
+ADMIN_FIX = "allowPrivilegedPassThrough: true"
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment", "fix"),
+    [
+        ({"pod": {"containerSecurityContext": {"privileged": True}}}, "privileged", ADMIN_FIX),
+        (
+            {"pod": {"containerSecurityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}},
+            "capabilities.add",
+            ADMIN_FIX,
+        ),
+        (
+            {"pod": {"containerSecurityContext": {"allowPrivilegeEscalation": True}}},
+            "allowPrivilegeEscalation",
+            ADMIN_FIX,
+        ),
+        (
+            {"pod": {"securityContext": {"sysctls": [{"name": "a", "value": "1"}]}}},
+            "sysctls",
+            ADMIN_FIX,
+        ),
+        (
+            {"pod": {"securityContext": {"seccompProfile": {"type": "Unconfined"}}}},
+            "seccompProfile",
+            ADMIN_FIX,
+        ),
+        (
+            {"pod": {"securityContext": {"supplementalGroups": [1879048192]}}},
+            "reserved",
+            "remove it",
+        ),
+        (
+            {"pod": {"volumes": [{"name": "r", "hostPath": {"path": "/"}}]}},
+            "spec.pod.volumes[0].hostPath.path: '/' must not be / or a system directory",
+            ADMIN_FIX,
+        ),
+        (
+            {"model": {"name": "m", "volume": {"source": {"hostPath": {"path": "/opt/m"}}}}},
+            "spec.model.volume.source.hostPath.path: '/opt/m' is not under an allowed",
+            ADMIN_FIX,
+        ),
+    ],
+)
+def test_privileged_pass_through_is_refused_naming_the_field(
+    fields: dict[str, Any], fragment: str, fix: str
+) -> None:
+    spec = vllm_spec(**fields)
+    problems = spec.semantic_problems()
+    assert len(problems) == 1 and fragment in problems[0], problems
+    assert fix in problems[0]
+    trusted = PodPolicy(allow_privileged_pass_through=True)
+    assert spec.semantic_problems(trusted) == []
+    build_children("llm", "ns", spec, conn_of(), trusted)  # and the builders take it as written
+
+
+def test_topology_spread_and_env_from_pass_through() -> None:
+    spread = {"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway"}
+    spec = vllm_spec(
+        placement={"topologySpreadConstraints": [spread]},
+        pod={"envFrom": [{"secretRef": {"name": "keys"}}]},
+    )
+    pod = pod_of(spec, conn_of())
+    assert pod["topologySpreadConstraints"] == [spread]
+    assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "keys"}}]

@@ -50,15 +50,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* The namespaces the operator watches, as a JSON list; empty = all namespaces. */}}
 {{- define "lmcache-operator.watchedNamespaces" -}}
-{{- if eq .Values.watch.scope "release" }}
-{{- list .Release.Namespace | toJson }}
-{{- else if eq .Values.watch.scope "namespaces" }}
-{{- if not .Values.watch.namespaces }}
-{{- fail "watch.scope is \"namespaces\" but watch.namespaces is empty: list the namespaces to watch, or use scope \"cluster\" or \"release\"" }}
+{{- .Values.watchNamespaces | default list | uniq | toJson }}
 {{- end }}
-{{- .Values.watch.namespaces | uniq | toJson }}
-{{- else }}
-{{- list | toJson }}
+
+{{/* `lmcache-operator run` flags of the guard rails (allowedHostPathPrefixes,
+allowPrivilegedPassThrough), one YAML list item per flag, for the container's args. */}}
+{{- define "lmcache-operator.policyArgs" -}}
+{{- range .Values.allowedHostPathPrefixes }}
+- --allowed-host-path-prefix={{ . }}
+{{- end }}
+{{- if .Values.allowPrivilegedPassThrough }}
+- --allow-privileged-pass-through
 {{- end }}
 {{- end }}
 
@@ -69,17 +71,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* Rules the operator needs in each namespace it watches (see rbac.yaml). */}}
+{{/* Rules the operator needs in each namespace it watches (the table in rbac.yaml). */}}
 {{- define "lmcache-operator.namespacedRules" -}}
 - apiGroups: ["lmcache.dev"]
-  resources: ["lmcacheclusters", "vllmdeployments"]
+  resources: ["lmcacheclusters"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["lmcache.dev"]
+  resources: ["vllmdeployments"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["lmcache.dev"]
   resources: ["lmcacheclusters/status", "vllmdeployments/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 - apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["daemonsets", "deployments"]
   verbs: ["list", "watch", "create", "patch"]
@@ -92,4 +100,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors"]
   verbs: ["create", "patch", "delete"]
+{{- end }}
+
+{{/* Cluster-scoped reads, granted in cluster mode only (see rbac.yaml). */}}
+{{- define "lmcache-operator.clusterRules" -}}
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["list", "watch"]
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["get", "list", "watch"]
 {{- end }}

@@ -13,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
+from lmcache_operator.api.k8s_types import k8s_list, k8s_object
 from lmcache_operator.quantity import QUANTITY_PATTERN, parse_bytes
 
 GROUP = "lmcache.dev"
@@ -20,8 +21,6 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 FIELD_MANAGER = "lmcache-operator"
 
-# Marks a free-form object (Kubernetes types we pass through unchanged, e.g. affinity).
-FREE_FORM: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
 EMPTY_DEFAULT: JsonDict = {"default": {}}  # so the API server applies nested defaults
 
 
@@ -119,15 +118,11 @@ class PlacementSpec(ApiModel):
         ),
         json_schema_extra={"default": {GPU_NODE_LABEL: "true"}},
     )
-    tolerations: list[dict[str, Any]] = Field(
-        default_factory=list,
-        max_length=64,
-        description="Pod tolerations (core/v1 Toleration objects), passed through unchanged.",
+    tolerations: list[dict[str, Any]] = k8s_list(
+        "Toleration", "Pod tolerations (core/v1 Toleration objects), passed through.", 64
     )
-    affinity: dict[str, Any] | None = Field(
-        None,
-        description="Pod affinity (core/v1 Affinity), passed through unchanged.",
-        json_schema_extra=FREE_FORM,
+    affinity: dict[str, Any] | None = k8s_object(
+        "Affinity", "Pod affinity (core/v1 Affinity), passed through."
     )
     priority_class_name: str | None = Field(
         None, max_length=253, description="PriorityClass of the pods."
@@ -142,34 +137,46 @@ class PlacementSpec(ApiModel):
 
 
 class PodOverrides(ApiModel):
-    """Escape hatches merged into the generated pod template."""
+    """Escape hatches merged into the generated pod template.
+
+    The operator refuses privilege here (privileged, added capabilities, privilege
+    escalation, unconfined seccomp/AppArmor, SELinux labels, sysctls, ids in the range
+    reserved for shm groups, host paths outside the chart's allowedHostPathPrefixes) unless
+    the chart sets allowPrivilegedPassThrough: the resource's ConfigValid condition says which
+    field.
+    """
 
     labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
-    env: list[dict[str, Any]] = Field(
-        default_factory=list,
-        max_length=128,
-        description="Extra environment variables (core/v1 EnvVar objects) of the main container.",
+    env: list[dict[str, Any]] = k8s_list(
+        "EnvVar", "Extra environment variables (core/v1 EnvVar) of the main container.", 128
     )
-    volumes: list[dict[str, Any]] = Field(
-        default_factory=list,
-        max_length=64,
-        description="Extra pod volumes (core/v1 Volume objects).",
+    env_from: list[dict[str, Any]] = k8s_list(
+        "EnvFromSource",
+        "Extra environment sources (core/v1 EnvFromSource: ConfigMaps, Secrets) of the main "
+        "container.",
+        16,
     )
-    volume_mounts: list[dict[str, Any]] = Field(
-        default_factory=list,
-        max_length=64,
-        description="Extra volume mounts (core/v1 VolumeMount objects) of the main container.",
+    volumes: list[dict[str, Any]] = k8s_list(
+        "Volume",
+        "Extra pod volumes (core/v1 Volume); a hostPath must lie under an allowed prefix "
+        "(chart value allowedHostPathPrefixes).",
+        64,
     )
-    security_context: dict[str, Any] | None = Field(
-        None,
-        description="Pod securityContext (core/v1 PodSecurityContext), passed through unchanged.",
-        json_schema_extra=FREE_FORM,
+    volume_mounts: list[dict[str, Any]] = k8s_list(
+        "VolumeMount", "Extra volume mounts (core/v1 VolumeMount) of the main container.", 64
     )
-    container_security_context: dict[str, Any] | None = Field(
-        None,
-        description="securityContext of the main container (core/v1 SecurityContext).",
-        json_schema_extra=FREE_FORM,
+    security_context: dict[str, Any] | None = k8s_object(
+        "PodSecurityContext",
+        "Pod securityContext (core/v1 PodSecurityContext), merged over the operator's defaults "
+        "(seccomp RuntimeDefault, the cluster's shm group in supplementalGroups, and for cache "
+        "pods runAsNonRoot with the image's uid 65532).",
+    )
+    container_security_context: dict[str, Any] | None = k8s_object(
+        "SecurityContext",
+        "securityContext (core/v1 SecurityContext) of the main container, merged over the "
+        "defaults (allowPrivilegeEscalation false, capabilities drop ALL, and for cache pods a "
+        "read-only root filesystem); capabilities.drop keeps ALL.",
     )
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, JsonValue, model_validator
 
 from lmcache_operator.api.common import (
     ApiModel,
@@ -20,6 +20,20 @@ from lmcache_operator.api.common import (
     nested_default,
     positive_quantity_field,
 )
+from lmcache_operator.api.policy import (
+    HOST_PATH_MAX_LENGTH,
+    MIN_EXPLICIT_GROUP,
+    RESERVED_ID_MAX,
+    RESERVED_ID_MIN,
+    SHAPE_RULE,
+    SHM,
+    SYSTEM_RULE,
+    PodPolicy,
+    checked_host_path,
+    derived_group,
+    is_under,
+    pass_through_problems,
+)
 from lmcache_operator.quantity import parse_bytes
 
 KIND = "LMCacheCluster"
@@ -28,6 +42,31 @@ PLURAL = "lmcacheclusters"
 TransferMode = Literal["shared", "engine"]
 Device = Literal["auto", "cuda", "cpu"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+HostPath = Annotated[str, AfterValidator(checked_host_path)]
+"""A host directory the operator mounts: never /, a system directory or a parent of one."""
+HOST_PATH_RULES: list[JsonValue] = [dict(SHAPE_RULE), dict(SYSTEM_RULE)]
+DISK_NOT_SHM_MESSAGE = (
+    "cache.disk.path must not be /dev/shm or below it: that is memory, not disk (size the "
+    "memory tier with cache.cpuSize)"
+)
+SHM_GROUP_MESSAGE = (
+    f"shmGroup must be at least {MIN_EXPLICIT_GROUP} (no system group) and below "
+    f"{RESERVED_ID_MIN} ({RESERVED_ID_MIN}-{RESERVED_ID_MAX} is reserved for derived groups); "
+    "leave it unset for a group of the cluster's own"
+)
+
+
+def _not_shm(path: str) -> str:
+    if is_under(path, SHM):
+        raise ValueError(DISK_NOT_SHM_MESSAGE)
+    return path
+
+
+def _explicit_group(group: int | None) -> int | None:
+    if group is not None and not MIN_EXPLICIT_GROUP <= group < RESERVED_ID_MIN:
+        raise ValueError(SHM_GROUP_MESSAGE)
+    return group
 
 
 class ServerSpec(ApiModel):
@@ -72,11 +111,24 @@ class DiskTier(ApiModel):
         }
     )
 
-    path: str = Field(
+    path: Annotated[HostPath, AfterValidator(_not_shm)] = Field(
         "/var/cache/lmcache",
         pattern=r"^/[^\s]*$",
-        max_length=1024,
-        description="Absolute host directory of the disk tier (hostPath, created if missing).",
+        max_length=HOST_PATH_MAX_LENGTH,
+        description=(
+            "Host directory of the disk tier, under an allowed prefix (chart value "
+            "allowedHostPathPrefixes); the cluster keeps its files in the subdirectory "
+            "lmcache-<namespace>-<name>, created and handed to the server's user."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                *HOST_PATH_RULES,
+                {
+                    "rule": f"!(self == '{SHM}' || self.startsWith('{SHM}/'))",
+                    "message": DISK_NOT_SHM_MESSAGE,
+                },
+            ]
+        },
     )
     size: Quantity | None = positive_quantity_field(
         "Cap of the disk tier, e.g. 100Gi (required).", default=None
@@ -184,11 +236,32 @@ class LMCacheClusterSpec(ApiModel):
     host_network: bool = Field(
         True, description="Run on the host network, so vLLM reaches the server at its node's IP."
     )
-    host_shm_path: str = Field(
+    host_shm_path: HostPath = Field(
         "/dev/shm",  # noqa: S108 - the host tmpfs CUDA IPC and shm need
         pattern=r"^/[^\s]*$",
-        max_length=1024,
-        description="Host tmpfs mounted at /dev/shm (hostPath, never an emptyDir).",
+        max_length=HOST_PATH_MAX_LENGTH,
+        description=(
+            "Host tmpfs mounted at /dev/shm (hostPath, never an emptyDir), under an allowed "
+            "prefix (chart value allowedHostPathPrefixes)."
+        ),
+        json_schema_extra={"x-kubernetes-validations": HOST_PATH_RULES},
+    )
+    shm_group: Annotated[int | None, AfterValidator(_explicit_group)] = Field(
+        None,
+        description=(
+            "Group shared by the cache pods and the cluster's vLLM pods (supplementalGroups): "
+            "it owns the shm directory /dev/shm/lmcache-<namespace>-<name> (mode 2770). Unset: "
+            f"a group derived from namespace/name in {RESERVED_ID_MIN}-{RESERVED_ID_MAX}, so two "
+            "clusters do not share one by accident."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self >= {MIN_EXPLICIT_GROUP} && self < {RESERVED_ID_MIN}",
+                    "message": SHM_GROUP_MESSAGE,
+                }
+            ]
+        },
     )
     resources: ResourceRequirements | None = Field(
         None,
@@ -212,9 +285,29 @@ class LMCacheClusterSpec(ApiModel):
             )
         return self
 
-    def semantic_problems(self) -> list[str]:
-        """Problems the API server's schema cannot see; each names the field and the fix."""
+    def group(self, namespace: str, name: str) -> int:
+        """The cluster's shm group: spec.shmGroup, else derived from namespace/name."""
+        return self.shm_group if self.shm_group is not None else derived_group(namespace, name)
+
+    def semantic_problems(self, policy: PodPolicy | None = None) -> list[str]:
+        """Problems the API server's schema cannot see, under the chart's guard rails
+        (``policy``, default: the chart's defaults); each names the field and the fix."""
+        policy = PodPolicy() if policy is None else policy
         problems: list[str] = []
+        paths = [("spec.hostShmPath", self.host_shm_path)]
+        if self.cache.disk is not None:
+            paths.append(("spec.cache.disk.path", self.cache.disk.path))
+        for field, path in paths:
+            problem = policy.host_path_problem(field, path)
+            if problem is not None:
+                problems.append(problem)
+        problems += pass_through_problems(
+            "spec.pod",
+            policy=policy,
+            pod_context=self.pod.security_context,
+            container_context=self.pod.container_security_context,
+            volumes=self.pod.volumes,
+        )
         cpu_bytes = parse_bytes(self.cache.cpu_size)
         if self.resources is not None:
             for kind in ("requests", "limits"):

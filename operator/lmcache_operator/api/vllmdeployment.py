@@ -7,7 +7,6 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from lmcache_operator.api.common import (
-    FREE_FORM,
     ApiModel,
     Condition,
     KindDefinition,
@@ -19,6 +18,8 @@ from lmcache_operator.api.common import (
     nested_default,
     positive_quantity_field,
 )
+from lmcache_operator.api.k8s_types import K8S_TYPE_KEY, k8s_list, k8s_object
+from lmcache_operator.api.policy import PodPolicy, pass_through_problems, volume_problems
 
 KIND = "VLLMDeployment"
 PLURAL = "vllmdeployments"
@@ -41,9 +42,10 @@ class ModelVolume(ApiModel):
     source: dict[str, Any] = Field(
         description=(
             "A core/v1 volume source, e.g. {persistentVolumeClaim: {claimName: llama}} or "
-            "{hostPath: {path: /models}}; passed through unchanged."
+            "{hostPath: {path: /models}} (under an allowed prefix, chart value "
+            "allowedHostPathPrefixes); passed through."
         ),
-        json_schema_extra=FREE_FORM,
+        json_schema_extra={K8S_TYPE_KEY: "VolumeSource"},
     )
     mount_path: str = Field(
         "/models",
@@ -116,10 +118,8 @@ class EngineSpec(ApiModel):
             "cache.enabled (the operator writes it)."
         ),
     )
-    env: list[dict[str, Any]] = Field(
-        default_factory=list,
-        max_length=128,
-        description="Extra environment variables (core/v1 EnvVar objects) of the vLLM container.",
+    env: list[dict[str, Any]] = k8s_list(
+        "EnvVar", "Extra environment variables (core/v1 EnvVar) of the vLLM container.", 128
     )
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="--gpu-memory-utilization (fraction of GPU memory)."
@@ -215,11 +215,17 @@ class VLLMPlacement(ApiModel):
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Extra node labels the pods require."
     )
-    tolerations: list[dict[str, Any]] = Field(
-        default_factory=list, max_length=64, description="Pod tolerations, passed through."
+    tolerations: list[dict[str, Any]] = k8s_list(
+        "Toleration", "Pod tolerations (core/v1 Toleration), passed through.", 64
     )
-    affinity: dict[str, Any] | None = Field(
-        None, description="Pod affinity (core/v1 Affinity), merged.", json_schema_extra=FREE_FORM
+    affinity: dict[str, Any] | None = k8s_object(
+        "Affinity", "Pod affinity (core/v1 Affinity), merged with the colocation terms."
+    )
+    topology_spread_constraints: list[dict[str, Any]] = k8s_list(
+        "TopologySpreadConstraint",
+        "How the replicas spread over zones or nodes (core/v1 TopologySpreadConstraint), "
+        "passed through.",
+        16,
     )
     priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass.")
     runtime_class_name: str | None = Field(None, max_length=253, description="RuntimeClass.")
@@ -295,6 +301,29 @@ class VLLMDeploymentSpec(ApiModel):
                 "true: the operator writes it; set cache.enabled: false to wire vLLM yourself"
             )
         return self
+
+    def semantic_problems(self, policy: PodPolicy | None = None) -> list[str]:
+        """What the chart's guard rails (``policy``, default: the chart's defaults) refuse:
+        host paths outside the allowed prefixes and privileged pass-through; each names the
+        field and the fix."""
+        policy = PodPolicy() if policy is None else policy
+        problems: list[str] = []
+        if self.model.volume is not None:
+            source = self.model.volume.source
+            problems += volume_problems("spec.model.volume.source", source, policy)
+        problems += pass_through_problems(
+            "spec.pod",
+            policy=policy,
+            pod_context=self.pod.security_context,
+            container_context=self.pod.container_security_context,
+            volumes=self.pod.volumes,
+        )
+        return problems
+
+    @property
+    def image_runs_as_non_root(self) -> bool:
+        """The default CPU image (ours) runs as uid 65532; stock vLLM images run as root."""
+        return self.image.repository is None and self.device == "cpu"
 
     @property
     def device(self) -> Literal["cuda", "cpu"]:

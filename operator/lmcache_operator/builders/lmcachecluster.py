@@ -8,12 +8,22 @@ import yaml
 
 from lmcache_operator.api.common import GPU_NODE_LABEL
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
+from lmcache_operator.api.policy import SHM, PodPolicy
+from lmcache_operator.builders.cache_security import (
+    DISK_MOUNT,
+    container_security_context,
+    disk_mount,
+    disk_owner_init,
+    pod_security_context,
+    shm_dir,
+)
 from lmcache_operator.builders.common import (
     CLUSTER_LABEL,
     CONFIG_HASH_ANNOTATION,
     content_hash,
     standard_labels,
 )
+from lmcache_operator.builders.podsecurity import confine_host_paths
 from lmcache_operator.quantity import GIB, format_mebibytes, parse_bytes, to_gib
 
 APP_NAME = "lmcache-node"
@@ -22,9 +32,7 @@ CONTAINER_NAME = "lmcache-node"
 CONFIG_KEY = "config.yaml"
 CONFIG_DIR = "/etc/lmcache"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
-DISK_INIT_NAME = "disk-owner"
-IMAGE_UID = 65532  # USER of images/node/Dockerfile
-IMAGE_GID = 65532
+TMP_SIZE_LIMIT = "256Mi"  # /tmp (HOME): the root filesystem is read-only
 MEMORY_OVERHEAD_BYTES = 2 * GIB
 REMOTE_URL_ENV = "LMCACHE_REMOTE_URL"
 METRICS_LABEL = "lmcache.dev/metrics"
@@ -77,7 +85,7 @@ def effective_device(spec: LMCacheClusterSpec) -> str:
     return "cuda" if on_gpu_nodes else "cpu"
 
 
-def node_config(spec: LMCacheClusterSpec) -> dict[str, Any]:
+def node_config(name: str, namespace: str, spec: LMCacheClusterSpec) -> dict[str, Any]:
     """The node's config file, in the node's own keys (``lmcache-node serve --config``)."""
     cache = spec.cache
     config: dict[str, Any] = {
@@ -91,9 +99,11 @@ def node_config(spec: LMCacheClusterSpec) -> dict[str, Any]:
         "max_workers": spec.server.max_workers,
         "device": effective_device(spec),
         "log_level": spec.server.log_level,
+        "shm_dir": shm_dir(namespace, name),
+        "shm_group": spec.group(namespace, name),
     }
     if cache.disk is not None and cache.disk.size is not None:
-        config["local_disk"] = f"file://{cache.disk.path.rstrip('/')}/"
+        config["local_disk"] = f"file://{DISK_MOUNT}/"
         config["max_local_disk_size"] = to_gib(parse_bytes(cache.disk.size))
     if cache.remote is not None:
         if cache.remote.url is not None:  # the Secret form arrives as LMCACHE_REMOTE_URL
@@ -103,7 +113,7 @@ def node_config(spec: LMCacheClusterSpec) -> dict[str, Any]:
 
 
 def build_configmap(name: str, namespace: str, spec: LMCacheClusterSpec) -> dict[str, Any]:
-    text = yaml.safe_dump(node_config(spec), sort_keys=False)
+    text = yaml.safe_dump(node_config(name, namespace, spec), sort_keys=False)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -149,59 +159,25 @@ def _env(spec: LMCacheClusterSpec) -> list[dict[str, Any]]:
     return env + [dict(item) for item in spec.pod.env]
 
 
-def _volumes(name: str, spec: LMCacheClusterSpec) -> tuple[list[Any], list[Any]]:
+def _volumes(name: str, namespace: str, spec: LMCacheClusterSpec) -> tuple[list[Any], list[Any]]:
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": configmap_name(name)}},
         {"name": "shm", "hostPath": {"path": spec.host_shm_path, "type": "Directory"}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "shm", "mountPath": "/dev/shm"},  # noqa: S108 - hostPath, shared on purpose
+        {"name": "shm", "mountPath": SHM},  # hostPath, shared with vLLM on purpose
     ]
-    disk = spec.cache.disk
-    if disk is not None:
-        volumes.append(
-            {"name": "disk", "hostPath": {"path": disk.path, "type": "DirectoryOrCreate"}}
-        )
-        mounts.append({"name": "disk", "mountPath": disk.path})
+    if not any(m.get("mountPath") == "/tmp" for m in spec.pod.volume_mounts):  # noqa: S108
+        volumes.append({"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}})
+        mounts.append({"name": "tmp", "mountPath": "/tmp"})  # noqa: S108 - an emptyDir
+    if spec.cache.disk is not None:
+        disk = {"path": spec.cache.disk.path, "type": "DirectoryOrCreate"}
+        volumes.append({"name": "disk", "hostPath": disk})
+        mounts.append(disk_mount(name, namespace))
     volumes += [dict(v) for v in spec.pod.volumes]
     mounts += [dict(m) for m in spec.pod.volume_mounts]
     return volumes, mounts
-
-
-def run_as(spec: LMCacheClusterSpec) -> tuple[int, int]:
-    """(uid, gid) the cache server runs as: container, then pod security context, else image."""
-    uid, gid = IMAGE_UID, IMAGE_GID
-    for context in (spec.pod.security_context, spec.pod.container_security_context):
-        if context:
-            uid = int(context.get("runAsUser", uid))
-            gid = int(context.get("runAsGroup", gid))
-    return uid, gid
-
-
-def _disk_owner_init(spec: LMCacheClusterSpec) -> dict[str, Any] | None:
-    """An initContainer giving the disk tier's hostPath to the server's user.
-
-    kubelet creates a DirectoryOrCreate hostPath root-owned; the server runs as non-root.
-    """
-    disk = spec.cache.disk
-    if disk is None:
-        return None
-    uid, gid = run_as(spec)
-    return {
-        "name": DISK_INIT_NAME,
-        "image": spec.image.reference,
-        "imagePullPolicy": spec.image.pull_policy,
-        "command": ["sh", "-c", 'chown "$0:$1" "$2" && chmod 0750 "$2"'],
-        "args": [str(uid), str(gid), disk.path],
-        "securityContext": {
-            "runAsUser": 0,
-            "runAsNonRoot": False,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]},
-        },
-        "volumeMounts": [{"name": "disk", "mountPath": disk.path}],
-    }
 
 
 def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:
@@ -214,9 +190,13 @@ def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:
 
 
 def build_daemonset(
-    name: str, namespace: str, spec: LMCacheClusterSpec, config_hash: str
+    name: str,
+    namespace: str,
+    spec: LMCacheClusterSpec,
+    config_hash: str,
+    policy: PodPolicy | None = None,
 ) -> dict[str, Any]:
-    volumes, mounts = _volumes(name, spec)
+    volumes, mounts = _volumes(name, namespace, spec)
     server = spec.server
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -229,6 +209,7 @@ def build_daemonset(
         ],
         "env": _env(spec),
         "resources": container_resources(spec),
+        "securityContext": container_security_context(spec),
         "volumeMounts": mounts,
         "readinessProbe": _probe("/readyz", server.http_port, period=5, failures=2),
         "livenessProbe": _probe("/healthz", server.http_port, period=10, failures=3),
@@ -237,8 +218,8 @@ def build_daemonset(
         # in the pod status, which the LMCacheCluster's Degraded condition quotes
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if spec.pod.container_security_context is not None:
-        container["securityContext"] = dict(spec.pod.container_security_context)
+    if spec.pod.env_from:
+        container["envFrom"] = [dict(source) for source in spec.pod.env_from]
     pod_labels = {**spec.pod.labels, **labels(name)}
     pod_annotations = {**spec.pod.annotations, CONFIG_HASH_ANNOTATION: config_hash}
     placement = spec.placement
@@ -248,6 +229,7 @@ def build_daemonset(
         "nodeSelector": dict(placement.node_selector),
         "containers": [container],
         "volumes": volumes,
+        "securityContext": pod_security_context(name, namespace, spec),
         "terminationGracePeriodSeconds": 30,
         # no <SERVICE>_PORT variables: a Service named lmcache-... would inject LMCACHE_*
         # variables the server reads as configuration
@@ -258,13 +240,13 @@ def build_daemonset(
         "affinity": placement.affinity,
         "priorityClassName": placement.priority_class_name,
         "runtimeClassName": placement.runtime_class_name,
-        "securityContext": spec.pod.security_context,
         "imagePullSecrets": [{"name": s} for s in spec.image.pull_secrets] or None,
     }
-    disk_init = _disk_owner_init(spec)
+    disk_init = disk_owner_init(name, namespace, spec)
     if disk_init is not None:
         pod_spec["initContainers"] = [disk_init]
     pod_spec.update({key: value for key, value in optional.items() if value is not None})
+    confine_host_paths(pod_spec, PodPolicy() if policy is None else policy)
     strategy = spec.update_strategy
     update: dict[str, Any] = {"type": strategy.type}
     if strategy.type == "RollingUpdate":
@@ -355,16 +337,26 @@ def build_service_monitor(name: str, namespace: str, spec: LMCacheClusterSpec) -
 
 
 def build_children(
-    name: str, namespace: str, spec: LMCacheClusterSpec, *, service_monitor: bool
+    name: str,
+    namespace: str,
+    spec: LMCacheClusterSpec,
+    *,
+    service_monitor: bool,
+    policy: PodPolicy | None = None,
 ) -> list[dict[str, Any]]:
-    """Every child object, in apply order (ConfigMap before the pods that mount it)."""
+    """Every child object, in apply order (ConfigMap before the pods that mount it).
+
+    ``policy`` is the chart's guard rails (default: the chart's defaults): the host paths of
+    the pod are confined to its allowed prefixes. Validate with
+    ``spec.semantic_problems(policy)`` first.
+    """
     configmap = build_configmap(name, namespace, spec)
     config_hash = content_hash({"data": configmap["data"], "env": _env(spec)})
     children = [
         configmap,
         build_node_service(name, namespace, spec),
         build_metrics_service(name, namespace, spec),
-        build_daemonset(name, namespace, spec, config_hash),
+        build_daemonset(name, namespace, spec, config_hash, policy),
     ]
     if service_monitor and spec.monitoring.service_monitor:
         children.append(build_service_monitor(name, namespace, spec))

@@ -15,8 +15,10 @@ from typing import Any
 
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.vllmdeployment import VLLMDeploymentSpec
+from lmcache_operator.builders.cache_security import IMAGE_GID, IMAGE_UID
 from lmcache_operator.builders.common import content_hash
 from lmcache_operator.builders.lmcachecluster import effective_device, selector_labels
+from lmcache_operator.builders.podsecurity import restricted_container_context
 
 CONNECTOR_CLASS = "LMCacheNodeConnector"
 CONNECTOR_MODULE = "lmcache_node.vllm.connector"
@@ -30,6 +32,17 @@ DEFAULT_BLOCK_SIZE = {"cuda": 16, "cpu": 128}  # vLLM's defaults per platform
 
 def _small_resources() -> dict[str, Any]:
     return {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}
+
+
+def _cache_image_context() -> dict[str, Any]:
+    """Init containers from the cache image: its non-root user, nothing else."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": IMAGE_UID,
+        "runAsGroup": IMAGE_GID,
+        "readOnlyRootFilesystem": True,
+        **restricted_container_context(),
+    }
 
 
 # Copies the package directory without importing it (find_spec does not run __init__).
@@ -79,13 +92,19 @@ class CacheConnection:
     device: str
     host_network: bool
     host_shm_path: str
+    shm_group: int | None
     node_selector: Mapping[str, str] = field(default_factory=dict)
     image: str = ""
     pull_policy: str = "IfNotPresent"
     pull_secrets: Sequence[str] = ()
 
     @classmethod
-    def from_cluster(cls, name: str, spec: LMCacheClusterSpec) -> CacheConnection:
+    def from_cluster(
+        cls, name: str, spec: LMCacheClusterSpec, *, namespace: str | None = None
+    ) -> CacheConnection:
+        """The connection settings of LMCacheCluster ``namespace/name``. The shm group is
+        the spec's, else derived from namespace and name; without ``namespace`` (a caller not
+        yet passing it) only a spec's explicit group is known, and the vLLM pods get none."""
         return cls(
             cluster=name,
             port=spec.server.port,
@@ -95,6 +114,7 @@ class CacheConnection:
             device=effective_device(spec),
             host_network=spec.host_network,
             host_shm_path=spec.host_shm_path,
+            shm_group=spec.group(namespace, name) if namespace is not None else spec.shm_group,
             node_selector=dict(spec.placement.node_selector),
             image=spec.image.reference,
             pull_policy=spec.image.pull_policy,
@@ -110,6 +130,7 @@ class CacheConnection:
                 "chunkSize": self.chunk_size,
                 "transferMode": self.transfer_mode,
                 "hostShmPath": self.host_shm_path,
+                "shmGroup": self.shm_group,
             }
         )
 
@@ -160,6 +181,7 @@ def install_connector_container(conn: CacheConnection) -> dict[str, Any]:
         "command": ["python3", "-c", INSTALL_SCRIPT, CONNECTOR_DIR],
         "volumeMounts": [{"name": CONNECTOR_VOLUME, "mountPath": CONNECTOR_DIR}],
         "resources": _small_resources(),
+        "securityContext": _cache_image_context(),
     }
 
 
@@ -177,6 +199,7 @@ def wait_for_cache_container(conn: CacheConnection) -> dict[str, Any]:
         ],
         "env": [host_ip_env()],
         "resources": _small_resources(),
+        "securityContext": _cache_image_context(),
     }
 
 

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from lmcache_operator.api.common import API_VERSION
 from lmcache_operator.api.lmcachecluster import KIND as CLUSTER_KIND
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
+from lmcache_operator.api.policy import PodPolicy
 from lmcache_operator.api.vllmdeployment import KIND, VLLMDeploymentSpec
 from lmcache_operator.builders.vllm_connector import CacheConnection
 from lmcache_operator.builders.vllmdeployment import build_children, name_problems
@@ -28,14 +29,21 @@ def _clusters(documents: Sequence[Any]) -> dict[tuple[str, str], dict[str, Any]]
 
 
 def render_vllm_documents(
-    indexed: Sequence[tuple[int, dict[str, Any]]], documents: Sequence[Any]
+    indexed: Sequence[tuple[int, dict[str, Any]]],
+    documents: Sequence[Any],
+    policy: PodPolicy | None = None,
 ) -> list[dict[str, Any]]:
     """The children of each VLLMDeployment; ``documents`` supplies the LMCacheClusters."""
+    policy = PodPolicy() if policy is None else policy
     clusters = _clusters(documents)
     objects: list[dict[str, Any]] = []
     for index, doc in indexed:
         name, namespace, spec = validated_document(
-            index, doc, KIND, VLLMDeploymentSpec, lambda name, _: name_problems(name)
+            index,
+            doc,
+            KIND,
+            VLLMDeploymentSpec,
+            lambda name, spec: name_problems(name) + spec.semantic_problems(policy),
         )
         label = f"{KIND} {name!r}"
         conn = None
@@ -49,8 +57,10 @@ def render_vllm_documents(
                     "reads the connection settings from it)"
                 )
             try:
-                conn = CacheConnection.from_cluster(ref, LMCacheClusterSpec.model_validate(cluster))
+                conn = CacheConnection.from_cluster(
+                    ref, LMCacheClusterSpec.model_validate(cluster), namespace=namespace
+                )
             except ValidationError:
                 raise RenderError(f"{label}: {CLUSTER_KIND} {ref!r} is invalid") from None
-        objects += build_children(name, namespace, spec, conn)
+        objects += build_children(name, namespace, spec, conn, policy)
     return objects

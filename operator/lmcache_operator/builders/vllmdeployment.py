@@ -7,11 +7,18 @@ import math
 import re
 from typing import Any
 
+from lmcache_operator.api.policy import SHM, PodPolicy
 from lmcache_operator.api.vllmdeployment import VLLMDeploymentSpec
 from lmcache_operator.builders.common import (
     CONFIG_HASH_ANNOTATION,
     content_hash,
     standard_labels,
+)
+from lmcache_operator.builders.podsecurity import (
+    RUNTIME_DEFAULT_SECCOMP,
+    confine_host_paths,
+    merged_context,
+    restricted_container_context,
 )
 from lmcache_operator.builders.vllm_connector import (
     CONNECTOR_DIR,
@@ -152,11 +159,11 @@ def _probes(spec: VLLMDeploymentSpec) -> dict[str, Any]:
 def _volumes(
     spec: VLLMDeploymentSpec, conn: CacheConnection | None, *, install: bool
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    shm_path = conn.host_shm_path if conn is not None else "/dev/shm"  # noqa: S108
+    shm_path = conn.host_shm_path if conn is not None else SHM
     volumes: list[dict[str, Any]] = [
         {"name": "shm", "hostPath": {"path": shm_path, "type": "Directory"}}
     ]
-    mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": "/dev/shm"}]  # noqa: S108
+    mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": SHM}]
     if install:
         volumes.append({"name": CONNECTOR_VOLUME, "emptyDir": {}})
         mounts.append({"name": CONNECTOR_VOLUME, "mountPath": CONNECTOR_DIR, "readOnly": True})
@@ -212,10 +219,32 @@ def placement(spec: VLLMDeploymentSpec, conn: CacheConnection | None) -> dict[st
     return out
 
 
+def pod_security_context(spec: VLLMDeploymentSpec, conn: CacheConnection | None) -> dict[str, Any]:
+    """seccomp RuntimeDefault, the cache cluster's shm group, runAsNonRoot for our CPU image
+    (stock vLLM images run as root: opt in with pod.securityContext.runAsUser/runAsNonRoot)."""
+    defaults: dict[str, Any] = {"seccompProfile": dict(RUNTIME_DEFAULT_SECCOMP)}
+    if spec.image_runs_as_non_root:
+        defaults["runAsNonRoot"] = True
+    if conn is not None and conn.shm_group is not None:
+        defaults["supplementalGroups"] = [conn.shm_group]
+    return merged_context(defaults, spec.pod.security_context)
+
+
+def container_security_context(spec: VLLMDeploymentSpec) -> dict[str, Any]:
+    """No privilege escalation, every capability dropped; the spec's merged over."""
+    return merged_context(restricted_container_context(), spec.pod.container_security_context)
+
+
 def build_deployment(
-    name: str, namespace: str, spec: VLLMDeploymentSpec, conn: CacheConnection | None
+    name: str,
+    namespace: str,
+    spec: VLLMDeploymentSpec,
+    conn: CacheConnection | None,
+    policy: PodPolicy | None = None,
 ) -> dict[str, Any]:
-    """The vLLM Deployment; ``conn`` is None when the cache is disabled."""
+    """The vLLM Deployment; ``conn`` is None when the cache is disabled. Host paths are
+    confined to ``policy``'s prefixes (default: the chart's); validate with
+    ``spec.semantic_problems(policy)`` first."""
     install = conn is not None and not spec.image_includes_connector
     volumes, mounts = _volumes(spec, conn, install=install)
     container: dict[str, Any] = {
@@ -228,13 +257,14 @@ def build_deployment(
         "ports": [{"name": "http", "containerPort": spec.service.port, "protocol": "TCP"}],
         "env": container_env(spec, conn, install=install),
         "volumeMounts": mounts,
+        "securityContext": container_security_context(spec),
         **_probes(spec),
     }
     resources = container_resources(spec)
     if resources:
         container["resources"] = resources
-    if spec.pod.container_security_context is not None:
-        container["securityContext"] = dict(spec.pod.container_security_context)
+    if spec.pod.env_from:
+        container["envFrom"] = [dict(source) for source in spec.pod.env_from]
     init: list[dict[str, Any]] = []
     if install and conn is not None:
         init.append(install_connector_container(conn))
@@ -250,6 +280,7 @@ def build_deployment(
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
+        "securityContext": pod_security_context(spec, conn),
         # Kubernetes would set VLLM_PORT=tcp://... for a Service named "vllm" (and
         # VLLM_*_PORT for "vllm-*"), which vLLM reads as its own setting and dies on
         "enableServiceLinks": False,
@@ -258,9 +289,9 @@ def build_deployment(
     optional: dict[str, Any] = {
         "initContainers": init or None,
         "tolerations": [dict(t) for t in user.tolerations] or None,
+        "topologySpreadConstraints": [dict(t) for t in user.topology_spread_constraints] or None,
         "priorityClassName": user.priority_class_name,
         "runtimeClassName": user.runtime_class_name,
-        "securityContext": spec.pod.security_context,
         "imagePullSecrets": [
             {"name": s}
             for s in dict.fromkeys(
@@ -270,6 +301,7 @@ def build_deployment(
         or None,
     }
     pod_spec.update({k: v for k, v in optional.items() if v is not None})
+    confine_host_paths(pod_spec, PodPolicy() if policy is None else policy)
     strategy: dict[str, Any] = {"type": spec.strategy.type}
     if spec.strategy.type == "RollingUpdate":
         rolling = {
@@ -315,10 +347,17 @@ def build_service(name: str, namespace: str, spec: VLLMDeploymentSpec) -> dict[s
 
 
 def build_children(
-    name: str, namespace: str, spec: VLLMDeploymentSpec, conn: CacheConnection | None
+    name: str,
+    namespace: str,
+    spec: VLLMDeploymentSpec,
+    conn: CacheConnection | None,
+    policy: PodPolicy | None = None,
 ) -> list[dict[str, Any]]:
-    """Service and Deployment, in apply order."""
-    return [build_service(name, namespace, spec), build_deployment(name, namespace, spec, conn)]
+    """Service and Deployment, in apply order (``policy``: see build_deployment)."""
+    return [
+        build_service(name, namespace, spec),
+        build_deployment(name, namespace, spec, conn, policy),
+    ]
 
 
 def template_hash(deployment: dict[str, Any]) -> str:
