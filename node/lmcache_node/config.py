@@ -32,7 +32,7 @@ ENV_PREFIX = "LMCACHE_"
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 SECRET_KEYS = frozenset({"remote_url"})
 
-Device = Literal["cpu", "cuda", "xpu"]
+Device = Literal["cpu", "cuda", "xpu", "auto"]
 KVDtype = Literal["float16", "float32", "bfloat16", "uint8"]
 
 
@@ -111,7 +111,13 @@ class NodeConfig(BaseSettings):
     port: int = Field(5555, ge=1, le=65535, description="ZMQ port.")
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP API port (0 disables it).")
     max_workers: int = Field(1, ge=1, le=256, description="Request worker threads.")
-    device: Device = Field("cpu", description="Device of the KV caches: cpu, cuda or xpu.")
+    device: Device = Field(
+        "cpu",
+        description=(
+            "Device of the KV caches: cpu, cuda, xpu, or auto (cuda when it works here, else "
+            "cpu). cuda without a usable GPU stops the server at start, saying why."
+        ),
+    )
     # --- trust: credentials (docs/security.md) ---
     curve_server_key: str | None = Field(
         None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -88,6 +88,10 @@ class NodeMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.info = Info(
+            PREFIX + "server", "The server's version and the device it serves.",
+            registry=self.registry,
+        )  # fmt: skip
         self._engine_collector: _EngineCollector | None = None
         self._tier_collector: TierCollector | None = None
 

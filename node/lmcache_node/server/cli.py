@@ -91,10 +91,15 @@ def run(args: argparse.Namespace) -> int:
     except TransportSecurityError as exc:
         print(f"lmcache-node serve: {exc}", file=sys.stderr)
         return 2
+    from lmcache_node.devices import DeviceUnavailableError  # noqa: PLC0415
     from lmcache_node.httpapi import HttpApi  # noqa: PLC0415
     from lmcache_node.server.node_server import NodeServer  # noqa: PLC0415
 
-    server = NodeServer(config, transport=transport)
+    try:
+        server = NodeServer(config, transport=transport)
+    except DeviceUnavailableError as exc:
+        print(f"lmcache-node serve: {exc}", file=sys.stderr)
+        return 2
     http: HttpApi | None = None
     if config.http_port:  # first, so /healthz answers and /readyz says 503 while starting
         http = HttpApi(server, config.host, config.http_port)

@@ -27,7 +27,9 @@ import torch
 import zmq
 from prometheus_client import CollectorRegistry
 
+from lmcache_node import __version__
 from lmcache_node.config import NodeConfig
+from lmcache_node.devices import resolve_device
 from lmcache_node.engine.core import CacheEngine
 from lmcache_node.metrics import NodeMetrics
 from lmcache_node.protocol import messages as m
@@ -89,7 +91,11 @@ class NodeServer:
         registry: CollectorRegistry | None = None,
         transport: Transport | None = None,
     ) -> None:
-        self.config = config
+        choice = resolve_device(config.device)  # DeviceUnavailableError: a GPU that cannot work
+        if choice.device != config.device or choice.reason != "configured":
+            log.info("serving device %s (%s)", choice.device, choice.reason)
+        self.config = config.model_copy(update={"device": choice.device})
+        config = self.config
         self._engine = engine
         self.metrics = NodeMetrics(registry)
         self.sessions = SessionTable()
@@ -156,6 +162,7 @@ class NodeServer:
             raise
         shm.sweep_stale_segments()
         self.metrics.attach_engine(self._engine, self.sessions.registration_count)
+        self.metrics.info.info({"version": __version__, "device": self.config.device})
         self._handler = RequestHandler(
             self.config,
             self._engine,
