@@ -163,8 +163,9 @@ class NodeConfig(BaseSettings):
     remote_secret_file: str | None = Field(
         None,
         description=(
-            "File holding the remote tier's secret (at least 16 bytes): remote keys are "
-            "HMACs under it and every value carries a MAC checked on read."
+            "File holding the remote tier's secret (at least 16 bytes; a trailing newline is "
+            "ignored): remote keys are HMACs under it and every value carries a MAC checked "
+            "on read. A remote tier needs it unless insecure_allow_unauthenticated is set."
         ),
     )
     remote_key_prefix: str = Field(

@@ -44,7 +44,7 @@ def tier_for(
     options: dict[str, object] = {
         "secret": secret,
         "key_prefix": prefix,
-        "timeout_secs": 0.5,
+        "timeout_secs": 2.0,  # the whole operation: generous for a loaded machine
         "retry": RetryPolicy(attempts=2, base_secs=0.01),
         "breaker": CircuitBreaker(threshold=100, cooldown_secs=0.5),
     }
