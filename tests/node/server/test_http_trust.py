@@ -233,8 +233,11 @@ def test_unusable_token_file_refuses_to_start(tmp_path: Path, content: str | Non
     proc = ServerProcess(
         "--cpu-buffer-size", "0.01", "--http-token-file", str(token_file), log_file=log
     )
-    with pytest.raises(RuntimeError, match="exited with 2"):
-        proc.start()
+    try:
+        with pytest.raises(RuntimeError, match="exited with 2"):
+            proc.start()
+    finally:
+        proc.kill()  # a server that wrongly started must not outlive the test
     text = log.read_text()
     assert "http_token_file" in text and str(token_file) in text
 

@@ -156,8 +156,11 @@ def test_server_refuses_a_remote_tier_without_a_secret(
 ) -> None:
     log = tmp_path / "refused.log"
     proc = ServerProcess(*server_args("--remote-url", redis_server.url), log_file=log)
-    with pytest.raises(RuntimeError, match="exited with 1"):
-        proc.start()
+    try:
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            proc.start()
+    finally:
+        proc.kill()  # a server that wrongly started must not outlive the test
     text = log.read_text()
     assert "remote_secret_file" in text and "insecure_allow_unauthenticated" in text
     assert redis_server.client().dbsize() == 0
