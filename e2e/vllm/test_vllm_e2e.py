@@ -187,11 +187,11 @@ def _connected_again(dep: Deployment) -> bool:
     except OSError:
         return False
     # every instance has two clients (scheduler and worker); the worker also re-registers
-    workers = stats.get("registered_workers", [])
+    workers = stats.get("registered_workers", 0)
     sessions = stats.get("sessions", 0)
     return (
-        isinstance(workers, list)
-        and len(workers) >= len(dep.instances)
+        isinstance(workers, int)
+        and workers >= len(dep.instances)
         and isinstance(sessions, int)
         and sessions >= 2 * len(dep.instances)
     )

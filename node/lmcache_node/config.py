@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -96,7 +96,14 @@ class NodeConfig(BaseSettings):
     write_policy: Literal["write_through", "write_on_evict"] = Field(
         "write_through", description="When chunks flow from L1 to the lower tiers."
     )
-    remote_timeout_secs: float = Field(1.0, gt=0, description="Timeout of each remote call.")
+    remote_timeout_secs: float = Field(
+        1.0,
+        gt=0,
+        description=(
+            "Longest one remote operation may take, retries included (a slower one is a "
+            "miss); raise it for big chunks over a slow network."
+        ),
+    )
     remote_ttl_secs: float | None = Field(
         None, gt=0, description="Expiry of remote entries (seconds); null keeps them."
     )
@@ -137,7 +144,8 @@ class NodeConfig(BaseSettings):
         False,
         description=(
             "Serve a non-loopback address without CURVE credentials (anyone who reaches the "
-            "port can read and write the cache); logged as a warning at every start."
+            "port can read and write the cache), and run a remote tier without "
+            "remote_secret_file (unkeyed names and checks); logged as a warning at every start."
         ),
     )
     http_host: str | None = Field(
@@ -161,8 +169,9 @@ class NodeConfig(BaseSettings):
     remote_secret_file: str | None = Field(
         None,
         description=(
-            "File holding the remote tier's secret (at least 16 bytes): remote keys are "
-            "HMACs under it and every value carries a MAC checked on read."
+            "File holding the remote tier's secret (at least 16 bytes; a trailing newline is "
+            "ignored): remote keys are HMACs under it and every value carries a MAC checked "
+            "on read. A remote tier needs it unless insecure_allow_unauthenticated is set."
         ),
     )
     remote_key_prefix: str = Field(
@@ -352,11 +361,17 @@ def _cross_field(keys: tuple[str, ...] | list[str], message: str) -> PydanticCus
 
 
 def _redact_url(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
-    return parsed._replace(netloc=netloc).geturl()
+    """``url`` with its password hidden: in the user part and in a ``password=`` query."""
+    base, mark, query = url.partition("?")
+    password = urlparse(base).password
+    if password is not None:
+        base = base.replace(f":{password}@", ":***@", 1)
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
+        )
+    return base + mark + query
 
 
 def config_keys() -> list[str]:

@@ -201,9 +201,13 @@ def test_mla_must_fit_the_shape() -> None:
 
 
 def test_redacted_hides_passwords() -> None:
-    config = load_config({"remote_url": "redis://user:pw-s3cr3t@host:6379/0"}, environ={})
-    assert "pw-s3cr3t" not in str(config.redacted())
+    config = load_config({"remote_url": "redis://user:hunter2@host:6379/0"}, environ={})
+    assert "hunter2" not in str(config.redacted())
     assert "user:***@host" in config.redacted()["remote_url"]
+    query = "unix:///run/redis.sock?db=0&password=hunter2"
+    config = load_config({"remote_url": query}, environ={})
+    assert "hunter2" not in str(config.redacted())
+    assert config.redacted()["remote_url"] == "unix:///run/redis.sock?db=0&password=***"
 
 
 def test_environ_argument_does_not_leak() -> None:

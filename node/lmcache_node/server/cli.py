@@ -102,7 +102,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     http: HttpApi | None = None
     if config.http_port:  # first, so /healthz answers and /readyz says 503 while starting
-        http = HttpApi(server, config.host, config.http_port)
+        try:
+            http = HttpApi.from_config(server, config)
+        except ValueError as exc:  # the token file or http_host cannot be used
+            print(f"lmcache-node serve: {exc}", file=sys.stderr)
+            return 2
         try:
             http.start()
         except OSError as exc:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -644,26 +643,27 @@ class RequestHandler:
 
     # ----- shared with the server -----
     def snapshot(self) -> dict[str, Any]:
+        """Aggregate counts only: served on the open /stats and to every client's STATS, so
+        never session, routing or registration ids, pids, hostnames of clients or keys."""
         stats = vars(self.engine.stats()).copy()
+        registrations = self.sessions.registrations()
+        by_device: dict[str, int] = {}
+        by_mode: dict[str, int] = {}
+        for registration in registrations:
+            by_device[registration.device] = by_device.get(registration.device, 0) + 1
+            by_mode[registration.transfer_mode] = by_mode.get(registration.transfer_mode, 0) + 1
         return {
             "server_version": __version__,
-            "pid": os.getpid(),
             "host": socket.gethostname(),
             "chunk_size": self.config.chunk_size,
             "tiers": {"l1": stats, **self.engine.tier_stats()},
             "sessions": len(self.sessions.sessions()),
-            "registered_workers": [
-                {
-                    "registration_id": r.registration_id,
-                    "client": r.session_id,
-                    "worker_id": r.worker_id,
-                    "layout": r.layout,
-                    "device": r.device,
-                    "transfer_mode": r.transfer_mode,
-                    "layers": len(r.geometry.layers),
-                }
-                for r in self.sessions.registrations()
-            ],
+            "registered_workers": len(registrations),
+            "registrations": {
+                "by_device": by_device,
+                "by_transfer_mode": by_mode,
+                "layers": sum(len(r.geometry.layers) for r in registrations),
+            },
             "active_locks": stats["active_locks"],
         }
 

@@ -3,7 +3,9 @@
 A frame is a fixed header followed by the stored payload. The header carries a magic, the
 format version, the codec, the key, a layout tag, the stored and decoded lengths, an xxh3-64
 checksum of the stored payload and a checksum of the header itself. On disk the header is
-padded to 4096 bytes so the payload starts block-aligned (O_DIRECT); remotely it is not padded.
+padded to 4096 bytes so the payload starts block-aligned (O_DIRECT); remotely it is not padded
+(and the remote tier appends a MAC, see ``remote_values``). Decompression never produces more
+than the header's decoded length: a small value that would expand beyond it is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ class TierError(Exception):
 
 class FrameError(TierError):
     """A frame is missing, truncated, of another format, or fails its checksum."""
+
+
+class WrongKeyError(FrameError):
+    """The frame is intact but holds another chunk key than the one asked for."""
+
+
+class DecompressionLimitError(FrameError):
+    """The payload would decompress to more bytes than the chunk holds (a bomb)."""
 
 
 class Codec(enum.IntEnum):
@@ -136,7 +146,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> FrameHeader:
 def check_header(header: FrameHeader, key: ChunkKey, layout: str) -> None:
     """The header must name the key asked for and the layout this node writes."""
     if header.key != key:
-        raise FrameError("frame holds another key")
+        raise WrongKeyError("frame holds another key")
     if header.layout != layout:
         raise FrameError(f"frame layout {header.layout!r}, expected {layout!r}")
 
@@ -150,19 +160,54 @@ def encode_payload(codec: Codec, raw: bytes | memoryview) -> bytes | memoryview:
 
 
 def decode_payload(codec: Codec, stored: bytes | memoryview, raw_len: int) -> bytes | memoryview:
-    """The raw payload; raises FrameError when it does not decode to ``raw_len`` bytes."""
+    """The raw payload; raises FrameError when it does not decode to exactly ``raw_len`` bytes.
+
+    Compressed payloads are decoded with a hard cap of ``raw_len + 1`` output bytes, whatever
+    sizes the compressed stream itself claims: ``DecompressionLimitError`` when it would give
+    more.
+    """
     try:
         if codec is Codec.NAIVE:
             raw: bytes | memoryview = stored
         elif codec is Codec.ZSTD:
-            raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_len)
+            raw = _zstd_capped(stored, raw_len)
         else:
-            raw = lz4.frame.decompress(stored)
+            raw = _lz4_capped(stored, raw_len)
     except (zstandard.ZstdError, RuntimeError, ValueError) as exc:
         raise FrameError(f"payload does not decode ({codec.name.lower()}): {exc}") from None
+    if len(raw) > raw_len:
+        raise DecompressionLimitError(
+            f"payload decodes to more than the {raw_len} bytes the chunk holds"
+        )
     if len(raw) != raw_len:
         raise FrameError(f"payload decodes to {len(raw)} bytes, header says {raw_len}")
     return raw
+
+
+def _zstd_capped(stored: bytes | memoryview, cap: int) -> bytes:
+    """At most ``cap + 1`` bytes of one zstd frame (``decompress(max_output_size=)`` trusts
+    the frame's own content size, so it is no cap)."""
+    reader = zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=False)
+    parts: list[bytes] = []
+    total = 0
+    while total <= cap:
+        part = reader.read(cap + 1 - total)
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _lz4_capped(stored: bytes | memoryview, cap: int) -> bytes:
+    """At most ``cap + 1`` bytes of one whole lz4 frame; trailing bytes are an error."""
+    decompressor = lz4.frame.LZ4FrameDecompressor()
+    raw = decompressor.decompress(stored, max_length=cap + 1)
+    if len(raw) <= cap and not decompressor.eof:
+        raise FrameError("lz4 payload is truncated")
+    if decompressor.unused_data:
+        raise FrameError("bytes after the end of the lz4 payload")
+    return bytes(raw)
 
 
 def build_frame(
@@ -170,11 +215,14 @@ def build_frame(
     raw: bytes | memoryview | Sequence[Any],
     codec: Codec,
     layout: str = DEFAULT_LAYOUT,
+    *,
+    trailer_bytes: int = 0,
 ) -> memoryview:
     """A whole frame (header + encoded payload) in one buffer, for remote values.
 
     ``raw`` is the payload, or a list of buffers whose concatenation is the payload; with no
-    compression they are copied once, straight into the frame.
+    compression they are copied once, straight into the frame. ``trailer_bytes`` zero bytes
+    follow the frame in the same buffer (room for the remote tier's MAC, without a copy).
     """
     parts: list[Any] = [raw] if isinstance(raw, (bytes, memoryview)) else list(raw)
     raw_len = sum(memoryview(p).nbytes for p in parts)
@@ -182,13 +230,13 @@ def build_frame(
         joined = parts[0] if len(parts) == 1 else b"".join(parts)
         parts = [encode_payload(codec, joined)]
     payload_len = sum(memoryview(p).nbytes for p in parts)
-    frame = bytearray(HEADER_BYTES + payload_len)
+    frame = bytearray(HEADER_BYTES + payload_len + trailer_bytes)
     position = HEADER_BYTES
     for part in parts:
         view = memoryview(part).cast("B")
         frame[position : position + view.nbytes] = view
         position += view.nbytes
-    payload = memoryview(frame)[HEADER_BYTES:]
+    payload = memoryview(frame)[HEADER_BYTES : HEADER_BYTES + payload_len]
     header = FrameHeader(
         key=key,
         codec=codec,
@@ -203,11 +251,21 @@ def build_frame(
 
 
 def parse_frame(
-    frame: bytes | memoryview, key: ChunkKey, layout: str = DEFAULT_LAYOUT
+    frame: bytes | memoryview,
+    key: ChunkKey,
+    layout: str = DEFAULT_LAYOUT,
+    *,
+    raw_len: int | None = None,
 ) -> bytes | memoryview:
-    """The raw payload of a whole frame; FrameError if anything does not check out."""
+    """The raw payload of a whole frame; FrameError if anything does not check out.
+
+    ``raw_len``: the chunk's expected size; a frame of another size is refused before its
+    payload is decoded.
+    """
     header = decode_header(frame)
     check_header(header, key, layout)
+    if raw_len is not None and header.raw_len != raw_len:
+        raise FrameError(f"frame holds {header.raw_len} bytes, {raw_len} expected")
     if len(frame) != header.frame_len:
         raise FrameError(f"frame is {len(frame)} bytes, header says {header.frame_len}")
     stored = memoryview(frame)[header.header_len :]

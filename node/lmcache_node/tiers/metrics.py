@@ -1,6 +1,7 @@
 """Prometheus series of the tiers below L1, read from ``CacheEngine.tier_stats()`` at scrape.
 
-Register with ``registry.register(TierCollector(engine))``. Labels: ``tier`` (disk, remote).
+Register with ``registry.register(TierCollector(engine))``. Labels: ``tier`` (disk, remote);
+``lmcache_node_remote_rejected_total`` has ``reason`` (see ``remote_values.RejectReason``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lmcache_node.engine.core import CacheEngine
+from lmcache_node.tiers.remote_values import RejectReason
 
 PREFIX = "lmcache_node_tier_"
+REMOTE_REJECTED = "lmcache_node_remote_rejected"
 
 _GAUGES = {
     "available": "1 while the tier can be used (0: disabled, or the remote breaker is open).",
@@ -53,6 +56,19 @@ class TierCollector(Collector):
             for name, values in tiers.items():
                 counter.add_metric([name], float(values.get(field, 0)))
             yield counter
+        remote = tiers.get("remote")
+        if remote is not None:
+            rejected = CounterMetricFamily(
+                REMOTE_REJECTED,
+                "Remote values refused on read (each a miss), by reason: bad_mac (damaged or "
+                "written without this cluster's secret), truncated, wrong_key, decompression "
+                "(would expand beyond the chunk), malformed.",
+                labels=["reason"],
+            )
+            for reason in RejectReason:
+                count = float(remote.get(f"rejected_{reason.value}", 0))
+                rejected.add_metric([reason.value], count)
+            yield rejected
         engine = self._engine.stats()
         yield CounterMetricFamily(
             PREFIX + "promotions", "Chunks promoted into L1 from a lower tier.", engine.promotions

@@ -1,9 +1,14 @@
-"""The remote tier (L3): framed chunks in Redis or Valkey, shared by many nodes.
+"""The remote tier (L3): sealed chunk frames in Redis or Valkey, shared by many nodes.
 
 Values are the same self-checking frames as disk files (header + optionally compressed
-payload). Every call has a socket timeout; calls are retried by a ``RetryPolicy`` within a
-deadline; a ``CircuitBreaker`` stops calls while Redis is down and lets one trial through
-after a cool-down, so the tier recovers by itself. Failures are misses, never exceptions.
+payload) followed by a MAC, under names keyed by the cluster's secret (``remote_values``):
+another cluster sharing the database can neither find nor forge our values. A value that
+fails any check is a miss, counted by reason, never bytes handed to vLLM.
+
+Every operation ends within ``timeout_secs``, retries included: calls run under a deadline
+(``redis_client.DeadlineCalls``), are retried by a ``RetryPolicy`` only while time is left, and
+a ``CircuitBreaker`` stops calls while Redis is down and lets one trial through after a
+cool-down, so the tier recovers by itself. Failures are misses, never exceptions.
 """
 
 from __future__ import annotations
@@ -12,30 +17,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
-from urllib.parse import unquote, urlparse
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlparse
 
 import numpy as np
 import redis
-import redis.sentinel
 import torch
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from lmcache_node.keys import ChunkKey
 from lmcache_node.tiers.base import RateLimitedLog, TierStats, numpy_views
-from lmcache_node.tiers.frame import (
-    DEFAULT_LAYOUT,
-    FORMAT_VERSION,
-    HEADER_BYTES,
-    Codec,
-    FrameError,
-    TierError,
-    build_frame,
-    check_header,
-    decode_header,
-    parse_frame,
-)
+from lmcache_node.tiers.frame import DEFAULT_LAYOUT, HEADER_BYTES, Codec, TierError, build_frame
+from lmcache_node.tiers.redis_client import CallTimedOut, DeadlineCalls, make_redis_client
+from lmcache_node.tiers.remote_values import MAC_BYTES, RejectedValue, ValueSeal
 from lmcache_node.tiers.resilience import BreakerState, CircuitBreaker, RetryPolicy
 from lmcache_node.tiers.workers import TaskPool
 
@@ -48,48 +42,24 @@ class RemoteUnavailable(TierError):  # noqa: N818 - reads as a state, like Conne
     """The remote store cannot be used right now (down, slow, or the breaker is open)."""
 
 
-def make_redis_client(url: str, timeout_secs: float, max_connections: int = 16) -> redis.Redis:
-    """A redis-py client with a bounded blocking pool and our own retries (none inside)."""
-    scheme = urlparse(url).scheme
-    no_retry = Retry(NoBackoff(), 0)
-    options: dict[str, object] = {
-        "socket_timeout": timeout_secs,
-        "socket_connect_timeout": timeout_secs,
-        "retry": no_retry,
-        "health_check_interval": 30,
-    }
-    if scheme == "redis-sentinel":
-        return _sentinel_client(url, options)
-    if scheme in ("valkey", "valkeys"):
-        url = ("redis" if scheme == "valkey" else "rediss") + url[len(scheme) :]
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=timeout_secs, **options
-    )
-    return redis.Redis(connection_pool=pool, retry=no_retry)
+@dataclass
+class RemoteTierStats(TierStats):
+    """The tier counters plus values refused on read, by reason."""
 
-
-def _sentinel_client(url: str, options: dict[str, Any]) -> redis.Redis:
-    """``redis-sentinel://[:password@]host:port[,host:port...]/service_name[/db]``."""
-    parsed = urlparse(url)
-    hosts_part = parsed.netloc.rsplit("@", 1)[-1]
-    password = unquote(parsed.password) if parsed.password else None
-    sentinels: list[tuple[str, int]] = []
-    for item in hosts_part.split(","):
-        host, _, port = item.partition(":")
-        sentinels.append((host, int(port or 26379)))
-    parts = [p for p in parsed.path.split("/") if p]
-    if not parts:
-        raise ValueError(
-            "redis-sentinel:// URLs name the service: redis-sentinel://host:26379/mymaster"
-        )
-    db = int(parts[1]) if len(parts) > 1 else 0
-    sentinel = redis.sentinel.Sentinel(sentinels, sentinel_kwargs=dict(options), **options)
-    client: redis.Redis = sentinel.master_for(parts[0], db=db, password=password, **options)
-    return client
+    rejected_bad_mac: int = 0
+    rejected_truncated: int = 0
+    rejected_wrong_key: int = 0
+    rejected_decompression: int = 0
+    rejected_malformed: int = 0
 
 
 class RemoteTier:
-    """L3: chunk frames under ``<prefix>:v<format>:<key hex>`` in one Redis/Valkey database."""
+    """L3: sealed chunk frames under ``<prefix>:v2:<keyed name>`` in one Redis/Valkey database.
+
+    ``secret``: the cluster's remote secret (names are HMACs under it, values carry a MAC);
+    None only where the operator allowed unauthenticated use (names are then the prefix and
+    the key, and the check on read is an unkeyed hash).
+    """
 
     name = "remote"
 
@@ -97,6 +67,7 @@ class RemoteTier:
         self,
         url: str,
         *,
+        secret: bytes | None,
         serde: str = "naive",
         timeout_secs: float = 1.0,
         ttl_secs: float | None = None,
@@ -109,33 +80,39 @@ class RemoteTier:
         client: redis.Redis | None = None,
     ) -> None:
         self.codec = Codec.from_serde(serde)
+        self.seal = ValueSeal(key_prefix, secret)
         self.timeout_secs = timeout_secs
         self.ttl_ms = int(ttl_secs * 1000) if ttl_secs else None
-        self.key_prefix = f"{key_prefix}:v{FORMAT_VERSION}:"
         self.layout = layout
-        self.retry = retry or RetryPolicy(deadline_secs=max(2.0, 3 * timeout_secs))
+        self.retry = retry or RetryPolicy(deadline_secs=timeout_secs)
         self.breaker = breaker or CircuitBreaker(cooldown_secs=max(1.0, 2 * timeout_secs))
-        self.client = client or make_redis_client(url, timeout_secs, max_connections=workers + 14)
+        connections = workers + 14  # the tier's pool threads and the request workers' lookups
+        self.client = client or make_redis_client(url, timeout_secs, max_connections=connections)
+        self.calls = DeadlineCalls("remote-call", connections)
         self.pool = TaskPool("remote-tier", workers, max_pending)
         self._mutex = threading.Lock()
-        self._stats = TierStats(name=self.name)
+        self._stats = RemoteTierStats(name=self.name)
         self._warn = RateLimitedLog(log)
         self._url_for_logs = _redact(url)
 
     def redis_key(self, key: ChunkKey) -> str:
-        return self.key_prefix + key.hex()
+        return self.seal.name(key)
 
     # ----- guarded calls -----
     def _call(self, what: str, fn: Callable[[], T], *, retry: bool) -> T:
-        """Run ``fn`` under the breaker and retry policy; RemoteUnavailable when it cannot."""
+        """Run ``fn`` under the breaker, the deadline and the retry policy.
+
+        Returns within ``timeout_secs`` (and the retry policy's deadline, if shorter) whatever
+        Redis does; RemoteUnavailable when no answer came in time.
+        """
         if not self.breaker.allow():
             raise RemoteUnavailable("circuit breaker open")
         delays = iter(self.retry.delays() if retry else ())
-        deadline = time.monotonic() + self.retry.deadline_secs
+        deadline = time.monotonic() + min(self.timeout_secs, self.retry.deadline_secs)
         while True:
             try:
-                result = fn()
-            except (redis.RedisError, OSError) as exc:
+                result = self.calls.run(fn, deadline)
+            except (redis.RedisError, OSError, CallTimedOut) as exc:
                 with self._mutex:
                     self._stats.errors += 1
                 delay = next(delays, None)
@@ -167,11 +144,12 @@ class RemoteTier:
         keys = list(keys[:MAX_LOCATE_KEYS])
         if not keys:
             return []
+        names = [self.seal.name(key) for key in keys]
 
         def fetch_headers() -> list[bytes]:
             pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.getrange(self.redis_key(key), 0, HEADER_BYTES - 1)
+            for name in names:
+                pipe.getrange(name, 0, HEADER_BYTES - 1)
             return list(pipe.execute())
 
         with self._mutex:
@@ -185,12 +163,9 @@ class RemoteTier:
             if not head:
                 break
             try:
-                header = decode_header(head)
-                check_header(header, key, self.layout)
-            except FrameError as exc:
-                with self._mutex:
-                    self._stats.corrupt += 1
-                self._bad_value(key, exc)
+                header = self.seal.check_head(head, key, self.layout)
+            except RejectedValue as exc:
+                self._rejected(key, exc)
                 break
             sizes.append(header.raw_len)
         if sizes:
@@ -200,27 +175,25 @@ class RemoteTier:
 
     # ----- reads and writes -----
     def load_into(self, key: ChunkKey, dsts: Sequence[torch.Tensor], nbytes: int) -> bool:
+        name = self.seal.name(key)
+
         def fetch() -> bytes | None:
-            value = self.client.get(self.redis_key(key))
+            value = self.client.get(name)
             return value if isinstance(value, bytes) else None
 
         try:
-            frame = self._call("get", fetch, retry=True)
+            value = self._call("get", fetch, retry=True)
         except RemoteUnavailable:
             self._count_miss()
             return False
-        if frame is None:
+        if value is None:
             self._count_miss()
             return False
         try:
-            raw = parse_frame(frame, key, self.layout)
-            if len(raw) != nbytes:
-                raise FrameError(f"value holds {len(raw)} bytes, {nbytes} expected")
-        except FrameError as exc:
-            with self._mutex:
-                self._stats.corrupt += 1
-                self._stats.misses += 1
-            self._bad_value(key, exc)
+            raw = self.seal.open(name, value, key, self.layout, nbytes)
+        except RejectedValue as exc:
+            self._count_miss()
+            self._rejected(key, exc)
             return False
         _copy_into(dsts, raw)
         with self._mutex:
@@ -229,10 +202,18 @@ class RemoteTier:
         return True
 
     def store_from(self, key: ChunkKey, srcs: Sequence[torch.Tensor], nbytes: int) -> bool:
-        frame = build_frame(key, numpy_views(srcs), self.codec, self.layout)
+        name = self.seal.name(key)
+        value = build_frame(
+            self.seal.frame_key(key),
+            numpy_views(srcs),
+            self.codec,
+            self.layout,
+            trailer_bytes=MAC_BYTES,
+        )
+        self.seal.seal(name, value)
 
         def put() -> None:
-            self.client.set(self.redis_key(key), frame, px=self.ttl_ms)
+            self.client.set(name, value, px=self.ttl_ms)
 
         try:
             self._call("set", put, retry=True)
@@ -247,21 +228,31 @@ class RemoteTier:
 
     def remove(self, key: ChunkKey) -> bool:
         try:
-            name = self.redis_key(key)
+            name = self.seal.name(key)
             return bool(self._call("delete", lambda: self.client.delete(name), retry=True))
         except RemoteUnavailable:
             return False
 
-    def _bad_value(self, key: ChunkKey, exc: FrameError) -> None:
-        self._warn.warning("remote-corrupt", "remote tier: bad value for %s: %s", key.hex(), exc)
+    def _rejected(self, key: ChunkKey, exc: RejectedValue) -> None:
+        """A value failed its checks: a miss, counted by reason, and a rate-limited warning."""
+        with self._mutex:
+            self._stats.corrupt += 1
+            field = f"rejected_{exc.reason.value}"
+            setattr(self._stats, field, getattr(self._stats, field) + 1)
+        self._warn.warning(
+            f"remote-rejected-{exc.reason.value}",
+            "remote tier: refused the value of chunk %s (%s); it is a miss",
+            key.hex(),
+            exc,
+        )
 
     def _count_miss(self) -> None:
         with self._mutex:
             self._stats.misses += 1
 
-    def stats(self) -> TierStats:
+    def stats(self) -> RemoteTierStats:
         with self._mutex:
-            snapshot = TierStats(**self._stats.as_dict())  # type: ignore[arg-type]
+            snapshot = RemoteTierStats(**self._stats.as_dict())  # type: ignore[arg-type]
         state = self.breaker.state
         snapshot.available = state is not BreakerState.OPEN
         snapshot.state = state.value
@@ -270,6 +261,7 @@ class RemoteTier:
 
     def close(self) -> None:
         self.pool.close()
+        self.calls.close()
         try:
             self.client.close()
         except (redis.RedisError, OSError) as exc:

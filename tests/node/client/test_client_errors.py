@@ -99,7 +99,7 @@ def test_end_session_releases_locks_and_registrations(client: NodeClient) -> Non
     assert client.end_session() == (1, 1)
     stats = client.stats()
     assert stats["active_locks"] == 0
-    assert stats["registered_workers"] == []
+    assert stats["registered_workers"] == 0
     assert client.lookup([key]) == (1, None)  # the data stays cached
 
 

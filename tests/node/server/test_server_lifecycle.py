@@ -46,16 +46,6 @@ def test_http_endpoints(server: ServerProcess) -> None:
     assert http("GET", server.http_url + "/nope")[0] == 404
 
 
-def test_config_redacts_secrets(tmp_path: Path) -> None:
-    proc = ServerProcess(
-        "--cpu-buffer-size", "0.01", log_file=tmp_path / "s.log",
-        env={"LMCACHE_REMOTE_URL": "redis://user:hunter2@127.0.0.1:1/0"},
-    )  # fmt: skip
-    with proc:
-        body = http("GET", proc.http_url + "/config")[1]
-    assert b"hunter2" not in body and b"***" in body
-
-
 def test_metrics_and_clear(server: ServerProcess) -> None:
     with NodeClient(server.endpoint, timeout_s=10) as node:
         node.connect()
@@ -112,7 +102,7 @@ def test_dead_client_is_dropped_with_its_shm_and_locks(server: ServerProcess) ->
                 if not stats["registered_workers"] and not stats["active_locks"]:
                     break
                 time.sleep(0.1)
-            assert stats["registered_workers"] == []
+            assert stats["registered_workers"] == 0
             assert stats["active_locks"] == 0
         assert not any((SHM_DIR / n).exists() for n in names)
     finally:
@@ -126,7 +116,7 @@ def test_idle_client_keeps_its_session_with_heartbeats(server: ServerProcess) ->
         node.register_kv_caches([torch.zeros(8, 2, 16, 16)], block_dim=0, block_size=16)
         time.sleep(3.0)  # twice the server's heartbeat timeout
         stats = node.stats()
-        assert len([w for w in stats["registered_workers"] if w["client"]]) >= 1
+        assert stats["registered_workers"] >= 1
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp_path: Path) -> None:
@@ -255,7 +245,7 @@ def test_stalled_client_keeps_its_memory_and_comes_back(server: ServerProcess) -
             deadline = time.monotonic() + 20
             while node.stats()["registered_workers"] and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert node.stats()["registered_workers"] == []  # dropped after the timeout
+            assert node.stats()["registered_workers"] == 0  # dropped after the timeout
         assert all((SHM_DIR / n).exists() for n in names)  # but it is alive: memory kept
         os.kill(proc.pid, signal.SIGCONT)
         proc.stdin.write("go\n")

@@ -8,11 +8,15 @@ from lmcache_node.tiers.frame import (
     DISK_HEADER_BYTES,
     HEADER_BYTES,
     Codec,
+    DecompressionLimitError,
     FrameError,
     FrameHeader,
+    WrongKeyError,
     build_frame,
     decode_header,
+    decode_payload,
     encode_header,
+    encode_payload,
     parse_frame,
 )
 
@@ -59,7 +63,7 @@ def test_extra_bytes_are_detected() -> None:
 
 def test_wrong_key_and_layout_are_misses() -> None:
     frame = build_frame(KEY, b"abc", Codec.NAIVE)
-    with pytest.raises(FrameError, match="another key"):
+    with pytest.raises(WrongKeyError, match="another key"):
         parse_frame(frame, OTHER)
     with pytest.raises(FrameError, match="layout"):
         parse_frame(frame, KEY, layout="bytes-v2")
@@ -80,3 +84,28 @@ def test_serde_names() -> None:
     assert Codec.from_serde("zstd") is Codec.ZSTD
     with pytest.raises(ValueError, match="naive, zstd, lz4"):
         Codec.from_serde("cachegen")
+
+
+@pytest.mark.parametrize("codec", [Codec.ZSTD, Codec.LZ4])
+def test_decompression_is_capped_at_the_decoded_length(codec: Codec) -> None:
+    raw = bytes(4096) + os.urandom(100)
+    stored = bytes(encode_payload(codec, raw))
+    assert bytes(decode_payload(codec, stored, len(raw))) == raw
+    with pytest.raises(DecompressionLimitError):
+        decode_payload(codec, stored, len(raw) - 1)  # one byte more than allowed
+    with pytest.raises(DecompressionLimitError):
+        decode_payload(codec, bytes(encode_payload(codec, bytes(64 * 1024**2))), 4096)
+    with pytest.raises(FrameError):
+        decode_payload(codec, stored, len(raw) + 1)  # too short is no bomb, still refused
+    with pytest.raises(FrameError):
+        decode_payload(codec, stored[:-8], len(raw))  # truncated stream
+    with pytest.raises(FrameError):
+        decode_payload(codec, stored + b"tail", len(raw))  # bytes after the stream
+
+
+def test_frame_with_trailer_room() -> None:
+    frame = build_frame(KEY, b"abc" * 10, Codec.NAIVE, trailer_bytes=32)
+    assert bytes(frame[-32:]) == bytes(32)
+    assert bytes(parse_frame(frame[:-32], KEY, raw_len=30)) == b"abc" * 10
+    with pytest.raises(FrameError, match="30 bytes, 31 expected"):
+        parse_frame(frame[:-32], KEY, raw_len=31)

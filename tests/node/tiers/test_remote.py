@@ -21,11 +21,13 @@ from tests.node.tiers.conftest import RedisServer, make_keys, payload_for
 pytestmark = pytest.mark.redis
 
 CHUNK = 50_000
+SECRET = b"tests-remote-secret-0123456789"
 
 
 def remote(server: RedisServer, **kwargs: object) -> RemoteTier:
     options: dict[str, object] = {
-        "timeout_secs": 0.3,
+        "secret": SECRET,
+        "timeout_secs": 1.0,  # the whole operation: generous for a loaded machine
         "retry": RetryPolicy(attempts=2, base_secs=0.01, deadline_secs=1.0),
         "breaker": CircuitBreaker(threshold=2, cooldown_secs=0.5),
     }
@@ -65,7 +67,10 @@ def test_round_trip_with_namespaced_keys_and_ttl(redis_server: RedisServer, serd
         assert out is not None and torch.equal(out, payload_for(key, CHUNK))
     client = redis_server.client()
     names = sorted(k.decode() for k in client.keys("*"))
-    assert names == sorted(f"team-a:v1:{k.hex()}" for k in keys)
+    assert names == sorted(tier.redis_key(k) for k in keys)
+    assert all(n.startswith("team-a:v2:") and len(n) == len("team-a:v2:") + 64 for n in names)
+    values = b"".join(client.get(n) for n in names)
+    assert not any(k.hex() in "".join(names) or bytes(k) in values for k in keys)  # no chunk key
     assert 0 < client.pttl(names[0]) <= 600_000
     other = remote(redis_server, key_prefix="team-b")  # another namespace sees nothing
     assert other.locate(keys) == [] and load(other, keys[0]) is None
@@ -87,7 +92,7 @@ def test_garbage_and_foreign_values_are_misses(redis_server: RedisServer) -> Non
     assert load(tier, keys[1]) is None
     assert load(tier, keys[2]) is None  # bad payload checksum
     client.set(tier.redis_key(keys[0]), build_frame(keys[1], b"x" * CHUNK, Codec.NAIVE))
-    assert load(tier, keys[0]) is None  # a frame of another key
+    assert load(tier, keys[0]) is None  # a frame of another key, without a MAC
     assert tier.stats().corrupt >= 3
     tier.close()
 
@@ -175,7 +180,10 @@ SECOND_NODE = textwrap.dedent(
 def test_second_node_process_reads_what_the_first_stored(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    secret_file = tmp_path / "remote.key"
+    secret_file.write_bytes(SECRET + b"\n")
     common = {
+        "remote_secret_file": str(secret_file),
         "max_local_cpu_size": 0.01,
         "l1_page_size": 4096,
         "max_local_disk_size": 0.05,
@@ -217,7 +225,7 @@ def test_url_forms_reach_the_same_database(redis_server: RedisServer) -> None:
         f"unix://{redis_server.socket_path}?db=0",
     ]
     for url in urls:
-        tier = RemoteTier(url, timeout_secs=1.0)
+        tier = RemoteTier(url, secret=SECRET, timeout_secs=1.0)
         out = load(tier, key)
         assert out is not None and torch.equal(out, payload_for(key, CHUNK)), url
         tier.close()
@@ -257,7 +265,7 @@ def test_sentinel_url_finds_the_master(redis_server: RedisServer, tmp_path: Path
         assert store(writer, key)
         url = f"redis-sentinel://127.0.0.1:{port}/mymaster/0"
         assert wait_until(lambda: _sentinel_ready(url))
-        tier = RemoteTier(url, timeout_secs=1.0)
+        tier = RemoteTier(url, secret=SECRET, timeout_secs=1.0)
         out = load(tier, key)
         assert out is not None and torch.equal(out, payload_for(key, CHUNK))
         tier.close()
@@ -268,7 +276,7 @@ def test_sentinel_url_finds_the_master(redis_server: RedisServer, tmp_path: Path
 
 
 def _sentinel_ready(url: str) -> bool:
-    tier = RemoteTier(url, timeout_secs=0.5)
+    tier = RemoteTier(url, secret=SECRET, timeout_secs=1.0)
     try:
         return tier.locate(make_keys(1)) is not None and tier.stats().errors == 0
     finally:

@@ -100,7 +100,12 @@ def test_restarted_server_serves_its_disk_cache(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.redis
 def test_second_node_reads_what_the_first_stored(tmp_path: Path, redis_server: RedisServer) -> None:
-    remote = ("--remote-url", redis_server.url, "--remote-serde", "zstd")
+    secret = tmp_path / "remote.key"
+    secret.write_bytes(os.urandom(32))
+    remote = (
+        "--remote-url", redis_server.url, "--remote-serde", "zstd",
+        "--remote-secret-file", str(secret),
+    )  # fmt: skip
     keys = [os.urandom(16) for _ in range(3)]
     layers = kv_layers(2)
     expected = blocks(layers, list(range(12)))
@@ -143,3 +148,19 @@ def test_stats_and_metrics_show_the_disk_tier_and_sigterm_flushes_it(tmp_path: P
         assert server.terminate() == 0
     files = list(disk.rglob("*.lmc"))
     assert len(files) == len(keys)  # nothing queued was lost at shutdown
+
+
+@pytest.mark.redis
+def test_server_refuses_a_remote_tier_without_a_secret(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    log = tmp_path / "refused.log"
+    proc = ServerProcess(*server_args("--remote-url", redis_server.url), log_file=log)
+    try:
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            proc.start()
+    finally:
+        proc.kill()  # a server that wrongly started must not outlive the test
+    text = log.read_text()
+    assert "remote_secret_file" in text and "insecure_allow_unauthenticated" in text
+    assert redis_server.client().dbsize() == 0
