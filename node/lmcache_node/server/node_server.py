@@ -36,7 +36,7 @@ from lmcache_node.transfer import shm
 log = logging.getLogger(__name__)
 
 _BATCH = 256  # requests read per poll wake-up
-_SWEEP_PERIOD_S = 60.0  # how often leaked /dev/shm segments of dead processes are removed
+_SWEEP_PERIOD_S = 60.0  # how often leaked shm segments of dead processes are removed
 _MAX_MESSAGE_BYTES = 256 * 1024**2  # far above any real request (keys + block ids)
 
 
@@ -88,6 +88,7 @@ class NodeServer:
         self.metrics = NodeMetrics(registry)
         self.sessions = SessionTable()
         self._handler: RequestHandler | None = None
+        self._shm_dir: shm.ShmDirectory | None = None
         self.endpoint = f"tcp://{config.host}:{config.port}"
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._work: queue.SimpleQueue[tuple[bytes, list[bytes]] | None] = queue.SimpleQueue()
@@ -132,6 +133,8 @@ class NodeServer:
         # hand-offs to memcpy-sized copies (and stall on a busy core); workers give the
         # parallelism instead (--max-workers).
         torch.set_num_threads(1)
+        # Before anything else: a directory we must not use stops the start (exit 1).
+        self._shm_dir = shm.ShmDirectory.prepare(self.config.shm_dir, self.config.shm_group)
         io_thread = threading.Thread(target=self._io_loop, name="lmcache-node-io", daemon=True)
         io_thread.start()
         self._bound.wait()
@@ -145,9 +148,11 @@ class NodeServer:
             self._stopping.set()
             self._engine_ready.set()
             raise
-        shm.sweep_stale_segments()
+        self._shm_dir.sweep()
         self.metrics.attach_engine(self._engine, self.sessions.registration_count)
-        self._handler = RequestHandler(self.config, self._engine, self.sessions, self.metrics)
+        self._handler = RequestHandler(
+            self.config, self._engine, self.sessions, self.metrics, shm_dir=self._shm_dir
+        )
         self._engine_ready.set()
         for index in range(self.config.max_workers):
             worker = threading.Thread(
@@ -294,7 +299,7 @@ class NodeServer:
                 self.reap(timeout)
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + _SWEEP_PERIOD_S
-                    shm.sweep_stale_segments()
+                    self.handler.shm_dir.sweep()
             except Exception:
                 log.exception("session reaper failed; retrying")
 
