@@ -19,6 +19,7 @@ the kernel drops it when the holder dies (whatever the pid namespace), which is 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -110,6 +111,7 @@ class ShmDirectory:
         self._fd = fd
         self.gid = os.fstat(fd).st_gid
         self._finalizer = weakref.finalize(self, os.close, fd)
+        self._finalizer.atexit = False  # at exit, clients still remove their names through it
 
     @classmethod
     def prepare(cls, path: str | os.PathLike[str], group: int | None = None) -> ShmDirectory:
@@ -133,7 +135,8 @@ class ShmDirectory:
         except BaseException:
             os.close(fd)
             if created:
-                os.rmdir(where)
+                with contextlib.suppress(OSError):
+                    os.rmdir(where)
             raise
         if created:
             log.info("created the shm directory %s (mode 2770, group %d)", where, gid)
