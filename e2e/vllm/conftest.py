@@ -15,18 +15,19 @@ from pathlib import Path
 
 import pytest
 from lmcache_node.server.process import ServerProcess, free_port
-from lmcache_node.transfer.shm import sweep_stale_segments
 
-from e2e.vllm.harness import VLLMProcess
+from e2e.vllm.harness import VLLMProcess, node_shm_dir
 from e2e.vllm.make_model import make_model
 
 
 @dataclass
 class NodeServer:
-    """A node server that can be killed and restarted on the same ports and disk."""
+    """A node server that can be killed and restarted on the same ports, disk and shm
+    directory (a restarted server adopts the directory and the segments still held)."""
 
     work_dir: Path
     disk_dir: Path
+    shm_dir: Path = field(default_factory=lambda: node_shm_dir("node"))
     port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     generation: int = 0
@@ -45,7 +46,7 @@ class NodeServer:
         self.proc = ServerProcess(
             "--chunk-size", "256", "--max-local-cpu-size", "0.5",
             "--local-disk", f"file://{self.disk_dir}/", "--max-local-disk-size", "1",
-            "--log-level", "INFO",
+            "--log-level", "INFO", "--shm-dir", str(self.shm_dir),
             port=self.port, http_port=self.http_port, log_file=self.log_file,
         ).start()  # fmt: skip
 
@@ -114,9 +115,8 @@ def deployment(work_dir: Path, tiny_model: Path) -> Iterator[Deployment]:
         for instance in dep.instances:
             instance.stop()
         server.stop()
-        # KV segments of vLLM workers that died with no server left to sweep them (a
-        # later cache server run by another user could not remove them from /dev/shm)
-        sweep_stale_segments()
+        # segments of vLLM workers that died with no server left to sweep them
+        shutil.rmtree(server.shm_dir, ignore_errors=True)
         keep = os.environ.get("LMCACHE_E2E_KEEP_LOGS")
         if keep:
             shutil.copytree(work_dir, keep, dirs_exist_ok=True, ignore=_skip_big)

@@ -43,6 +43,12 @@ def vllm_env(work_dir: Path, kv_cache_gib: int = 1) -> dict[str, str]:
     }
 
 
+def node_shm_dir(tag: str) -> Path:
+    """A fresh shm directory for one run's node server (``--shm-dir``; the server creates
+    it 2770 and names it to the connectors in the handshake, as a cluster's would be)."""
+    return Path("/dev/shm") / f"lmcache-e2e-{tag}-{os.getpid()}"
+
+
 def kv_transfer_config(role: str, node_port: int, **extra: Any) -> str:
     return json.dumps(
         {

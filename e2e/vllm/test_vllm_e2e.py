@@ -7,6 +7,8 @@ vLLM's own prefix cache is off, so every hit comes from the node server.
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 import threading
@@ -43,6 +45,22 @@ def stored_metric(dep: Deployment) -> float:
 
 def hit_metric(dep: Deployment) -> float:
     return metric(dep.server.http_url, "lmcache_node_tokens_total", 'kind="hit"')
+
+
+def test_kv_segments_live_in_the_servers_shm_directory(deployment: Deployment) -> None:
+    """The connectors learn the directory from the handshake: every vLLM's KV cache is a
+    segment there, 0660 in the directory's group (2770), nothing for other users."""
+    shm_dir = deployment.server.shm_dir
+
+    def kv_segments() -> list[str]:
+        return [n for n in os.listdir(shm_dir) if n.startswith("lmcache-node-kv-")]
+
+    wait_until(lambda: len(kv_segments()) >= len(deployment.instances), 120, "KV segments")
+    assert stat.S_IMODE(shm_dir.stat().st_mode) == 0o2770
+    for name in kv_segments():
+        info = (shm_dir / name).stat()
+        assert stat.S_IMODE(info.st_mode) == 0o660, name
+        assert info.st_gid == shm_dir.stat().st_gid and info.st_nlink == 1
 
 
 def test_same_prompt_twice_hits_the_node_server(deployment: Deployment) -> None:

@@ -186,8 +186,11 @@ class NodeConfig(BaseSettings):
         min_length=2,
         max_length=1024,
         description=(
-            "Directory of the shared memory segments (mode 2770, created by the server); "
-            "clients learn it from the handshake. The operator names one per cluster."
+            "Directory of the shared memory segments; clients learn it from the handshake. "
+            "The server creates it (mode 2770, group shm_group) or adopts the one an earlier "
+            "run left if it is a real directory owned by the server's user or root, in "
+            "shm_group and closed to others; otherwise it refuses to start. The operator "
+            "names one per cluster."
         ),
     )
     shm_group: int | None = Field(

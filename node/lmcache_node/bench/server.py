@@ -79,8 +79,9 @@ class _Limit:
     def measure_shm(self, repeat: int = 10) -> tuple[float, float]:
         """One-thread memcpy from and into a /dev/shm mapping (tmpfs, 4 KiB pages unless
         the host enables huge pages for shmem): the ceiling of the shared-memory path."""
-        name = shm.new_segment_name("bench")
-        mapped = shm.create_segment(name, self.single.nbytes)
+        directory = shm.ShmDirectory.prepare(f"/dev/shm/lmcache-bench-{os.getpid()}")  # noqa: S108
+        segment = directory.create("bench", self.single.nbytes)
+        mapped = segment.tensor
         try:
             mapped.copy_(self.single.src)
             reads, writes = [], []
@@ -92,7 +93,10 @@ class _Limit:
                 mapped.copy_(self.single.src)
                 writes.append(time.perf_counter() - start)
         finally:
-            shm.unlink_segment(name)
+            directory.unlink(segment.name)
+            segment.release()
+            directory.close()
+            os.rmdir(directory.path)
         nbytes = self.single.nbytes
         return gbps(nbytes, statistics.median(reads)), gbps(nbytes, statistics.median(writes))
 

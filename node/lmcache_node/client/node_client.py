@@ -57,7 +57,7 @@ class HandshakeInfo:
     transfer_modes: tuple[str, ...]
     device: str
     heartbeat_timeout_s: float
-    shm_dir: str = ""
+    shm_dir: str = ""  # the server's shm directory (segments are created there)
     limits: dict[str, float] = field(default_factory=dict)
 
     def limit(self, name: str) -> float | None:
@@ -102,6 +102,7 @@ class NodeClient:
         self._heartbeat_interval = heartbeat_interval_s
         self._max_backoff = max_backoff_s
         self._registrations: list[Registration] = []
+        self._shm_dir: shm.ShmDirectory | None = None  # attached on first use
         self._mutex = threading.Lock()
         self._available = threading.Event()
         self._closed = threading.Event()
@@ -118,7 +119,7 @@ class NodeClient:
         self._background = threading.Thread(
             target=self._background_loop, name="lmcache-node-client-keepalive", daemon=True
         )
-        # A process that exits without close() still removes its /dev/shm names.
+        # A process that exits without close() still removes its shm segment names.
         atexit.register(_remove_names_at_exit, weakref.ref(self))
 
     # ----- connection -----
@@ -168,6 +169,18 @@ class NodeClient:
         )
         self.info = info
         return info
+
+    def _shm_directory(self) -> shm.ShmDirectory:
+        """The shm directory the server named in the handshake (attached once per path)."""
+        path = self.info.shm_dir if self.info is not None else ""
+        if not path:
+            raise shm.SharedMemoryError(
+                f"the cache server at {self.endpoint} named no shm directory; upgrade it"
+            )
+        with self._mutex:
+            if self._shm_dir is None or str(self._shm_dir.path) != path:
+                self._shm_dir = shm.ShmDirectory.attach(path)
+            return self._shm_dir
 
     @property
     def available(self) -> bool:
@@ -308,10 +321,10 @@ class NodeClient:
     ) -> Registration:
         """Share ``kv_caches`` (one tensor per layer, all on one device) with the server.
 
-        "shared": CPU storage moves into /dev/shm (the tensors are rebound in place; pass
-        the tensor objects vLLM itself uses) or CUDA IPC handles are sent. "engine": the
-        client copies blocks through a server-owned staging area. "auto": shared, falling
-        back to engine for CUDA tensors the server cannot open.
+        "shared": CPU storage moves into segments in the server's shm directory (the tensors
+        are rebound in place; pass the tensor objects vLLM itself uses) or CUDA IPC handles
+        are sent. "engine": the client copies blocks through a server-owned staging area.
+        "auto": shared, falling back to engine for CUDA tensors the server cannot open.
         """
         if transfer_mode not in ("auto", *m.TRANSFER_MODES):
             raise ValueError(f"transfer_mode must be auto, shared or engine, got {transfer_mode!r}")
@@ -357,7 +370,12 @@ class NodeClient:
         layout: str,
         staging_chunks: int,
     ) -> Registration:
-        exported = export_kv_caches(tensors, share=mode == "shared")
+        shared_cpu = mode == "shared" and tensors[0].device.type == "cpu"
+        exported = export_kv_caches(
+            tensors,
+            share=mode == "shared",
+            shm_dir=self._shm_directory() if shared_cpu else None,
+        )
         event = None
         event_handle = b""
         if mode == "shared" and exported.device == "cuda":
@@ -403,7 +421,7 @@ class NodeClient:
         registration.chunk_bytes = reply.chunk_bytes
         if registration.transfer_mode == "engine":
             registration.staging_chunks = reply.staging_chunks
-            registration.staging = shm.map_segment(
+            registration.staging = self._shm_directory().map(
                 reply.staging_name, reply.staging_chunks * reply.chunk_bytes
             )
             if registration.geometry is None:

@@ -99,7 +99,8 @@ class HandshakeReply(_Msg):
 class SegmentDesc(_Msg):
     """One shared memory region holding the storage of one or more layers.
 
-    ``kind`` "shm": a file under /dev/shm named ``name`` of ``nbytes`` bytes.
+    ``kind`` "shm": a file named ``name`` of exactly ``nbytes`` bytes in the server's shm
+    directory (``HandshakeReply.shm_dir``).
     ``kind`` "cuda_ipc": ``cuda`` holds the storage's IPC handle fields
     (device, handle, size, offset, ref counter handle/offset, event handle, sync flag).
     """
@@ -138,7 +139,7 @@ class RegisterReply(_Msg):
     num_layers: int
     blocks_per_chunk: int
     chunk_bytes: int  # bytes of one full chunk (all layers)
-    staging_name: str = ""  # engine mode: the server-owned staging area under /dev/shm
+    staging_name: str = ""  # engine mode: the server-owned staging area in shm_dir
     staging_chunks: int = 0
 
 

@@ -64,10 +64,12 @@ class RequestHandler:
         sessions: SessionTable,
         metrics: NodeMetrics,
         *,
+        shm_dir: shm.ShmDirectory,
         is_stopping: Callable[[], bool] = lambda: False,
         authenticated: bool = False,
     ) -> None:
         self.config = config
+        self.shm_dir = shm_dir
         self.engine = engine
         self.sessions = sessions
         self.metrics = metrics
@@ -196,6 +198,7 @@ class RequestHandler:
             transfer_modes=list(m.TRANSFER_MODES),
             device=self.config.device,
             heartbeat_timeout_s=self.config.heartbeat_timeout_secs,
+            shm_dir=str(self.shm_dir.path),
             limits=self._limits(),
         )
 
@@ -268,14 +271,9 @@ class RequestHandler:
                         f"staging_chunks must be in [1, 1024], got {req.staging_chunks}"
                     )
                 self._check_staging(session, req.staging_chunks, geometry.chunk_bytes)
-                staging_name = shm.new_segment_name("staging")
-                staging = shm.create_segment(
-                    staging_name, geometry.chunk_bytes * req.staging_chunks
-                )
-                staging_fd = shm.hold_segment(staging_name)
+                segment = self.shm_dir.create("staging", geometry.chunk_bytes * req.staging_chunks)
+                staging, staging_name, staging_fd = segment.tensor, segment.name, segment.lock_fd
         except (LayoutError, shm.SharedMemoryError, cuda_ipc.CudaIpcError) as exc:
-            if staging_name:
-                shm.unlink_segment(staging_name)
             raise RequestError(
                 m.ErrorCode.REGISTRATION_FAILED, f"cannot register the KV caches: {exc}"
             ) from None
@@ -294,6 +292,7 @@ class RequestHandler:
             staging_chunks=req.staging_chunks if staging is not None else 0,
             staging_lock_fd=staging_fd,
             event=event,
+            shm_dir=self.shm_dir,
         )
         log.info(
             "Registered KV cache for worker %d (client %s, pid %d): %d layers, %d blocks of "
@@ -367,7 +366,7 @@ class RequestHandler:
 
     def _map_segment(self, seg: m.SegmentDesc) -> torch.Tensor:
         if seg.kind == "shm":
-            return shm.map_segment(seg.name, seg.nbytes)
+            return self.shm_dir.map(seg.name, seg.nbytes)
         if seg.kind == "cuda_ipc":
             return cuda_ipc.open_storage(seg.cuda)
         raise LayoutError(f"segment kind {seg.kind!r} is not shareable; use 'shm' or 'cuda_ipc'")
@@ -396,7 +395,7 @@ class RequestHandler:
         elif unlink:  # in use right now: names may go, the last user drops the mappings
             registration.shm_names, names = [], registration.shm_names
             for name in names:
-                shm.unlink_if_unheld(name)
+                self.shm_dir.unlink_if_unheld(name)
 
     def _keys(self, keys: list[bytes]) -> list[ChunkKey]:
         if len(keys) > self.config.max_keys_per_request:

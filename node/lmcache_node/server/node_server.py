@@ -42,7 +42,7 @@ from lmcache_node.transfer import shm
 log = logging.getLogger(__name__)
 
 _BATCH = 256  # requests read per poll wake-up
-_SWEEP_PERIOD_S = 60.0  # how often leaked /dev/shm segments of dead processes are removed
+_SWEEP_PERIOD_S = 60.0  # how often leaked shm segments of dead processes are removed
 _HEARTBEAT_IVL_MS = 5000  # ZMTP pings find dead connections, so a reconnecting client's
 _HEARTBEAT_TIMEOUT_MS = 15000  # routing id is free again soon (no handover of live ids)
 
@@ -100,6 +100,7 @@ class NodeServer:
         self.metrics = NodeMetrics(registry)
         self.sessions = SessionTable()
         self._handler: RequestHandler | None = None
+        self._shm_dir: shm.ShmDirectory | None = None
         self.endpoint = f"tcp://{config.host}:{config.port}"
         # raises TransportSecurityError when credentials are missing or unreadable
         self.transport = transport or Transport.from_config(config)
@@ -147,6 +148,8 @@ class NodeServer:
         # hand-offs to memcpy-sized copies (and stall on a busy core); workers give the
         # parallelism instead (--max-workers).
         torch.set_num_threads(1)
+        # Before anything else: a directory we must not use stops the start (exit 1).
+        self._shm_dir = shm.ShmDirectory.prepare(self.config.shm_dir, self.config.shm_group)
         io_thread = threading.Thread(target=self._io_loop, name="lmcache-node-io", daemon=True)
         io_thread.start()
         self._bound.wait()
@@ -160,7 +163,7 @@ class NodeServer:
             self._stopping.set()
             self._engine_ready.set()
             raise
-        shm.sweep_stale_segments()
+        self._shm_dir.sweep()
         self.metrics.attach_engine(self._engine, self.sessions.registration_count)
         self.metrics.info.info({"version": __version__, "device": self.config.device})
         self._handler = RequestHandler(
@@ -168,6 +171,7 @@ class NodeServer:
             self._engine,
             self.sessions,
             self.metrics,
+            shm_dir=self._shm_dir,
             authenticated=self.transport.authenticated,
         )
         self._engine_ready.set()
@@ -314,7 +318,7 @@ class NodeServer:
                 self.reap(timeout)
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + _SWEEP_PERIOD_S
-                    shm.sweep_stale_segments()
+                    self.handler.shm_dir.sweep()
             except Exception:
                 log.exception("session reaper failed; retrying")
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmcache_node.transfer import shm
 from lmcache_node.transfer.layout import KVGeometry
+from lmcache_node.transfer.shm import ShmDirectory
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Registration:
     staging_chunks: int = 0
     staging_lock_fd: int = -1
     event: object | None = field(default=None, repr=False)  # CUDA interprocess event
+    shm_dir: ShmDirectory | None = field(default=None, repr=False)  # where shm_names live
     active: int = 0  # requests using it right now
     closed: bool = False
 
@@ -44,14 +45,14 @@ class Registration:
         """Drop the mappings; remove the staging area and, for a dead worker, its segments."""
         self.mapped.clear()
         self.staging = None
-        if self.staging_name:
-            shm.unlink_segment(self.staging_name)
+        if self.staging_name and self.shm_dir is not None:
+            self.shm_dir.unlink(self.staging_name)
         if self.staging_lock_fd >= 0:
             os.close(self.staging_lock_fd)
             self.staging_lock_fd = -1
-        if unlink_worker_segments:
+        if unlink_worker_segments and self.shm_dir is not None:
             for name in self.shm_names:
-                if shm.unlink_if_unheld(name):
+                if self.shm_dir.unlink_if_unheld(name):
                     log.info("removed shared memory %s of a dead worker", name)
 
 

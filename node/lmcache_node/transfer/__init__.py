@@ -7,7 +7,7 @@ from lmcache_node.transfer.export import (
     local_geometry,
 )
 from lmcache_node.transfer.layout import KVGeometry, LayerGeometry, LayoutError, block_runs
-from lmcache_node.transfer.shm import SharedMemoryError
+from lmcache_node.transfer.shm import SharedMemoryError, ShmDirectory
 
 __all__ = [
     "ExportedKV",
@@ -15,6 +15,7 @@ __all__ = [
     "LayerGeometry",
     "LayoutError",
     "SharedMemoryError",
+    "ShmDirectory",
     "block_runs",
     "export_kv_caches",
     "layout_tag",

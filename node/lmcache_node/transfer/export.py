@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -22,17 +21,20 @@ class ExportedKV:
     device: str
     segments: list[SegmentDesc]
     layers: list[LayerDesc]
-    shm_names: list[str] = field(default_factory=list)
-    keep: list[torch.Tensor] = field(default_factory=list, repr=False)
-    lock_fds: list[int] = field(default_factory=list, repr=False)  # flocks marking them alive
+    shm_dir: shm.ShmDirectory | None = field(default=None, repr=False)
+    shared: list[shm.Segment] = field(default_factory=list, repr=False)  # held until unlink
+
+    @property
+    def shm_names(self) -> list[str]:
+        return [segment.name for segment in self.shared]
 
     def unlink(self) -> None:
-        for name in self.shm_names:
-            shm.unlink_segment(name)
-        self.shm_names.clear()
-        for fd in self.lock_fds:
-            os.close(fd)
-        self.lock_fds.clear()
+        """Remove our segments' names and drop their flocks (the tensors keep the memory)."""
+        for segment in self.shared:
+            if self.shm_dir is not None:
+                self.shm_dir.unlink(segment.name)
+            segment.release()
+        self.shared.clear()
 
 
 def _group_by_storage(tensors: list[torch.Tensor]) -> list[list[int]]:
@@ -65,36 +67,44 @@ def device_kind(tensors: list[torch.Tensor]) -> str:
     return kinds.pop()
 
 
-def export_kv_caches(tensors: list[torch.Tensor], *, share: bool) -> ExportedKV:
-    """Describe ``tensors``; with ``share``, put CPU storage into /dev/shm (rebinding the
-    tensors in place) or export CUDA IPC handles."""
+def export_kv_caches(
+    tensors: list[torch.Tensor], *, share: bool, shm_dir: shm.ShmDirectory | None = None
+) -> ExportedKV:
+    """Describe ``tensors``; with ``share``, move CPU storage into segments in ``shm_dir``
+    (rebinding the tensors in place) or export CUDA IPC handles."""
     if not tensors:
         raise ValueError("register at least one KV tensor")
     device = device_kind(tensors)
-    exported = ExportedKV(device=device, segments=[], layers=[])
+    exported = ExportedKV(device=device, segments=[], layers=[], shm_dir=shm_dir)
     segment_of: dict[int, int] = {}
-    for group in _group_by_storage(tensors):
-        members = [tensors[i] for i in group]
-        storage = members[0].untyped_storage()
-        for i in group:
-            segment_of[i] = len(exported.segments)
-        if not share:
-            exported.segments.append(SegmentDesc(kind="none", nbytes=storage.nbytes()))
-        elif device == "cpu":
-            name = shm.new_segment_name("kv")
-            exported.keep.append(shm.move_to_segment(members, name))
-            exported.shm_names.append(name)
-            exported.lock_fds.append(shm.hold_segment(name))
-            exported.segments.append(SegmentDesc(kind="shm", nbytes=storage.nbytes(), name=name))
-        elif device == "cuda":
-            fields = cuda_ipc.export_storage(storage)
-            exported.segments.append(
-                SegmentDesc(kind="cuda_ipc", nbytes=storage.nbytes(), cuda=fields)
-            )
-        else:
-            raise ValueError(
-                f"sharing {device} tensors is not supported: use transfer_mode='engine'"
-            )
+    try:
+        for group in _group_by_storage(tensors):
+            members = [tensors[i] for i in group]
+            storage = members[0].untyped_storage()
+            for i in group:
+                segment_of[i] = len(exported.segments)
+            if not share:
+                exported.segments.append(SegmentDesc(kind="none", nbytes=storage.nbytes()))
+            elif device == "cpu":
+                if shm_dir is None:
+                    raise ValueError("sharing CPU tensors needs the server's shm directory")
+                segment = shm.move_to_segment(members, shm_dir)
+                exported.shared.append(segment)
+                exported.segments.append(
+                    SegmentDesc(kind="shm", nbytes=storage.nbytes(), name=segment.name)
+                )
+            elif device == "cuda":
+                fields = cuda_ipc.export_storage(storage)
+                exported.segments.append(
+                    SegmentDesc(kind="cuda_ipc", nbytes=storage.nbytes(), cuda=fields)
+                )
+            else:
+                raise ValueError(
+                    f"sharing {device} tensors is not supported: use transfer_mode='engine'"
+                )
+    except BaseException:
+        exported.unlink()  # segments made so far: their tensors keep working
+        raise
     exported.layers = describe_layers(tensors, segment_of)
     return exported
 

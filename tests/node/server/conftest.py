@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import zmq
@@ -10,11 +13,20 @@ from lmcache_node.server.process import ServerProcess
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def shm_path() -> Iterator[Path]:
+    """The module server's shm directory (it creates it): on tmpfs, as on a node."""
+    path = Path("/dev/shm") / f"lmcache-test-{uuid.uuid4().hex[:12]}"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, shm_path: Path) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("server") / "server.log"
     proc = ServerProcess(
         "--chunk-size", "64", "--cpu-buffer-size", "0.05", "--l1-page-size", "4096",
-        "--heartbeat-timeout-secs", "1.5", "--max-workers", "2", log_file=log,
+        "--heartbeat-timeout-secs", "1.5", "--max-workers", "2", "--shm-dir", str(shm_path),
+        log_file=log,
     )  # fmt: skip
     with proc:
         yield proc

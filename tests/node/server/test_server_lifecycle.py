@@ -18,7 +18,6 @@ import pytest
 import torch
 from lmcache_node.client import NodeClient, NodeClientError
 from lmcache_node.server.process import ServerProcess, free_port
-from lmcache_node.transfer.shm import SHM_DIR
 
 
 def http(method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
@@ -83,14 +82,16 @@ CRASHING_CLIENT = textwrap.dedent(
 )
 
 
-def test_dead_client_is_dropped_with_its_shm_and_locks(server: ServerProcess) -> None:
+def test_dead_client_is_dropped_with_its_shm_and_locks(
+    server: ServerProcess, shm_path: Path
+) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", CRASHING_CLIENT, server.endpoint], stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None
         names = proc.stdout.readline().split()
-        assert names and all((SHM_DIR / n).exists() for n in names)
+        assert names and all((shm_path / n).exists() for n in names)
         with NodeClient(server.endpoint, timeout_s=10) as node:
             node.connect()
             assert node.stats()["active_locks"] == 1
@@ -104,7 +105,7 @@ def test_dead_client_is_dropped_with_its_shm_and_locks(server: ServerProcess) ->
                 time.sleep(0.1)
             assert stats["registered_workers"] == 0
             assert stats["active_locks"] == 0
-        assert not any((SHM_DIR / n).exists() for n in names)
+        assert not any((shm_path / n).exists() for n in names)
     finally:
         proc.kill()
         proc.wait()
@@ -119,16 +120,18 @@ def test_idle_client_keeps_its_session_with_heartbeats(server: ServerProcess) ->
         assert stats["registered_workers"] >= 1
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp_path: Path) -> None:
+def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp_path: Path, shm_path: Path) -> None:
     proc = ServerProcess(
-        "--chunk-size", "256", "--cpu-buffer-size", "1", log_file=tmp_path / "s.log"
-    ).start()
+        "--chunk-size", "256", "--cpu-buffer-size", "1", "--shm-dir", str(shm_path),
+        log_file=tmp_path / "s.log",
+    ).start()  # fmt: skip
     node = NodeClient(proc.endpoint, timeout_s=30, expected_chunk_size=256)
     try:
         node.connect()
         tensors = [torch.randn(64, 8, 128, 256, dtype=torch.float16) for _ in range(4)]
         reg = node.register_kv_caches(tensors, block_dim=0, block_size=128, transfer_mode="engine")
-        staging = [n for n in os.listdir(SHM_DIR) if n.startswith("lmcache-node-staging")]
+        staging = [n for n in os.listdir(shm_path) if n.startswith("lmcache-node-staging")]
+        assert staging
         keys = [os.urandom(16) for _ in range(8)]
         result: list[object] = []
 
@@ -150,7 +153,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp_path: Path) -> N
         log = proc.log_tail(20000)
         assert "server stopped" in log
         assert "received SIGTERM" in log
-        left = [n for n in os.listdir(SHM_DIR) if n.startswith("lmcache-node-staging")]
+        left = [n for n in os.listdir(shm_path) if n.startswith("lmcache-node-staging")]
         assert not set(left) & set(staging)
     finally:
         node.close()
@@ -230,7 +233,9 @@ STALLING_CLIENT = textwrap.dedent(
 )
 
 
-def test_stalled_client_keeps_its_memory_and_comes_back(server: ServerProcess) -> None:
+def test_stalled_client_keeps_its_memory_and_comes_back(
+    server: ServerProcess, shm_path: Path
+) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", STALLING_CLIENT, server.endpoint],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -246,7 +251,7 @@ def test_stalled_client_keeps_its_memory_and_comes_back(server: ServerProcess) -
             while node.stats()["registered_workers"] and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert node.stats()["registered_workers"] == 0  # dropped after the timeout
-        assert all((SHM_DIR / n).exists() for n in names)  # but it is alive: memory kept
+        assert all((shm_path / n).exists() for n in names)  # but it is alive: memory kept
         os.kill(proc.pid, signal.SIGCONT)
         proc.stdin.write("go\n")
         proc.stdin.flush()

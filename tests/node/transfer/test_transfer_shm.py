@@ -1,4 +1,5 @@
-"""POSIX shared memory: moving KV storage into /dev/shm and mapping it by name."""
+"""POSIX shared memory: moving KV storage into segments of an shm directory, mapping them,
+sweeping the ones nobody holds."""
 
 from __future__ import annotations
 
@@ -10,58 +11,52 @@ from pathlib import Path
 import pytest
 import torch
 from lmcache_node.server.process import ServerProcess
-from lmcache_node.transfer import shm
 from lmcache_node.transfer.export import export_kv_caches
+from lmcache_node.transfer.shm import SharedMemoryError, ShmDirectory
 
 
-def test_move_keeps_values_and_aliasing_and_shares_pages() -> None:
+def test_move_keeps_values_and_aliasing_and_shares_pages(shm_dir: ShmDirectory) -> None:
     buffer = torch.randn(3, 8, 4)
     layers = list(buffer.unbind(0))
     expected = [t.clone() for t in layers]
-    exported = export_kv_caches(layers, share=True)
+    exported = export_kv_caches(layers, share=True, shm_dir=shm_dir)
     try:
         assert len(exported.segments) == 1  # one storage, one segment
         assert [d.storage_offset for d in exported.layers] == [0, 32, 64]
         for tensor, values in zip(layers, expected, strict=True):
             assert torch.equal(tensor, values)
         seg = exported.segments[0]
-        mapped = shm.map_segment(seg.name, seg.nbytes)  # what the server sees
+        assert (shm_dir.path / seg.name).is_file()
+        mapped = shm_dir.map(seg.name, seg.nbytes)  # what the server sees
         layers[1][2, 3] = 42.0
         assert mapped.view(torch.float32)[32 + 2 * 4 + 3].item() == 42.0
         mapped.view(torch.float32)[0] = -1.0
         assert layers[0][0, 0].item() == -1.0
     finally:
         exported.unlink()
-    assert not (shm.SHM_DIR / exported.segments[0].name).exists()
+    assert not (shm_dir.path / exported.segments[0].name).exists()
 
 
-def test_separate_storages_get_separate_segments() -> None:
+def test_separate_storages_get_separate_segments(shm_dir: ShmDirectory) -> None:
     layers = [torch.zeros(4, 4), torch.zeros(4, 4, dtype=torch.float16)]
-    exported = export_kv_caches(layers, share=True)
+    exported = export_kv_caches(layers, share=True, shm_dir=shm_dir)
     try:
         assert [d.segment for d in exported.layers] == [0, 1]
         assert [s.nbytes for s in exported.segments] == [64, 32]
+        assert sorted(os.listdir(shm_dir.path)) == sorted(exported.shm_names)
     finally:
         exported.unlink()
 
 
-@pytest.mark.parametrize("name", ["../etc/passwd", "torch_123", "lmcache-node-a/b", ""])
-def test_foreign_names_are_refused(name: str) -> None:
-    with pytest.raises(shm.SharedMemoryError, match="not ours"):
-        shm.map_segment(name, 1)
-    assert shm.unlink_segment(name) is False
+def test_sharing_cpu_tensors_needs_a_directory() -> None:
+    with pytest.raises(ValueError, match="shm directory"):
+        export_kv_caches([torch.zeros(4, 4)], share=True)
 
 
-def test_missing_or_short_segment() -> None:
-    with pytest.raises(shm.SharedMemoryError, match="share /dev/shm"):
-        shm.map_segment("lmcache-node-kv-missing-123", 8)
-    name = shm.new_segment_name("test")
-    shm.create_segment(name, 8)
-    try:
-        with pytest.raises(shm.SharedMemoryError, match="has 8 bytes"):
-            shm.map_segment(name, 16)
-    finally:
-        assert shm.unlink_segment(name)
+def test_missing_segment_says_what_to_share(shm_dir: ShmDirectory) -> None:
+    expected = "does not exist: the worker and the cache server must share"
+    with pytest.raises(SharedMemoryError, match=expected):
+        shm_dir.map("lmcache-node-kv-1-0123456789abcdef", 8)
 
 
 def test_layout_tag_names_device_geometry_and_groups() -> None:
@@ -78,7 +73,7 @@ def test_layout_tag_names_device_geometry_and_groups() -> None:
     )
 
 
-def test_bases_of_views_move_too_so_the_old_memory_is_freed() -> None:
+def test_bases_of_views_move_too_so_the_old_memory_is_freed(shm_dir: ShmDirectory) -> None:
     def vllm_like_views() -> list[torch.Tensor]:  # the raw buffer is only kept by the views
         raw = torch.arange(64, dtype=torch.int8)
         return [raw[i * 32 : (i + 1) * 32].view(torch.float16).view(4, 4) for i in range(2)]
@@ -86,7 +81,7 @@ def test_bases_of_views_move_too_so_the_old_memory_is_freed() -> None:
     views = vllm_like_views()
     old_pointer = views[0].untyped_storage().data_ptr()
     expected = [v.clone() for v in views]
-    exported = export_kv_caches(views, share=True)
+    exported = export_kv_caches(views, share=True, shm_dir=shm_dir)
     try:
         new_pointer = views[0].untyped_storage().data_ptr()
         assert new_pointer != old_pointer
@@ -99,66 +94,42 @@ def test_bases_of_views_move_too_so_the_old_memory_is_freed() -> None:
         exported.unlink()
 
 
-@pytest.fixture
-def private_shm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Sweeps in these tests must not touch segments of other processes."""
-    monkeypatch.setattr(shm, "SHM_DIR", tmp_path)
-    return tmp_path
-
-
-def test_sweep_removes_only_segments_nobody_holds(private_shm: Path) -> None:
-    held = shm.new_segment_name("kv")
-    orphan = shm.new_segment_name("kv")
-    shm.create_segment(held, 16)
-    shm.create_segment(orphan, 16)
-    fd = shm.hold_segment(held)
+def test_sweep_removes_only_segments_nobody_holds(shm_dir: ShmDirectory) -> None:
+    held = shm_dir.create("kv", 16)
+    orphan = shm_dir.create("kv", 16)
+    orphan.release()  # as if its creator had died
     try:
-        assert shm.sweep_stale_segments(min_age_s=3600) == []  # too young to judge
-        removed = shm.sweep_stale_segments(min_age_s=0)
-        assert orphan in removed
-        assert held not in removed
-        assert (private_shm / held).exists()
-        assert not (private_shm / orphan).exists()
+        assert shm_dir.sweep(min_age_s=3600) == []  # too young to judge
+        assert shm_dir.sweep(min_age_s=0) == [orphan.name]
+        assert (shm_dir.path / held.name).exists()
+        assert not (shm_dir.path / orphan.name).exists()
     finally:
-        os.close(fd)
-        shm.unlink_segment(held)
+        held.release()
+        shm_dir.unlink(held.name)
 
 
-def test_sweep_skips_a_segment_it_may_not_remove(
-    private_shm: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Another user's leftover in the sticky /dev/shm (EPERM) is reported, not fatal."""
-    foreign = shm.new_segment_name("kv")
-    orphan = shm.new_segment_name("kv")
-    shm.create_segment(foreign, 16)
-    shm.create_segment(orphan, 16)
-    unlink = Path.unlink
-
-    def refuse_foreign(path: Path, missing_ok: bool = False) -> None:
-        if path.name == foreign:
-            raise PermissionError(1, "Operation not permitted", str(path))
-        unlink(path, missing_ok=missing_ok)
-
-    monkeypatch.setattr(Path, "unlink", refuse_foreign)
-    with caplog.at_level("WARNING", logger=shm.log.name):
-        removed = shm.sweep_stale_segments(min_age_s=0)
-    assert removed == [orphan]
-    assert (private_shm / foreign).exists()
-    assert any(
-        foreign in r.getMessage() and "Operation not permitted" in r.getMessage()
-        for r in caplog.records
-    ), caplog.text
-    monkeypatch.undo()
-    shm.unlink_segment(foreign)
+def test_sweep_leaves_other_files_alone(shm_dir: ShmDirectory) -> None:
+    other = shm_dir.path / "torch_1234_5678"  # not one of our names
+    other.write_bytes(b"x")
+    assert shm_dir.sweep(min_age_s=0) == []
+    assert other.exists()
 
 
-def test_exported_segments_are_held_until_unlinked(private_shm: Path) -> None:
-    exported = export_kv_caches([torch.zeros(4, 4)], share=True)
+def test_exported_segments_are_held_until_unlinked(shm_dir: ShmDirectory) -> None:
+    exported = export_kv_caches([torch.zeros(4, 4)], share=True, shm_dir=shm_dir)
     name = exported.shm_names[0]
-    assert name not in shm.sweep_stale_segments(min_age_s=0)
+    assert shm_dir.sweep(min_age_s=0) == []
     exported.unlink()
-    assert not (shm.SHM_DIR / name).exists()
-    assert exported.lock_fds == []
+    assert not (shm_dir.path / name).exists()
+    assert exported.shared == []
+
+
+def test_a_failed_export_removes_the_segments_it_made(shm_dir: ShmDirectory) -> None:
+    layers = [torch.zeros(4, 4), torch.zeros(0)]  # the second storage cannot be shared
+    with pytest.raises(SharedMemoryError, match="0 bytes"):
+        export_kv_caches(layers, share=True, shm_dir=shm_dir)
+    assert os.listdir(shm_dir.path) == []
+    assert torch.equal(layers[0], torch.zeros(4, 4))  # moved, still valid
 
 
 EXITING_CLIENT = """
@@ -172,11 +143,14 @@ print(reg.exported.shm_names[0], flush=True)
 
 
 def test_a_client_exiting_without_close_removes_its_names(tmp_path: Path) -> None:
-    with ServerProcess("--chunk-size", "64", "--cpu-buffer-size", "0.01") as server:
+    shm_path = tmp_path / "shm"
+    args = ("--chunk-size", "64", "--cpu-buffer-size", "0.01", "--shm-dir", str(shm_path))
+    with ServerProcess(*args) as server:
         done = subprocess.run(
             [sys.executable, "-c", EXITING_CLIENT, server.endpoint],
             capture_output=True, text=True, timeout=120, check=True,
         )  # fmt: skip
     name = done.stdout.split()[0]
     assert name.startswith("lmcache-node-kv-")
-    assert not (shm.SHM_DIR / name).exists()
+    assert shm_path.is_dir()
+    assert not (shm_path / name).exists()
