@@ -136,7 +136,9 @@ def build_app(
 
     async def readyz(_: web.Request) -> web.Response:
         if server.ready:
-            return web.json_response({"status": "ready", "endpoint": server.endpoint})
+            return web.json_response(
+                {"status": "ready", "endpoint": server.endpoint, "device": server.config.device}
+            )
         reason = "stopping" if server.stopping else "starting"
         return web.json_response({"status": reason}, status=503)
 

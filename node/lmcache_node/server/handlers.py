@@ -655,6 +655,7 @@ class RequestHandler:
             "server_version": __version__,
             "host": socket.gethostname(),
             "chunk_size": self.config.chunk_size,
+            "device": self.config.device,
             "tiers": {"l1": stats, **self.engine.tier_stats()},
             "sessions": len(self.sessions.sessions()),
             "registered_workers": len(registrations),

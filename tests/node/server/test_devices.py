@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import urllib.request
@@ -69,11 +70,14 @@ def test_serve_with_device_cuda_exits_at_start_saying_why() -> None:
 
 
 @pytest.mark.slow
-def test_auto_logs_its_choice_and_metrics_name_the_device(tmp_path: Path) -> None:
+def test_auto_logs_its_choice_and_readyz_stats_metrics_name_the_device(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with ServerProcess("--device", "auto", "--cpu-buffer-size", "0.05", log_file=log) as proc:
         metrics = _get(proc.http_url + "/metrics")
+        ready = json.loads(_get(proc.http_url + "/readyz"))
+        stats = json.loads(_get(proc.http_url + "/stats"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert ready["device"] == device and stats["device"] == device
     assert f'device="{device}"' in metrics.split("lmcache_node_server_info{", 1)[1].split("}")[0]
     assert f"serving device {device} (auto:" in log.read_text()
 
