@@ -39,7 +39,9 @@ class Settings:
     release: str = "lmc"
 
     def image(self, name: str) -> str:
-        return f"{self.registry}/lmcache-{name}:{self.tag}"
+        """The built image of ``name`` (the cache server's is its CPU variant, <tag>-cpu)."""
+        tag = f"{self.tag}-cpu" if name == "node" else self.tag
+        return f"{self.registry}/lmcache-{name}:{tag}"
 
     @property
     def service_account(self) -> str:

@@ -87,7 +87,10 @@ PATH="$("$K8S_TOOLS/install.sh"):$PATH"; export PATH
 
 step "loading the images into node-0"
 t=$(date +%s)
-refs=(); for name in "${IMAGES[@]}"; do refs+=("$REGISTRY/lmcache-$name:$TAG"); done
+refs=()  # the tags images/build.sh gives: the cache server's CPU variant is <tag>-cpu
+for name in "${IMAGES[@]}"; do
+  if [ "$name" = node ]; then refs+=("$REGISTRY/lmcache-node:$TAG-cpu"); else refs+=("$REGISTRY/lmcache-$name:$TAG"); fi
+done
 "$K8S_TOOLS/image.sh" load --dir "$DIR" "${refs[@]}"
 record "load images into node-0 (${IMAGES[*]})" "$(( $(date +%s) - t ))"
 

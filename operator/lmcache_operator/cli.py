@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lmcache_operator import __version__
 from lmcache_operator.api.policy import PodPolicy
+from lmcache_operator.builders.node_image import DEFAULTS, NodeImageDefaults
 
 
 def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,33 @@ def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
         "--allow-privileged-pass-through",
         action="store_true",
         help="let CR pod fields carry privileges (privileged, capabilities, any hostPath)",
+    )
+
+
+def _add_image_flags(parser: argparse.ArgumentParser) -> None:
+    """The chart's nodeImage: what a cluster's image defaults to (CUDA variant on CUDA)."""
+    parser.add_argument(
+        "--node-image-repository",
+        default=DEFAULTS.repository,
+        help=f"cache server image repository (default {DEFAULTS.repository})",
+    )
+    parser.add_argument(
+        "--node-image-version",
+        default=DEFAULTS.version,
+        help=f"tags <version>-cpu and <version>-cuda are used (default {DEFAULTS.version})",
+    )
+    parser.add_argument(
+        "--cuda-runtime-class",
+        default=DEFAULTS.cuda_runtime_class,
+        help="RuntimeClass of cache pods serving CUDA ('' for none; default nvidia)",
+    )
+
+
+def node_images(args: argparse.Namespace) -> NodeImageDefaults:
+    return NodeImageDefaults(
+        repository=args.node_image_repository,
+        version=args.node_image_version,
+        cuda_runtime_class=args.cuda_runtime_class,
     )
 
 
@@ -67,10 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     _add_policy_flags(run)
+    _add_image_flags(run)
 
     render = commands.add_parser("render", help="print the objects for a resource file")
     render.add_argument("-f", "--filename", required=True, help="YAML file ('-' for stdin)")
     _add_policy_flags(render)
+    _add_image_flags(render)
     return parser
 
 
@@ -91,7 +121,7 @@ def _crds(output_dir: str, check: bool) -> int:
     return 0
 
 
-def _render(filename: str, policy: PodPolicy) -> int:
+def _render(filename: str, policy: PodPolicy, images: NodeImageDefaults) -> int:
     from lmcache_operator.render import RenderError, render_text  # noqa: PLC0415
 
     try:
@@ -100,7 +130,7 @@ def _render(filename: str, policy: PodPolicy) -> int:
         print(f"cannot read {filename}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
-        sys.stdout.write(render_text(text, policy))
+        sys.stdout.write(render_text(text, policy, images))
     except RenderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -119,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     if args.command == "render":
-        return _render(args.filename, policy)
+        return _render(args.filename, policy, node_images(args))
     if args.command == "run":
         from lmcache_operator.runner import run  # noqa: PLC0415
 

@@ -11,6 +11,7 @@ from lmcache_operator.api.common import API_VERSION
 from lmcache_operator.api.lmcachecluster import KIND, LMCacheClusterSpec
 from lmcache_operator.api.policy import PodPolicy
 from lmcache_operator.builders.lmcachecluster import build_children, name_problems
+from lmcache_operator.builders.node_image import DEFAULTS, NodeImageDefaults
 from lmcache_operator.builders.vllm_render import render_vllm_documents
 from lmcache_operator.validation import RenderError, validated_document
 
@@ -18,10 +19,14 @@ __all__ = ["RenderError", "render_documents", "render_text"]
 
 
 def render_documents(
-    documents: Iterable[Any], *, service_monitor: bool = True, policy: PodPolicy | None = None
+    documents: Iterable[Any],
+    *,
+    service_monitor: bool = True,
+    policy: PodPolicy | None = None,
+    images: NodeImageDefaults = DEFAULTS,
 ) -> list[Any]:
     """The objects the operator would create for ``documents``, under the chart's guard
-    rails ``policy`` (default: the chart's defaults)."""
+    rails ``policy`` (default: the chart's defaults) and node image defaults ``images``."""
     policy = PodPolicy() if policy is None else policy
     objects: list[Any] = []
     documents = list(documents)
@@ -48,15 +53,18 @@ def render_documents(
             lambda name, spec: name_problems(name) + spec.semantic_problems(policy),
         )
         objects += build_children(
-            name, namespace, spec, service_monitor=service_monitor, policy=policy
+            name, namespace, spec, service_monitor=service_monitor, policy=policy, images=images
         )
-    objects += render_vllm_documents(vllm_docs, documents, policy)
+    objects += render_vllm_documents(vllm_docs, documents, policy, images)
     return objects
 
 
-def render_text(text: str, policy: PodPolicy | None = None) -> str:
+def render_text(
+    text: str, policy: PodPolicy | None = None, images: NodeImageDefaults = DEFAULTS
+) -> str:
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
         raise RenderError(f"not valid YAML: {exc}") from None
-    return yaml.safe_dump_all(render_documents(documents, policy=policy), sort_keys=False)
+    rendered = render_documents(documents, policy=policy, images=images)
+    return yaml.safe_dump_all(rendered, sort_keys=False)

@@ -295,7 +295,7 @@ def test_schema_rejects_bad_values_naming_the_value(
 
 
 def test_example_cluster_is_a_valid_post_install_hook(render: Render, tmp_path: Path) -> None:
-    spec = {"device": "cpu", "cache": {"cpuSize": "2Gi"}, "placement": {"nodeSelector": {}}}
+    spec = {"cache": {"cpuSize": "2Gi"}, "placement": {"nodeSelector": {}}}
     objects = render(
         values={"example": {"enabled": True, "name": "demo", "spec": spec}}, tmp_path=tmp_path
     )
@@ -303,11 +303,9 @@ def test_example_cluster_is_a_valid_post_install_hook(render: Render, tmp_path: 
     assert cluster["metadata"]["name"] == "demo"
     assert cluster["metadata"]["namespace"] == "lmcache-system"
     assert cluster["metadata"]["annotations"]["helm.sh/hook"] == "post-install"
-    # Helm merges the given spec into the default one (the default image stays)
-    assert cluster["spec"] == {
-        **spec,
-        "image": {"repository": "ghcr.io/lmcache-k8s/lmcache-node", "tag": "0.1.0"},
-    }
+    # Helm merges the given spec into the default one (the default device stays; the image
+    # is left to the operator's nodeImage defaults)
+    assert cluster["spec"] == {**spec, "device": "cpu"}
     model, problems = validate("demo", cluster["spec"])
     assert model is not None, problems
     # and the default example spec is valid too

@@ -375,3 +375,66 @@ def test_env_from_reaches_the_server_container() -> None:
     spec = spec_of(pod={"envFrom": [{"configMapRef": {"name": "extra"}}]})
     container = daemonset(spec)["spec"]["template"]["spec"]["containers"][0]
     assert container["envFrom"] == [{"configMapRef": {"name": "extra"}}]
+
+
+# ----- the node image per device (the CUDA variant and the nvidia RuntimeClass on GPUs) -----
+def _pod_and_container(spec: LMCacheClusterSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    pod = daemonset(spec)["spec"]["template"]["spec"]
+    return pod, pod["containers"][0]
+
+
+def test_gpu_placement_runs_the_cuda_image_with_the_nvidia_runtime_class() -> None:
+    pod, container = _pod_and_container(spec_of())  # device auto, GPU nodes: the defaults
+    assert container["image"] == "ghcr.io/lmcache-k8s/lmcache-node:0.1.0-cuda"
+    assert pod["runtimeClassName"] == "nvidia"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert not any("nvidia.com/gpu" in r for r in container["resources"]["limits"])
+
+
+def test_cpu_device_runs_the_cpu_image_without_runtime_class_or_gpu_env() -> None:
+    for spec in (spec_of(device="cpu"), spec_of(placement={"nodeSelector": {"pool": "cpu"}})):
+        pod, container = _pod_and_container(spec)
+        assert container["image"] == "ghcr.io/lmcache-k8s/lmcache-node:0.1.0-cpu"
+        assert "runtimeClassName" not in pod
+        assert not any(e["name"].startswith("NVIDIA_") for e in container["env"])
+
+
+def test_engine_transfer_mode_serves_cpu_and_runs_the_cpu_image() -> None:
+    _, container = _pod_and_container(spec_of(server={"transferMode": "engine"}))
+    assert container["image"].endswith(":0.1.0-cpu")
+
+
+def test_an_explicit_image_and_runtime_class_win_and_empty_omits_the_class() -> None:
+    spec = spec_of(
+        image={"repository": "registry.local/node", "tag": "custom"},
+        placement={"runtimeClassName": "nvidia-cdi"},
+    )
+    pod, container = _pod_and_container(spec)
+    assert container["image"] == "registry.local/node:custom"
+    assert pod["runtimeClassName"] == "nvidia-cdi"
+    pod, _ = _pod_and_container(spec_of(placement={"runtimeClassName": ""}))
+    assert "runtimeClassName" not in pod
+
+
+def test_the_operators_node_image_defaults_apply() -> None:
+    from lmcache_operator.builders.node_image import NodeImageDefaults
+
+    images = NodeImageDefaults(repository="mirror.local/lmcache-node", version="9.9.9",
+                               cuda_runtime_class="")  # fmt: skip
+    objs = build_children("c1", "ns", spec_of(), service_monitor=False, images=images)
+    pod = next(o for o in objs if o["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "mirror.local/lmcache-node:9.9.9-cuda"
+    assert "runtimeClassName" not in pod  # the chart set cudaRuntimeClassName: ""
+    disk = spec_of(cache={"disk": {"path": "/var/cache/lmcache", "size": "1Gi"}})
+    objs = build_children("c1", "ns", disk, service_monitor=False, images=images)
+    init = next(o for o in objs if o["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    assert init["initContainers"][0]["image"] == "mirror.local/lmcache-node:9.9.9-cuda"
+
+
+def test_the_default_example_renders_the_cuda_image_and_runtime_class() -> None:
+    example = yaml.safe_load(
+        (Path(__file__).parents[2] / "manifests/examples/lmcachecluster.yaml").read_text()
+    )
+    pod, container = _pod_and_container(LMCacheClusterSpec.model_validate(example["spec"]))
+    assert container["image"].endswith("-cuda") and pod["runtimeClassName"] == "nvidia"

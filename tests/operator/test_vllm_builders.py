@@ -217,6 +217,10 @@ def test_stock_images_get_the_connector_from_the_cache_image() -> None:
     init = {c["name"]: c for c in pod["initContainers"]}
     install = init["install-connector"]
     assert install["image"] == "reg/node:t1"
+    # a cluster of default images: the copy comes from the (smaller) CPU variant, even on GPUs
+    gpu_cluster = CacheConnection.from_cluster("c", LMCacheClusterSpec(), namespace="ns")
+    assert gpu_cluster.image == "ghcr.io/lmcache-k8s/lmcache-node:0.1.0-cpu"
+    assert gpu_cluster.device == "cuda"
     assert install["command"][:2] == ["python3", "-c"]
     assert install["command"][-1] == "/opt/lmcache-connector"
     assert {"name": "lmcache-connector", "emptyDir": {}} in pod["volumes"]

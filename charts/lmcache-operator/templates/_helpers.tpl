@@ -64,6 +64,12 @@ allowPrivilegedPassThrough), one YAML list item per flag, for the container's ar
 {{- end }}
 {{- end }}
 
+{{- define "lmcache-operator.nodeImageArgs" -}}
+- --node-image-repository={{ .Values.nodeImage.repository }}
+- --node-image-version={{ .Values.nodeImage.version | default .Chart.AppVersion }}
+- --cuda-runtime-class={{ .Values.nodeImage.cudaRuntimeClassName }}
+{{- end }}
+
 {{/* Fails with a clear message when a Prometheus Operator kind is asked for without its API. */}}
 {{- define "lmcache-operator.requireMonitoringApi" -}}
 {{- if not (.root.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") }}

@@ -97,6 +97,43 @@ class ImageSpec(ApiModel):
         return f"{self.repository}:{self.tag}"
 
 
+class NodeImageSpec(ApiModel):
+    """The cache server's image; unset parts come from the operator (chart value nodeImage)."""
+
+    repository: str | None = Field(
+        None,
+        min_length=1,
+        max_length=512,
+        description=(
+            "Image repository, without the tag; default: the chart's nodeImage.repository "
+            "(ghcr.io/lmcache-k8s/lmcache-node)."
+        ),
+    )
+    tag: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description=(
+            "Image tag; default: <version>-cuda when the cluster serves CUDA (device cuda, or "
+            "auto on GPU nodes), <version>-cpu otherwise (version: the chart's "
+            "nodeImage.version). The CUDA variant has a CUDA PyTorch for CUDA IPC."
+        ),
+    )
+    pull_policy: PullPolicy = Field("IfNotPresent", description="Kubernetes imagePullPolicy.")
+    pull_secrets: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Names of image pull Secrets in the resource's namespace.",
+    )
+
+    @property
+    def reference(self) -> str:
+        """repository:tag; only for a spec resolved with the operator's defaults."""
+        if self.repository is None or self.tag is None:
+            raise ValueError("the node image is not resolved: use builders.node_image.resolve()")
+        return f"{self.repository}:{self.tag}"
+
+
 class SecretKeyRef(ApiModel):
     """A key of a Secret in the resource's namespace."""
 
@@ -131,7 +168,9 @@ class PlacementSpec(ApiModel):
         None,
         max_length=253,
         description=(
-            "RuntimeClass of the pods (e.g. nvidia for GPU visibility without GPU requests)."
+            "RuntimeClass of the pods. Unset: nvidia for a cache serving CUDA (the cache pod "
+            "sees the GPUs without requesting any; the chart's nodeImage.cudaRuntimeClassName), "
+            "none otherwise. An empty string omits it."
         ),
     )
 

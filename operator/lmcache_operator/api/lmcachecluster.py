@@ -9,8 +9,8 @@ from pydantic import AfterValidator, ConfigDict, Field, JsonValue, model_validat
 from lmcache_operator.api.common import (
     ApiModel,
     Condition,
-    ImageSpec,
     KindDefinition,
+    NodeImageSpec,
     PlacementSpec,
     PodOverrides,
     PrinterColumn,
@@ -222,7 +222,7 @@ class MonitoringSpec(ApiModel):
 class LMCacheClusterSpec(ApiModel):
     """Desired state of an LMCacheCluster: one cache server on every selected node."""
 
-    image: ImageSpec = nested_default(ImageSpec, "Cache server image.")
+    image: NodeImageSpec = nested_default(NodeImageSpec, "Cache server image.")
     server: ServerSpec = nested_default(ServerSpec, "Cache server process settings.")
     cache: CacheSpec = nested_default(CacheSpec, "Cache tiers.")
     device: Device = Field(

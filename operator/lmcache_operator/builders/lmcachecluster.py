@@ -9,6 +9,7 @@ import yaml
 from lmcache_operator.api.common import GPU_NODE_LABEL
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.policy import SHM, PodPolicy
+from lmcache_operator.builders import node_image
 from lmcache_operator.builders.cache_security import (
     DISK_MOUNT,
     container_security_context,
@@ -23,6 +24,7 @@ from lmcache_operator.builders.common import (
     content_hash,
     standard_labels,
 )
+from lmcache_operator.builders.node_image import NodeImageDefaults
 from lmcache_operator.builders.podsecurity import confine_host_paths
 from lmcache_operator.quantity import GIB, format_mebibytes, parse_bytes, to_gib
 
@@ -195,7 +197,11 @@ def build_daemonset(
     spec: LMCacheClusterSpec,
     config_hash: str,
     policy: PodPolicy | None = None,
+    *,
+    images: NodeImageDefaults = node_image.DEFAULTS,
 ) -> dict[str, Any]:
+    device = effective_device(spec)
+    spec = node_image.resolve(spec, device, images)
     volumes, mounts = _volumes(name, namespace, spec)
     server = spec.server
     container: dict[str, Any] = {
@@ -239,7 +245,7 @@ def build_daemonset(
         "tolerations": [dict(t) for t in placement.tolerations] or None,
         "affinity": placement.affinity,
         "priorityClassName": placement.priority_class_name,
-        "runtimeClassName": placement.runtime_class_name,
+        "runtimeClassName": node_image.runtime_class(spec, device, images),
         "imagePullSecrets": [{"name": s} for s in spec.image.pull_secrets] or None,
     }
     disk_init = disk_owner_init(name, namespace, spec)
@@ -343,12 +349,14 @@ def build_children(
     *,
     service_monitor: bool,
     policy: PodPolicy | None = None,
+    images: NodeImageDefaults = node_image.DEFAULTS,
 ) -> list[dict[str, Any]]:
     """Every child object, in apply order (ConfigMap before the pods that mount it).
 
     ``policy`` is the chart's guard rails (default: the chart's defaults): the host paths of
-    the pod are confined to its allowed prefixes. Validate with
-    ``spec.semantic_problems(policy)`` first.
+    the pod are confined to its allowed prefixes. ``images`` fills the image a spec leaves
+    unset (the CUDA variant and the nvidia RuntimeClass where the cluster serves CUDA).
+    Validate with ``spec.semantic_problems(policy)`` first.
     """
     configmap = build_configmap(name, namespace, spec)
     config_hash = content_hash({"data": configmap["data"], "env": _env(spec)})
@@ -356,7 +364,7 @@ def build_children(
         configmap,
         build_node_service(name, namespace, spec),
         build_metrics_service(name, namespace, spec),
-        build_daemonset(name, namespace, spec, config_hash, policy),
+        build_daemonset(name, namespace, spec, config_hash, policy, images=images),
     ]
     if service_monitor and spec.monitoring.service_monitor:
         children.append(build_service_monitor(name, namespace, spec))

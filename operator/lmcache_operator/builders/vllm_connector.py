@@ -15,9 +15,11 @@ from typing import Any
 
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.vllmdeployment import VLLMDeploymentSpec
+from lmcache_operator.builders import node_image
 from lmcache_operator.builders.cache_security import IMAGE_GID, IMAGE_UID
 from lmcache_operator.builders.common import content_hash
 from lmcache_operator.builders.lmcachecluster import effective_device, selector_labels
+from lmcache_operator.builders.node_image import NodeImageDefaults
 from lmcache_operator.builders.podsecurity import restricted_container_context
 
 CONNECTOR_CLASS = "LMCacheNodeConnector"
@@ -100,7 +102,12 @@ class CacheConnection:
 
     @classmethod
     def from_cluster(
-        cls, name: str, spec: LMCacheClusterSpec, *, namespace: str | None = None
+        cls,
+        name: str,
+        spec: LMCacheClusterSpec,
+        *,
+        namespace: str | None = None,
+        images: NodeImageDefaults = node_image.DEFAULTS,
     ) -> CacheConnection:
         """The connection settings of LMCacheCluster ``namespace/name``. The shm group is
         the spec's, else derived from namespace and name; without ``namespace`` (a caller not
@@ -116,7 +123,9 @@ class CacheConnection:
             host_shm_path=spec.host_shm_path,
             shm_group=spec.group(namespace, name) if namespace is not None else spec.shm_group,
             node_selector=dict(spec.placement.node_selector),
-            image=spec.image.reference,
+            # the connector-copying init container: either variant holds the package, the CPU
+            # one is smaller
+            image=node_image.resolve(spec, "cpu", images).image.reference,
             pull_policy=spec.image.pull_policy,
             pull_secrets=tuple(spec.image.pull_secrets),
         )

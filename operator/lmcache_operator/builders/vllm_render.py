@@ -13,6 +13,8 @@ from lmcache_operator.api.lmcachecluster import KIND as CLUSTER_KIND
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.policy import PodPolicy
 from lmcache_operator.api.vllmdeployment import KIND, VLLMDeploymentSpec
+from lmcache_operator.builders import node_image
+from lmcache_operator.builders.node_image import NodeImageDefaults
 from lmcache_operator.builders.vllm_connector import CacheConnection
 from lmcache_operator.builders.vllmdeployment import build_children, name_problems
 from lmcache_operator.validation import RenderError, validated_document
@@ -32,6 +34,7 @@ def render_vllm_documents(
     indexed: Sequence[tuple[int, dict[str, Any]]],
     documents: Sequence[Any],
     policy: PodPolicy | None = None,
+    images: NodeImageDefaults = node_image.DEFAULTS,
 ) -> list[dict[str, Any]]:
     """The children of each VLLMDeployment; ``documents`` supplies the LMCacheClusters."""
     policy = PodPolicy() if policy is None else policy
@@ -58,7 +61,10 @@ def render_vllm_documents(
                 )
             try:
                 conn = CacheConnection.from_cluster(
-                    ref, LMCacheClusterSpec.model_validate(cluster), namespace=namespace
+                    ref,
+                    LMCacheClusterSpec.model_validate(cluster),
+                    namespace=namespace,
+                    images=images,
                 )
             except ValidationError:
                 raise RenderError(f"{label}: {CLUSTER_KIND} {ref!r} is invalid") from None
