@@ -58,6 +58,16 @@ test: setup lint typecheck vllm-venv pytest e2e-vllm ## Everything CI runs: setu
 bench: setup ## Benchmarks: one JSON object with ratios against memcpy measured in the same run
 	$(VENV)/bin/lmcache-node bench --json
 
+GPU_CHECK_OUT ?= .cache/gpu-check
+
+.PHONY: gpu-wheels
+gpu-wheels: ## Download (here) the wheels a GPU box without an index needs for gpu-check (~11 MB)
+	@scripts/gpu-wheels.sh
+
+.PHONY: gpu-check
+gpu-check: ## On an NVIDIA GPU box: CUDA tests + `bench --device cuda`; results in GPU_CHECK_OUT
+	@scripts/gpu-check.sh $(GPU_CHECK_OUT)
+
 .PHONY: clean
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -16,6 +16,10 @@ CHUNK_TOKENS = 256
 CHUNK_BYTES = LLAMA8B_LAYERS * 2 * CHUNK_TOKENS * LLAMA8B_KV_HEADS * LLAMA8B_HEAD_DIM * 2  # 32 MiB
 
 
+class BenchUnavailableError(RuntimeError):
+    """A section cannot run on this machine (e.g. no CUDA); the message says why."""
+
+
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
 

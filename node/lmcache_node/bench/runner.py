@@ -15,17 +15,20 @@ from typing import cast
 import torch
 
 from lmcache_node import __version__
+from lmcache_node.bench.common import BenchUnavailableError
 
 log = logging.getLogger(__name__)
 
-Section = Callable[[bool], dict[str, float | int | bool]]
+Section = Callable[[bool], dict[str, float | int | bool | str]]
 
 # name -> (module, function); sections owned by later issues join this table.
 SECTIONS: dict[str, tuple[str, str]] = {
     "engine": ("lmcache_node.bench.engine", "run_engine_bench"),
     "server": ("lmcache_node.bench.server", "run_server_bench"),
     "disk": ("lmcache_node.bench.disk", "run_disk_bench"),
+    "gpu": ("lmcache_node.bench.gpu", "run_gpu_bench"),
 }
+CPU_SECTIONS = ("engine", "server", "disk")  # the default on --device cpu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     parser.add_argument(
         "--sections",
-        default=",".join(SECTIONS),
-        help=f"comma-separated sections to run (default: {','.join(SECTIONS)})",
+        default=None,
+        help=(
+            f"comma-separated sections to run (known: {','.join(SECTIONS)}; default: "
+            f"{','.join(CPU_SECTIONS)}, or gpu with --device cuda)"
+        ),
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: the CUDA IPC path against the GPU's D2H/H2D copy limit (the gpu section)",
     )
 
 
@@ -50,7 +62,8 @@ def _load(name: str) -> Section | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    names = [n.strip() for n in args.sections.split(",") if n.strip()]
+    default = "gpu" if args.device == "cuda" else ",".join(CPU_SECTIONS)
+    names = [n.strip() for n in (args.sections or default).split(",") if n.strip()]
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         print(f"unknown bench section(s) {unknown}; known: {list(SECTIONS)}", file=sys.stderr)
@@ -69,7 +82,12 @@ def run(args: argparse.Namespace) -> int:
             continue
         if not args.json:
             print(f"running bench section {name} ...", file=sys.stderr)
-        for key, value in section(args.quick).items():
+        try:
+            figures = section(args.quick)
+        except BenchUnavailableError as exc:
+            print(f"lmcache-node bench: section {name}: {exc}", file=sys.stderr)
+            return 2
+        for key, value in figures.items():
             if key in result and key == "memcpy_gbps":
                 result[f"{name}_memcpy_gbps"] = value  # each section's own same-run limit
                 continue

@@ -55,3 +55,17 @@ def test_cuda_roundtrip_is_byte_exact(
             assert torch.equal(tensor.select(dim, 4), original.select(dim, 0))
             assert torch.equal(tensor.select(dim, 15), original.select(dim, 11))
         node.unregister(reg)
+
+
+def test_the_l1_pool_is_pinned_with_cuda() -> None:
+    """Pinned host pages: the D2H/H2D copies of stores and retrieves run at full PCIe speed."""
+    from lmcache_node.engine.memory import MemoryPool
+
+    pool = MemoryPool(64 * 1024**2, 1024**2)
+    assert pool.pinned and pool.buffer.is_pinned()
+
+
+def test_the_server_reports_cuda(cuda_server: ServerProcess) -> None:
+    with NodeClient(cuda_server.endpoint, timeout_s=30) as node:
+        assert node.connect().device == "cuda"
+        assert node.stats()["device"] == "cuda"
