@@ -10,7 +10,7 @@ import pytest
 import yaml
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.builders.lmcachecluster import build_children
-from lmcache_operator.handlers.lmcachecluster import validate
+from lmcache_operator.controllers.lmcachecluster import validate
 
 from tests.chart.conftest import REPO, HelmError, Render, by_kind, one
 
