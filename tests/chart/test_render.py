@@ -36,21 +36,42 @@ def _rules(role: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def _operator_role(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The roles of the watched namespaces (not the CRD reader's nor the leader Lease's)."""
     return [
-        o for o in by_kind(objects, kind) if not o["metadata"]["name"].endswith("cluster-reader")
+        o
+        for o in by_kind(objects, kind)
+        if not o["metadata"]["name"].endswith(("cluster-reader", "leader-election"))
     ]
 
 
 # --- defaults ----------------------------------------------------------------------------
 
 
-def test_default_deployment_is_one_hardened_replica(render: Render) -> None:
+def test_default_deployment_is_two_hardened_replicas_one_leading(render: Render) -> None:
     objects = render()
     deployment = one(objects, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["type"] == "RollingUpdate"
     pod = spec["template"]["spec"]
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert (
+        anti[0]["podAffinityTerm"]["labelSelector"]["matchLabels"]
+        == spec["selector"]["matchLabels"]
+    )
+    budget = one(objects, "PodDisruptionBudget")["spec"]
+    assert budget == {"minAvailable": 1, "selector": spec["selector"]}
+    lease_rules = one(objects, "Role")["rules"]
+    assert lease_rules == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "create", "update", "patch"],
+        }
+    ]
+    metrics = one(objects, "Service")["spec"]
+    assert metrics["ports"][0]["targetPort"] == "health"
     assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     container = _container(objects)
@@ -61,8 +82,9 @@ def test_default_deployment_is_one_hardened_replica(render: Render) -> None:
     assert security["capabilities"]["drop"] == ["ALL"]
     assert container["resources"]["requests"]["memory"] == "128Mi"
     assert container["resources"]["limits"]["memory"] == "256Mi"
-    # liveness on kopf's probe endpoint, the port the operator is told to serve it on
+    # liveness (and /metrics) on the port the operator is told to serve it on
     assert container["args"][0] == "run"
+    assert "--leader-election" in container["args"]
     assert "--liveness=http://0.0.0.0:8081/healthz" in container["args"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
@@ -74,7 +96,7 @@ def test_default_rbac_is_cluster_wide_but_no_wider_than_the_handlers(render: Ren
     objects = render()
     (role,) = _operator_role(objects, "ClusterRole")
     granted = set(_rules(role))
-    assert not by_kind(objects, "Role")
+    assert not _operator_role(objects, "Role")
     # sufficient: every child the builders produce can be server-side applied (a PATCH
     # that creates a missing object, authorized as create)
     spec = LMCacheClusterSpec.model_validate({})
@@ -160,7 +182,8 @@ def test_nothing_optional_is_rendered_by_default(render: Render) -> None:
     crds = len(list((REPO / "crds").glob("*.yaml")))
     assert kinds == sorted(
         ["ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
-         "ClusterRoleBinding", "Deployment"] + ["CustomResourceDefinition"] * crds
+         "ClusterRoleBinding", "Deployment", "PodDisruptionBudget", "Role", "RoleBinding",
+         "Service"] + ["CustomResourceDefinition"] * crds
     )  # fmt: skip
 
 
@@ -170,8 +193,8 @@ def test_nothing_optional_is_rendered_by_default(render: Render) -> None:
 def test_release_scope_uses_a_role_in_the_release_namespace(render: Render) -> None:
     objects = render({"watch.scope": "release"}, namespace="team-a")
     assert _operator_role(objects, "ClusterRole") == []
-    (role,) = by_kind(objects, "Role")
-    (binding,) = by_kind(objects, "RoleBinding")
+    (role,) = _operator_role(objects, "Role")
+    (binding,) = _operator_role(objects, "RoleBinding")
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "team-a"
     assert ("apps", "daemonsets", "patch") in set(_rules(role))
     assert "--namespace=team-a" in _container(objects)["args"]
@@ -183,8 +206,9 @@ def test_release_scope_uses_a_role_in_the_release_namespace(render: Render) -> N
 
 def test_namespaces_scope_gets_a_role_per_namespace(render: Render) -> None:
     objects = render({"watch.scope": "namespaces", "watch.namespaces": "{ml-a,ml-b}"})
-    assert sorted(r["metadata"]["namespace"] for r in by_kind(objects, "Role")) == ["ml-a", "ml-b"]
-    bindings = by_kind(objects, "RoleBinding")
+    roles = _operator_role(objects, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-a", "ml-b"]
+    bindings = _operator_role(objects, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ml-a", "ml-b"]
     for binding in bindings:  # the ServiceAccount lives in the release namespace
         assert binding["subjects"][0]["namespace"] == "lmcache-system"
@@ -322,7 +346,16 @@ def test_pod_and_service_monitors_select_the_cache_pods(render: Render) -> None:
     assert selector.items() <= pod_labels.items()
     assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
-    service_monitor = one(objects, "ServiceMonitor")
+    monitors = {
+        m["metadata"]["name"].rsplit("-", 1)[-1]: m for m in by_kind(objects, "ServiceMonitor")
+    }
+    service_monitor = monitors["servers"]  # the cache servers'; "operator": the operator's own
+    operator_service = one(objects, "Service")
+    assert (
+        monitors["operator"]["spec"]["selector"]["matchLabels"].items()
+        <= operator_service["metadata"]["labels"].items()
+    )
+    assert monitors["operator"]["spec"]["endpoints"][0]["port"] == "metrics"
     metrics_service = next(
         c for c in build_children("c", "ns", spec, service_monitor=False)
         if c["kind"] == "Service" and c["spec"].get("clusterIP") == "None"

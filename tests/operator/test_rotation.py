@@ -1,0 +1,123 @@
+"""Tokens that rotate, against the real API server: a kubeconfig tokenFile and an exec plugin.
+
+Each token is bound to a Secret; deleting the Secret makes the API server refuse the token
+(401), as an expired projected token would be. The client must read the new one and go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from lmcache_operator.kube import KubeClient, KubeError
+
+from tests.operator.kubectl import Cluster
+
+pytestmark = pytest.mark.k8s
+
+EXEC_PLUGIN = """\
+import json, pathlib, sys
+token = pathlib.Path(sys.argv[1]).read_text().strip()
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+                  "status": {"token": token}}))
+"""
+
+
+def _reader(k8s: Cluster, namespace: str) -> None:
+    """A ServiceAccount that may list ConfigMaps in the namespace (and nothing else)."""
+    k8s.kubectl("create", "serviceaccount", "rotator", "-n", namespace)
+    k8s.kubectl(
+        "create", "role", "cm-reader", "--verb=list", "--resource=configmaps", "-n", namespace
+    )
+    k8s.kubectl(
+        "create", "rolebinding", "cm-reader", "--role=cm-reader",
+        f"--serviceaccount={namespace}:rotator", "-n", namespace,
+    )  # fmt: skip
+
+
+def _token(k8s: Cluster, namespace: str, secret: str) -> str:
+    k8s.kubectl("create", "secret", "generic", secret, "-n", namespace)
+    return k8s.kubectl(
+        "create", "token", "rotator", "-n", namespace,
+        "--bound-object-kind=Secret", f"--bound-object-name={secret}",
+    ).stdout.strip()  # fmt: skip
+
+
+def _kubeconfig(k8s: Cluster, path: Path, user: dict[str, Any]) -> None:
+    admin = yaml.safe_load(k8s.kubeconfig.read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": cluster}],
+                "users": [{"name": "rotator", "user": user}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "rotator"}}],
+                "current-context": "x",
+            }
+        )
+    )
+
+
+async def _list_twice(kubeconfig: Path, rotate: Any, namespace: str) -> tuple[int, int]:
+    client = await KubeClient.connect(str(kubeconfig))
+    try:
+        first = await client.list("v1", "ConfigMap", namespace)
+        rotate()
+        second = await client.list("v1", "ConfigMap", namespace)
+    finally:
+        await client.close()
+    return len(first["items"]), len(second["items"])
+
+
+@pytest.mark.parametrize("source", ["tokenFile", "exec"])
+def test_a_rotated_token_is_picked_up_after_the_old_one_is_refused(
+    k8s_cluster: Cluster, namespace: str, tmp_path: Path, source: str
+) -> None:
+    _reader(k8s_cluster, namespace)
+    token_file = tmp_path / "token"
+    token_file.write_text(_token(k8s_cluster, namespace, "bound-1") + "\n")
+    second = _token(k8s_cluster, namespace, "bound-2")
+    if source == "tokenFile":
+        user: dict[str, Any] = {"tokenFile": str(token_file)}
+    else:
+        plugin = tmp_path / "plugin.py"
+        plugin.write_text(EXEC_PLUGIN)
+        user = {
+            "exec": {
+                "apiVersion": "client.authentication.k8s.io/v1",
+                "command": sys.executable,
+                "args": [str(plugin), str(token_file)],
+                "interactiveMode": "Never",
+            }
+        }
+    kubeconfig = tmp_path / "kubeconfig"
+    _kubeconfig(k8s_cluster, kubeconfig, user)
+
+    def rotate() -> None:
+        k8s_cluster.kubectl("delete", "secret", "bound-1", "-n", namespace)  # token 1: invalid
+        token_file.write_text(second + "\n")
+
+    assert asyncio.run(_list_twice(kubeconfig, rotate, namespace)) == (0, 0)
+
+
+def test_a_refused_token_without_a_new_one_is_an_error(
+    k8s_cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    _reader(k8s_cluster, namespace)
+    token_file = tmp_path / "token"
+    token_file.write_text(_token(k8s_cluster, namespace, "only") + "\n")
+    kubeconfig = tmp_path / "kubeconfig"
+    _kubeconfig(k8s_cluster, kubeconfig, {"tokenFile": str(token_file)})
+
+    def revoke() -> None:
+        k8s_cluster.kubectl("delete", "secret", "only", "-n", namespace)
+
+    with pytest.raises(KubeError) as raised:
+        asyncio.run(_list_twice(kubeconfig, revoke, namespace))
+    assert raised.value.status == 401
