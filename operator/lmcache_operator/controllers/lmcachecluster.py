@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from pydantic import ValidationError
+
 from lmcache_operator.api.common import API_VERSION
 from lmcache_operator.api.lmcachecluster import KIND, LMCacheClusterSpec
 from lmcache_operator.builders.common import owner_reference
@@ -32,7 +34,6 @@ from lmcache_operator.metrics import OperatorMetrics
 from lmcache_operator.state import Applied, ClusterView, Key, Views
 from lmcache_operator.status import Observed, compute_status, same_status
 from lmcache_operator.validation import describe_validation_error
-from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
 

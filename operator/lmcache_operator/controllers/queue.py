@@ -6,8 +6,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from lmcache_operator.state import Key
 from prometheus_client import Gauge
+
+from lmcache_operator.state import Key
 
 logger = logging.getLogger(__name__)
 

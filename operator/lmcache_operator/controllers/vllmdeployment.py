@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from pydantic import ValidationError
+
 from lmcache_operator.api.common import API_VERSION, FIELD_MANAGER
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.vllmdeployment import KIND, VLLMDeploymentSpec
@@ -35,7 +37,6 @@ from lmcache_operator.kube import transient as transient_error
 from lmcache_operator.metrics import OperatorMetrics
 from lmcache_operator.state import CacheView, Key, Views, VLLMApplied, VLLMView, cluster_ref
 from lmcache_operator.validation import describe_validation_error
-from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
 
