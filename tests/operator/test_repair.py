@@ -26,7 +26,9 @@ def _get(k8s: Cluster, kind: str, name: str, ns: str) -> dict[str, Any]:
     return k8s.get(kind, name, ns) or {}
 
 
-def _restored(k8s: Cluster, kind: str, name: str, ns: str, check: Any, what: str) -> dict[str, Any]:
+def _restored(
+    k8s: Cluster, kind: str, name: str, ns: str, *, check: Any, what: str
+) -> dict[str, Any]:
     return wait_for(
         f"{kind}/{name} {what}", lambda: (o := k8s.get(kind, name, ns)) and check(o) and o
     )
@@ -51,7 +53,7 @@ def test_cluster_children_deleted_or_edited_are_restored(
     k8s_cluster.kubectl("delete", "configmap", "cache-cache-config", "-n", namespace)
     _restored(
         k8s_cluster, "configmap", "cache-cache-config", namespace,
-        lambda o: o["data"] == config, "recreated",
+        check=lambda o: o["data"] == config, what="recreated",
     )  # fmt: skip
     k8s_cluster.kubectl(
         "patch", "configmap", "cache-cache-config", "-n", namespace, "--type=merge",
@@ -59,19 +61,19 @@ def test_cluster_children_deleted_or_edited_are_restored(
     )  # fmt: skip
     _restored(
         k8s_cluster, "configmap", "cache-cache-config", namespace,
-        lambda o: o["data"] == config, "edit reverted",
+        check=lambda o: o["data"] == config, what="edit reverted",
     )  # fmt: skip
 
     for service in ("cache-cache", "cache-cache-metrics"):
         k8s_cluster.kubectl("delete", "service", service, "-n", namespace)
-        _restored(k8s_cluster, "service", service, namespace, lambda o: True, "recreated")
+        _restored(k8s_cluster, "service", service, namespace, check=bool, what="recreated")
     k8s_cluster.kubectl(
         "patch", "service", "cache-cache", "-n", namespace, "--type=merge",
         "-p", json.dumps({"spec": {"internalTrafficPolicy": "Cluster"}}),
     )  # fmt: skip
     _restored(
         k8s_cluster, "service", "cache-cache", namespace,
-        lambda o: o["spec"]["internalTrafficPolicy"] == "Local", "edit reverted",
+        check=lambda o: o["spec"]["internalTrafficPolicy"] == "Local", what="edit reverted",
     )  # fmt: skip
 
     # a hand edit of the DaemonSet's pod template is reverted; a label of someone else stays
@@ -81,9 +83,9 @@ def test_cluster_children_deleted_or_edited_are_restored(
     )
     ds = _restored(
         k8s_cluster, "daemonset", "cache-cache", namespace,
-        lambda o: o["spec"]["template"]["spec"]["containers"][0]["image"]
+        check=lambda o: o["spec"]["template"]["spec"]["containers"][0]["image"]
         == "lmcache.local/node:dev",
-        "image edit reverted",
+        what="image edit reverted",
     )  # fmt: skip
     assert ds["metadata"]["labels"]["team"] == "blue"
     k8s_cluster.kubectl("delete", "daemonset", "cache-cache", "-n", namespace, "--wait=false")
@@ -110,7 +112,7 @@ def test_vllm_children_are_restored_and_a_scale_is_left_alone(
         k8s_cluster, namespace, "Ready", lambda s: condition(s, "Ready").get("status") == "True"
     )
     k8s_cluster.kubectl("delete", "service", "llm", "-n", namespace)
-    _restored(k8s_cluster, "service", "llm", namespace, lambda o: True, "recreated")
+    _restored(k8s_cluster, "service", "llm", namespace, check=bool, what="recreated")
 
     # kubectl scale (as an HPA would, through the scale subresource) is another manager's
     k8s_cluster.kubectl("scale", "deployment", "llm", "-n", namespace, "--replicas=2")
@@ -121,8 +123,8 @@ def test_vllm_children_are_restored_and_a_scale_is_left_alone(
     )  # fmt: skip
     deployment = _restored(
         k8s_cluster, "deployment", "llm", namespace,
-        lambda o: o["spec"]["template"]["spec"]["containers"][0]["image"] != "evil:1",
-        "image edit reverted",
+        check=lambda o: o["spec"]["template"]["spec"]["containers"][0]["image"] != "evil:1",
+        what="image edit reverted",
     )  # fmt: skip
     assert deployment["spec"]["replicas"] == 2  # the scale stays
     k8s_cluster.kubectl("delete", "deployment", "llm", "-n", namespace, "--wait=false")
