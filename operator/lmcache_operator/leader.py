@@ -34,7 +34,7 @@ class LeaseSettings:
     namespace: str
     name: str = "lmcache-operator"
     identity: str = field(default_factory=default_identity)
-    lease_s: float = 8.0  # a dead leader is replaced after at most lease_s + retry_s
+    lease_s: int = 8  # a dead leader is replaced after at most lease_s + retry_s (whole s)
     renew_s: float = 6.0  # a leader that cannot renew for this long steps down
     retry_s: float = 2.0  # how often the leader renews and the standby checks
 
@@ -96,6 +96,9 @@ async def run_as_leader(
         for task in (election, waiter):
             task.cancel()
         await asyncio.gather(election, waiter, return_exceptions=True)
+    if election.done() and not election.cancelled() and election.exception() is not None:
+        error = election.exception()
+        logger.error("leader election failed: %s", error, exc_info=error)
     if outcome["code"] == 0:
         await release(client, lease)
     return outcome["code"]

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from lmcache_operator.kube import KubeClient, KubeError
 
-from tests.operator.kubectl import Cluster
+from tests.operator.kubectl import Cluster, wait_for
 
 pytestmark = pytest.mark.k8s
 
@@ -64,7 +64,23 @@ def _kubeconfig(k8s: Cluster, path: Path, user: dict[str, Any]) -> None:
     )
 
 
-async def _list_twice(kubeconfig: Path, rotate: Any, namespace: str) -> tuple[int, int]:
+def _revoke(k8s: Cluster, namespace: str, secret: str, token: str, tmp_path: Path) -> None:
+    """Delete the token's Secret and wait until the API server refuses the token (it caches
+    successful token reviews for a few seconds)."""
+    k8s.kubectl("delete", "secret", secret, "-n", namespace)
+    probe = tmp_path / f"probe-{secret}.kubeconfig"
+    _kubeconfig(k8s, probe, {"token": token})
+
+    def refused() -> bool:
+        result = k8s.kubectl(
+            "--kubeconfig", str(probe), "get", "configmaps", "-n", namespace, check=False
+        )
+        return "Unauthorized" in result.stderr or "must be logged in" in result.stderr
+
+    wait_for(f"the token bound to {secret} refused", refused, timeout=60, interval=0.5)
+
+
+async def _list_twice(kubeconfig: Path, rotate: Any, namespace: str) -> tuple[list[str], list[str]]:
     client = await KubeClient.connect(str(kubeconfig))
     try:
         first = await client.list("v1", "ConfigMap", namespace)
@@ -72,7 +88,8 @@ async def _list_twice(kubeconfig: Path, rotate: Any, namespace: str) -> tuple[in
         second = await client.list("v1", "ConfigMap", namespace)
     finally:
         await client.close()
-    return len(first["items"]), len(second["items"])
+    names = [[i["metadata"]["name"] for i in listing["items"]] for listing in (first, second)]
+    return names[0], names[1]
 
 
 @pytest.mark.parametrize("source", ["tokenFile", "exec"])
@@ -81,7 +98,8 @@ def test_a_rotated_token_is_picked_up_after_the_old_one_is_refused(
 ) -> None:
     _reader(k8s_cluster, namespace)
     token_file = tmp_path / "token"
-    token_file.write_text(_token(k8s_cluster, namespace, "bound-1") + "\n")
+    first = _token(k8s_cluster, namespace, "bound-1")
+    token_file.write_text(first + "\n")
     second = _token(k8s_cluster, namespace, "bound-2")
     if source == "tokenFile":
         user: dict[str, Any] = {"tokenFile": str(token_file)}
@@ -100,10 +118,11 @@ def test_a_rotated_token_is_picked_up_after_the_old_one_is_refused(
     _kubeconfig(k8s_cluster, kubeconfig, user)
 
     def rotate() -> None:
-        k8s_cluster.kubectl("delete", "secret", "bound-1", "-n", namespace)  # token 1: invalid
+        _revoke(k8s_cluster, namespace, "bound-1", first, tmp_path)
         token_file.write_text(second + "\n")
 
-    assert asyncio.run(_list_twice(kubeconfig, rotate, namespace)) == (0, 0)
+    before, after = asyncio.run(_list_twice(kubeconfig, rotate, namespace))
+    assert before == after == ["kube-root-ca.crt"]  # the namespace's own ConfigMap
 
 
 def test_a_refused_token_without_a_new_one_is_an_error(
@@ -111,12 +130,13 @@ def test_a_refused_token_without_a_new_one_is_an_error(
 ) -> None:
     _reader(k8s_cluster, namespace)
     token_file = tmp_path / "token"
-    token_file.write_text(_token(k8s_cluster, namespace, "only") + "\n")
+    only = _token(k8s_cluster, namespace, "only")
+    token_file.write_text(only + "\n")
     kubeconfig = tmp_path / "kubeconfig"
     _kubeconfig(k8s_cluster, kubeconfig, {"tokenFile": str(token_file)})
 
     def revoke() -> None:
-        k8s_cluster.kubectl("delete", "secret", "only", "-n", namespace)
+        _revoke(k8s_cluster, namespace, "only", only, tmp_path)
 
     with pytest.raises(KubeError) as raised:
         asyncio.run(_list_twice(kubeconfig, revoke, namespace))
