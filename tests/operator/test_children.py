@@ -118,3 +118,24 @@ def test_children_of_a_deleted_owner_are_forgotten() -> None:
     repairer.forget_owner("VLLMDeployment", ("ns", "llm"))
     repairer.on_event("DELETED", APPLIED)
     assert recorder.requested == []
+
+
+def test_same_generation_compares_metadata_only_and_still_sees_label_edits() -> None:
+    applied = copy.deepcopy(APPLIED)
+    applied["metadata"]["generation"] = 3
+    recorder = Recorder()
+    repairer = ChildRepairer({"VLLMDeployment": recorder}, OperatorMetrics(), min_interval_s=0)
+    repairer.record("VLLMDeployment", ("ns", "llm"), [DESIRED], [applied])
+    status_only = copy.deepcopy(applied)
+    status_only["status"] = {"readyReplicas": 2}
+    repairer.on_event("MODIFIED", status_only)
+    assert recorder.requested == []
+    relabelled = copy.deepcopy(applied)
+    relabelled["metadata"]["labels"]["a"] = "edited"
+    repairer.on_event("MODIFIED", relabelled)
+    assert recorder.requested == [("ns", "llm")]
+    new_spec = copy.deepcopy(applied)
+    new_spec["metadata"]["generation"] = 4
+    new_spec["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:1"
+    repairer.on_event("MODIFIED", new_spec)
+    assert recorder.requested == [("ns", "llm"), ("ns", "llm")]

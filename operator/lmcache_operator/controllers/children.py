@@ -56,6 +56,13 @@ class Record:
     owner: Key
     shape: dict[str, Any]
     fingerprint: Any
+    generation: int | None  # spec changes bump it (DaemonSets, Deployments; None: no such)
+
+
+def _unchanged_spec(record: Record, obj: Mapping[str, Any]) -> bool:
+    """Same generation: only metadata can differ (status writes are most events)."""
+    generation = obj["metadata"].get("generation")
+    return record.generation is not None and generation == record.generation
 
 
 class ChildRepairer:
@@ -87,7 +94,14 @@ class ChildRepairer:
         for shape, result in zip(desired, results, strict=True):
             meta = result["metadata"]
             key = (str(result["kind"]), str(meta["namespace"]), str(meta["name"]))
-            self.records[key] = Record(owner_kind, owner, dict(shape), project(result, shape))
+            generation = meta.get("generation")
+            self.records[key] = Record(
+                owner_kind,
+                owner,
+                dict(shape),
+                project(result, shape),
+                int(generation) if generation is not None else None,
+            )
 
     def forget_owner(self, owner_kind: str, owner: Key) -> None:
         for key in [
@@ -109,7 +123,7 @@ class ChildRepairer:
             why = "deleted"
         elif meta.get("deletionTimestamp"):
             return  # going away: its DELETED event decides
-        elif project(obj, record.shape) != record.fingerprint:
+        elif self._drifted(record, obj):
             why = "changed by someone else"
         else:
             return
@@ -120,6 +134,13 @@ class ChildRepairer:
         )  # fmt: skip
         self.metrics.children_repaired.labels(kind=kind).inc()
         self._request(record)
+
+    @staticmethod
+    def _drifted(record: Record, obj: Mapping[str, Any]) -> bool:
+        if _unchanged_spec(record, obj):
+            shape = record.shape.get("metadata", {})
+            return bool(project(obj.get("metadata"), shape) != record.fingerprint["metadata"])
+        return bool(project(obj, record.shape) != record.fingerprint)
 
     def _request(self, record: Record) -> None:
         """At most one repair per owner per interval: a fight with another controller

@@ -3,6 +3,7 @@ pods, the LMCacheClusters it uses and their cache pods."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,6 +26,16 @@ from lmcache_operator.state import (
 DEPLOYMENT_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY},app.kubernetes.io/name={APP_NAME}"
 VLLM_POD_SELECTOR = f"app.kubernetes.io/name={APP_NAME},{DEPLOYMENT_LABEL}"
 CACHE_POD_SELECTOR = f"app.kubernetes.io/name={CACHE_APP_NAME},{CLUSTER_LABEL}"
+
+
+def cluster_snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What consumers use of an LMCacheCluster: its identity and spec (a copy: kopf's body
+    is reused), not its status or managedFields, which are most of its size."""
+    meta = body["metadata"]
+    return {
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "generation") if k in meta},
+        "spec": copy.deepcopy(body.get("spec") or {}),
+    }
 
 
 def waiting(summary: Mapping[str, Any]) -> bool:
@@ -142,9 +153,9 @@ class VLLMObserver:
         else:
             generation = int(body["metadata"].get("generation", 0))
             changed = view.body is None or view.generation != generation
-            view.body, view.generation = snapshot(body), generation
-        if not changed:
-            return
+            if not changed:
+                return  # a status write or a kopf annotation: nothing a consumer uses
+            view.body, view.generation = cluster_snapshot(body), generation
         for consumer in self.views.consumers(*key):
             if event != "DELETED":
                 self.controller.applies.request(consumer)  # new settings roll the pods

@@ -61,15 +61,25 @@ class KubeClient:
         timeout: float | aiohttp.ClientTimeout,
     ) -> aiohttp.ClientResponse:
         """The open response (status not checked); one retry after a 401 with fresh tokens."""
+        config = self.credentials.configuration
         for attempt in (1, 2):
+            # The client's transport and auth (its refresh hook runs here), without its
+            # generic parameter sanitising: our bodies are plain JSON already.
+            headers = {
+                **self.api.default_headers,
+                "Content-Type": content_type,
+                "Accept": "application/json",
+            }
+            token = await config.get_api_key_with_prefix("BearerToken")
+            if token:
+                headers["Authorization"] = token
             try:
-                response: aiohttp.ClientResponse = await self.api.call_api(
-                    path,
+                response: aiohttp.ClientResponse = await self.api.rest_client.request(
                     method,
-                    query_params=list((params or {}).items()),
-                    header_params={"Content-Type": content_type, "Accept": "application/json"},
+                    f"{config.host}{path}",
+                    query_params=dict(params or {}),
+                    headers=headers,
                     body=body,
-                    auth_settings=["BearerToken"],
                     _preload_content=False,
                     _request_timeout=timeout,
                 )
