@@ -4,7 +4,9 @@ After each apply a controller records, per child, the shape it applied (our fiel
 fingerprint: the applied object as the API server returned it, projected onto that shape
 (so defaults and canonical forms are the server's). Watch events of the children are
 projected the same way: a different fingerprint means someone else changed one of our
-fields, a DELETED event that the child is gone; either way the owner is re-applied. Fields
+fields, a DELETED event that the child is gone; either way the owner is re-applied. Kinds
+with a ``metadata.generation`` (DaemonSets, Deployments) bump it on every spec change, so
+for them the record is the generation plus our metadata fields. Fields
 we never set (other managers' labels, an HPA's replicas through the scale subresource)
 are outside the shape and left alone.
 
@@ -59,10 +61,17 @@ class Record:
     generation: int | None  # spec changes bump it (DaemonSets, Deployments; None: no such)
 
 
-def _unchanged_spec(record: Record, obj: Mapping[str, Any]) -> bool:
-    """Same generation: only metadata can differ (status writes are most events)."""
-    generation = obj["metadata"].get("generation")
-    return record.generation is not None and generation == record.generation
+def _record(
+    owner_kind: str, owner: Key, shape: Mapping[str, Any], result: Mapping[str, Any]
+) -> Record:
+    """A kind with a generation (every spec change bumps it) is recorded by its generation
+    and our metadata only: cheap to keep and to compare on its many status events. Other
+    kinds (ConfigMaps, Services) by all our fields."""
+    generation = result["metadata"].get("generation")
+    if generation is None:
+        return Record(owner_kind, owner, dict(shape), project(result, shape), None)
+    meta_shape = {"metadata": shape["metadata"]}
+    return Record(owner_kind, owner, meta_shape, project(result, meta_shape), int(generation))
 
 
 class ChildRepairer:
@@ -94,14 +103,7 @@ class ChildRepairer:
         for shape, result in zip(desired, results, strict=True):
             meta = result["metadata"]
             key = (str(result["kind"]), str(meta["namespace"]), str(meta["name"]))
-            generation = meta.get("generation")
-            self.records[key] = Record(
-                owner_kind,
-                owner,
-                dict(shape),
-                project(result, shape),
-                int(generation) if generation is not None else None,
-            )
+            self.records[key] = _record(owner_kind, owner, shape, result)
 
     def forget_owner(self, owner_kind: str, owner: Key) -> None:
         for key in [
@@ -137,9 +139,14 @@ class ChildRepairer:
 
     @staticmethod
     def _drifted(record: Record, obj: Mapping[str, Any]) -> bool:
-        if _unchanged_spec(record, obj):
-            shape = record.shape.get("metadata", {})
-            return bool(project(obj.get("metadata"), shape) != record.fingerprint["metadata"])
+        """Someone else changed one of our fields (a spec change shows as a new generation;
+        one from an older generation is a late event of ours: ignored)."""
+        if record.generation is not None:
+            generation = int(obj["metadata"].get("generation") or 0)
+            if generation < record.generation:
+                return False
+            if generation > record.generation:
+                return True
         return bool(project(obj, record.shape) != record.fingerprint)
 
     def _request(self, record: Record) -> None:
