@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from lmcache_operator.kube import load_credentials, object_path, resource_of
+from lmcache_operator.kube import KubeClient, load_credentials, object_path, resource_of
 
 
 @pytest.mark.parametrize(
@@ -119,3 +119,30 @@ def test_token_file_and_exec_users_rotate(tmp_path: Path) -> None:
     token.write_text("second\n")
     asyncio.run(credentials.refresh())
     assert credentials.token == "second"
+
+
+@pytest.mark.parametrize(("proxy", "trusted"), [(None, False), ("http://proxy:3128", True)])
+def test_the_environment_is_read_only_when_a_proxy_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proxy: str | None, trusted: bool
+) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    if proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n"
+        "clusters: [{name: k, cluster: {server: 'https://127.0.0.1:6443', "
+        "insecure-skip-tls-verify: true}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+    )
+
+    async def trust_env() -> bool:
+        client = await KubeClient.connect(str(path))
+        try:
+            return bool(client.api.rest_client.pool_manager.trust_env)
+        finally:
+            await client.close()
+
+    assert asyncio.run(trust_env()) is trusted
