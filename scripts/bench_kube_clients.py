@@ -22,7 +22,7 @@ from typing import Any
 import kubernetes
 import kubernetes_asyncio
 
-NAMESPACE = "client-bench"
+NAMESPACE = f"client-bench-{os.getpid()}"  # a fresh one per run (deletion is slow)
 CONCURRENCY = 16
 
 
