@@ -7,9 +7,11 @@ Each token is bound to a Secret; deleting the Secret makes the API server refuse
 from __future__ import annotations
 
 import asyncio
+import base64
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -141,3 +143,47 @@ def test_a_refused_token_without_a_new_one_is_an_error(
     with pytest.raises(KubeError) as raised:
         asyncio.run(_list_twice(kubeconfig, revoke, namespace))
     assert raised.value.status == 401
+
+
+def test_in_cluster_login_by_service_host_follows_the_rotated_token(
+    k8s_cluster: Cluster, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a pod sees: $KUBERNETES_SERVICE_HOST/PORT and the ServiceAccount directory
+    (token, ca.crt, namespace) that kubelet rotates; no kubeconfig, no cluster DNS."""
+    _reader(k8s_cluster, namespace)
+    admin = yaml.safe_load(k8s_cluster.kubeconfig.read_text())["clusters"][0]["cluster"]
+    sa_dir = tmp_path / "serviceaccount"
+    sa_dir.mkdir()
+    if "certificate-authority-data" in admin:
+        (sa_dir / "ca.crt").write_bytes(base64.b64decode(admin["certificate-authority-data"]))
+    else:
+        (sa_dir / "ca.crt").write_bytes(Path(admin["certificate-authority"]).read_bytes())
+    (sa_dir / "namespace").write_text(namespace)
+    first = _token(k8s_cluster, namespace, "pod-1")
+    second = _token(k8s_cluster, namespace, "pod-2")
+    (sa_dir / "token").write_text(first)
+    server = urlsplit(admin["server"])
+    monkeypatch.setattr("lmcache_operator.kube.login.SA_DIR", sa_dir)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", str(server.hostname))
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+
+    def rotate() -> None:
+        _revoke(k8s_cluster, namespace, "pod-1", first, tmp_path)
+        (sa_dir / "token").write_text(second)
+
+    async def run() -> tuple[list[str], list[str], str | None]:
+        client = await KubeClient.connect()
+        try:
+            assert client.credentials.namespace == namespace
+            before = await client.list("v1", "ConfigMap", namespace)
+            rotate()
+            after = await client.list("v1", "ConfigMap", namespace)
+        finally:
+            await client.close()
+        names = [[i["metadata"]["name"] for i in x["items"]] for x in (before, after)]
+        return names[0], names[1], client.credentials.token
+
+    before, after, token = asyncio.run(run())
+    assert before == after == ["kube-root-ca.crt"]
+    assert token == second
