@@ -193,7 +193,7 @@ def cpu_seconds(proc: psutil.Process) -> float:
 
 
 async def bench(env: dict[str, str], operator: psutil.Process, repetitions: int) -> dict[str, Any]:
-    client = KubeClient.from_environment(env["KUBECONFIG"])
+    client = await KubeClient.connect(env["KUBECONFIG"])
     result: dict[str, Any] = {}
     selector = f"{BENCH_LABEL}=true"
     try:

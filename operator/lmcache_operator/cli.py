@@ -96,6 +96,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     _add_policy_flags(run)
     _add_image_flags(run)
+    run.add_argument(
+        "--leader-election",
+        action="store_true",
+        help="run as one of several replicas: operate only while holding a Lease (the chart "
+        "sets it; a standby takes over within about 10 s of the leader's death)",
+    )
+    run.add_argument(
+        "--lease-namespace",
+        default=None,
+        help="namespace of the leader Lease (default: $POD_NAMESPACE, else the kubeconfig's "
+        "namespace, else default)",
+    )
+    run.add_argument("--lease-name", default="lmcache-operator", help="name of the leader Lease")
+    run.add_argument(
+        "--identity",
+        default=None,
+        help="this replica's name in the Lease (default: $POD_NAME or the host name, "
+        "and the process id)",
+    )
+    run.add_argument(
+        "--gate-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="a vLLM pod whose cache scheduling gate is not lifted within this time gets a "
+        "Warning Event and a lmcache.dev/CacheGate condition saying why (default 300)",
+    )
 
     render = commands.add_parser("render", help="print the objects for a resource file")
     render.add_argument("-f", "--filename", required=True, help="YAML file ('-' for stdin)")
@@ -151,15 +178,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "render":
         return _render(args.filename, policy, node_images(args))
     if args.command == "run":
-        from lmcache_operator.runner import run  # noqa: PLC0415
+        from lmcache_operator.runner import RunOptions, run  # noqa: PLC0415
 
-        # The flags are checked above (an unusable prefix stops the start); the runtime must
-        # validate with spec.semantic_problems(policy) and build with build_children(...,
-        # policy=policy): run() takes no policy yet (wired by the runtime's owner).
+        if args.gate_timeout <= 0:
+            parser.error("--gate-timeout must be greater than zero (seconds)")
         return run(
-            namespaces=args.namespace,
-            liveness_endpoint=args.liveness or None,
-            log_level=args.log_level,
+            RunOptions(
+                namespaces=tuple(args.namespace),
+                liveness_endpoint=args.liveness or None,
+                log_level=args.log_level,
+                leader_election=args.leader_election,
+                lease_namespace=args.lease_namespace,
+                lease_name=args.lease_name,
+                identity=args.identity,
+                gate_timeout_s=args.gate_timeout,
+            )
         )
     parser.print_help()
     return 0

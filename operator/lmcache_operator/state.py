@@ -1,25 +1,20 @@
-"""What the operator has seen through its watches, and status writing with coalescing.
+"""What the operator has seen through its watches: one ``Views`` object, owned by the runtime.
 
-Watch events (the LMCacheCluster, its DaemonSet and pods) update these maps; each event asks
-for a status refresh of its cluster; refreshes of one cluster run one at a time and collapse
-while one is queued, so a burst of pod events costs one status computation, not one each.
+Watch events (the resources, their DaemonSets, Deployments and pods, the nodes) update these
+maps; controllers compute status and placement from them. Nothing here is module-global:
+the runtime makes one ``Views`` and hands it to each controller.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-logger = logging.getLogger(__name__)
-
 Key = tuple[str, str]  # (namespace, name of the owning resource)
-SETTLE_SECONDS = 0.01
 
 
-def owner_key(obj: dict[str, Any], label: str) -> Key | None:
+def owner_key(obj: Mapping[str, Any], label: str) -> Key | None:
     """(namespace, owner) of a child object from its owner label; None when it has none."""
     meta = obj["metadata"]
     owner = (meta.get("labels") or {}).get(label)
@@ -65,51 +60,70 @@ class ClusterView:
     defer_until: float | None = None  # loop time before which same-phase writes wait
 
 
-class Registry:
-    """Per-cluster views plus a coalescing status refresher."""
+@dataclass
+class VLLMApplied:
+    """The last successful reconcile of a VLLMDeployment (memory only)."""
 
-    def __init__(self) -> None:
-        self.views: dict[Key, ClusterView] = {}
-        self.node_problems: dict[str, str] = {}  # node name -> "NotReady" or "deleted"
-        self._locks: dict[Key, asyncio.Lock] = {}
-        self._queued: set[Key] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.refresh: Callable[[Key, ClusterView], Awaitable[None]] | None = None
+    generation: int | None
+    deployment_generation: int = 0
+    problems: list[str] = field(default_factory=list)
+    forbidden: str = ""  # RBAC refused the last apply (retried; not a spec problem)
 
-    def view(self, key: Key) -> ClusterView:
-        return self.views.setdefault(key, ClusterView())
 
-    def forget(self, key: Key) -> None:
-        self.views.pop(key, None)
-        self._locks.pop(key, None)
+@dataclass
+class VLLMView:
+    body: dict[str, Any] | None = None
+    deployment: dict[str, Any] | None = None
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    applied: VLLMApplied | None = None
+    last_written: dict[str, Any] | None = None
 
-    def prune(self, key: Key) -> None:
+
+@dataclass
+class CacheView:
+    """What a consumer needs to know about one LMCacheCluster."""
+
+    body: dict[str, Any] | None = None
+    generation: int | None = None
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ready_nodes: frozenset[str] = frozenset()
+
+
+def cluster_ref(body: Mapping[str, Any] | None) -> str | None:
+    """The LMCacheCluster a VLLMDeployment uses (None: cache disabled or unset)."""
+    cache = ((body or {}).get("spec") or {}).get("cache") or {}
+    if cache.get("enabled", True) is False:
+        return None
+    ref = (cache.get("clusterRef") or {}).get("name")
+    return str(ref) if ref else None
+
+
+@dataclass
+class Views:
+    """Everything the watches told: per LMCacheCluster, per VLLMDeployment, per node."""
+
+    clusters: dict[Key, ClusterView] = field(default_factory=dict)
+    node_problems: dict[str, str] = field(default_factory=dict)  # node -> NotReady/deleted
+    vllm: dict[Key, VLLMView] = field(default_factory=dict)
+    caches: dict[Key, CacheView] = field(default_factory=dict)  # LMCacheClusters, for consumers
+
+    def cluster(self, key: Key) -> ClusterView:
+        return self.clusters.setdefault(key, ClusterView())
+
+    def prune_cluster(self, key: Key) -> None:
         """Drop a view that holds nothing (its cluster and children are gone)."""
-        view = self.views.get(key)
+        view = self.clusters.get(key)
         if view is not None and view.body is None and view.daemonset is None and not view.pods:
-            self.forget(key)
+            del self.clusters[key]
 
-    def request_refresh(self, key: Key) -> None:
-        if key in self._queued or self.refresh is None:
-            return
-        self._queued.add(key)
-        task = asyncio.get_running_loop().create_task(self._run(key))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def prune_vllm(self, key: Key) -> None:
+        """Drop the view of a deleted VLLMDeployment once its last child event has passed."""
+        view = self.vllm.get(key)
+        if view is not None and view.body is None and view.deployment is None and not view.pods:
+            del self.vllm[key]
 
-    async def _run(self, key: Key) -> None:
-        await asyncio.sleep(SETTLE_SECONDS)  # events of one burst arrive together: one write
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            self._queued.discard(key)
-            view = self.views.get(key)
-            if view is None or view.body is None or self.refresh is None:
-                return
-            try:
-                await self.refresh(key, view)
-            except Exception:
-                logger.exception("status refresh of %s/%s failed; retrying in 1 s", *key)
-                asyncio.get_running_loop().call_later(1.0, self.request_refresh, key)
-
-
-REGISTRY = Registry()
+    def consumers(self, namespace: str, cluster: str) -> list[Key]:
+        """The VLLMDeployments that use an LMCacheCluster."""
+        return [
+            k for k, v in self.vllm.items() if k[0] == namespace and cluster_ref(v.body) == cluster
+        ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -21,6 +21,7 @@ from lmcache_operator.kube import KubeClient, KubeError
 logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[str, dict[str, Any]], None]
+RestartHook = Callable[[str], None]  # kind
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
 FORBIDDEN_RETRY_S = 60.0
 
@@ -33,16 +34,18 @@ class WatchLoop:
         client: KubeClient,
         api_version: str,
         kind: str,
-        callback: EventCallback,
+        callback: EventCallback | Sequence[EventCallback],
         *,
         namespace: str | None = None,
         label_selector: str | None = None,
         timeout_s: int = 300,
+        on_restart: RestartHook | None = None,
     ) -> None:
         self.client = client
         self.api_version = api_version
         self.kind = kind
-        self.callback = callback
+        self.callbacks = [callback] if callable(callback) else list(callback)
+        self.on_restart = on_restart
         self.namespace = namespace
         self.label_selector = label_selector
         self.timeout_s = timeout_s
@@ -51,6 +54,10 @@ class WatchLoop:
     def __repr__(self) -> str:
         where = self.namespace or "all namespaces"
         return f"watch {self.kind} in {where} ({self.label_selector or 'no selector'})"
+
+    def callback(self, event: str, obj: dict[str, Any]) -> None:
+        for callback in self.callbacks:
+            callback(event, obj)
 
     async def _list(self) -> str:
         listing = await self.client.list(
@@ -85,6 +92,8 @@ class WatchLoop:
                     if kind == "ERROR":
                         if obj.get("code") == 410:
                             version = None  # too old: list again
+                            if self.on_restart is not None:
+                                self.on_restart(self.kind)
                             break
                         raise KubeError(int(obj.get("code", 500)), "WATCH", self.kind, obj)
                     version = obj.get("metadata", {}).get("resourceVersion", version)
@@ -106,5 +115,7 @@ class WatchLoop:
                         delay,
                     )
                 failures += 1
+                if self.on_restart is not None:
+                    self.on_restart(self.kind)
                 logger.warning("%r failed (%s); retrying in %.1f s", self, exc, delay)
                 await asyncio.sleep(delay)

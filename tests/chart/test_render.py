@@ -12,7 +12,7 @@ import yaml
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.policy import DEFAULT_ALLOWED_HOST_PATH_PREFIXES
 from lmcache_operator.builders.lmcachecluster import build_children
-from lmcache_operator.handlers.lmcachecluster import validate
+from lmcache_operator.controllers.lmcachecluster import validate
 
 from tests.chart.conftest import CHART, REPO, HelmError, Render, by_kind, one, run_helm
 
@@ -37,16 +37,43 @@ def _rules(role: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
+def _operator_role(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The roles of the watched namespaces (not the CRD reader's nor the leader Lease's)."""
+    return [
+        o
+        for o in by_kind(objects, kind)
+        if not o["metadata"]["name"].endswith(("cluster-reader", "leader-election"))
+    ]
+
+
 # --- defaults ----------------------------------------------------------------------------
 
 
-def test_default_deployment_is_one_hardened_replica(render: Render) -> None:
+def test_default_deployment_is_two_hardened_replicas_one_leading(render: Render) -> None:
     objects = render()
     deployment = one(objects, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["type"] == "RollingUpdate"
     pod = spec["template"]["spec"]
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert (
+        anti[0]["podAffinityTerm"]["labelSelector"]["matchLabels"]
+        == spec["selector"]["matchLabels"]
+    )
+    budget = one(objects, "PodDisruptionBudget")["spec"]
+    assert budget == {"minAvailable": 1, "selector": spec["selector"]}
+    lease_rules = one(objects, "Role")["rules"]
+    assert lease_rules == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "create", "update", "patch"],
+        }
+    ]
+    metrics = one(objects, "Service")["spec"]
+    assert metrics["ports"][0]["targetPort"] == "health"
     assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     container = _container(objects)
@@ -57,8 +84,9 @@ def test_default_deployment_is_one_hardened_replica(render: Render) -> None:
     assert security["capabilities"]["drop"] == ["ALL"]
     assert container["resources"]["requests"]["memory"] == "128Mi"
     assert container["resources"]["limits"]["memory"] == "256Mi"
-    # liveness on kopf's probe endpoint, the port the operator is told to serve it on
+    # liveness (and /metrics) on the port the operator is told to serve it on
     assert container["args"][0] == "run"
+    assert "--leader-election" in container["args"]
     assert "--liveness=http://0.0.0.0:8081/healthz" in container["args"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
@@ -69,14 +97,16 @@ def test_default_deployment_is_one_hardened_replica(render: Render) -> None:
 # Every (apiGroup, resource, verb) the operator's code uses (rbac.yaml has the table of why).
 NAMESPACED_GRANTS = {
     *[("lmcache.dev", "lmcacheclusters", v) for v in ("get", "list", "watch", "patch")],
-    *[("lmcache.dev", "vllmdeployments", v) for v in ("list", "watch", "patch")],
+    *[("lmcache.dev", "vllmdeployments", v) for v in ("get", "list", "watch", "patch")],
     ("lmcache.dev", "lmcacheclusters/status", "patch"),
     ("lmcache.dev", "vllmdeployments/status", "patch"),
-    *[("", r, v) for r in ("configmaps", "services") for v in ("create", "patch")],
+    *[("", r, v) for r in ("configmaps", "services")
+      for v in ("list", "watch", "create", "patch")],
     *[("", "secrets", v) for v in ("create", "patch", "delete")],
     *[("apps", r, v) for r in ("daemonsets", "deployments") for v in ("list", "watch", "create",
                                                                         "patch")],
     *[("", "pods", v) for v in ("get", "list", "watch", "patch", "delete")],
+    ("", "pods/status", "patch"),  # the CacheGate condition of a pod gated too long
     ("", "events", "create"),
     *[("monitoring.coreos.com", "servicemonitors", v) for v in ("create", "patch", "delete")],
 }  # fmt: skip
@@ -91,11 +121,11 @@ def test_default_rbac_is_one_cluster_role_holding_exactly_what_the_code_uses(
     render: Render,
 ) -> None:
     objects = render()
-    (role,) = by_kind(objects, "ClusterRole")
+    (role,) = _operator_role(objects, "ClusterRole")
     granted = _rules(role)
     assert len(granted) == len(set(granted)), "a verb granted twice"
     assert set(granted) == NAMESPACED_GRANTS | CLUSTER_GRANTS
-    assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
+    assert not _operator_role(objects, "Role") and not _operator_role(objects, "RoleBinding")
     # sufficient: every child the builders produce can be server-side applied (a PATCH
     # that creates a missing object, authorized as create)
     spec = LMCacheClusterSpec.model_validate({})
@@ -112,7 +142,7 @@ def test_default_rbac_is_one_cluster_role_holding_exactly_what_the_code_uses(
     resources = {resource for _, resource, _ in granted}
     assert not resources & {"pods/exec", "namespaces", "serviceaccounts", "serviceaccounts/token"}
     assert not [t for t in granted if t[2] in ("update", "deletecollection", "impersonate")]
-    (binding,) = by_kind(objects, "ClusterRoleBinding")
+    (binding,) = _operator_role(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "lmc-lmcache-operator", "namespace": "lmcache-system"}
@@ -140,9 +170,10 @@ def test_nothing_optional_is_rendered_by_default(render: Render) -> None:
     kinds = sorted(o["kind"] for o in render())
     crds = len(list((REPO / "crds").glob("*.yaml")))
     assert kinds == sorted(
-        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
+        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
+         "PodDisruptionBudget", "Role", "RoleBinding", "Service"]
         + ["CustomResourceDefinition"] * crds
-    )
+    )  # fmt: skip
 
 
 # --- watched namespaces ----------------------------------------------------------------
@@ -151,11 +182,11 @@ def test_nothing_optional_is_rendered_by_default(render: Render) -> None:
 def test_watched_namespaces_get_roles_only_and_nothing_cluster_scoped(render: Render) -> None:
     objects = render({"watchNamespaces": "{ml-a,ml-b}"})
     assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
-    roles = by_kind(objects, "Role")
+    roles = _operator_role(objects, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-a", "ml-b"]
     for role in roles:
         assert set(_rules(role)) == NAMESPACED_GRANTS  # the same verbs, namespaced
-    bindings = by_kind(objects, "RoleBinding")
+    bindings = _operator_role(objects, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ml-a", "ml-b"]
     for binding in bindings:  # the ServiceAccount lives in the release namespace
         assert binding["subjects"][0]["namespace"] == "lmcache-system"
@@ -342,7 +373,16 @@ def test_pod_and_service_monitors_select_the_cache_pods(render: Render) -> None:
     assert selector.items() <= pod_labels.items()
     assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
-    service_monitor = one(objects, "ServiceMonitor")
+    monitors = {
+        m["metadata"]["name"].rsplit("-", 1)[-1]: m for m in by_kind(objects, "ServiceMonitor")
+    }
+    service_monitor = monitors["servers"]  # the cache servers'; "operator": the operator's own
+    operator_service = one(objects, "Service")
+    assert (
+        monitors["operator"]["spec"]["selector"]["matchLabels"].items()
+        <= operator_service["metadata"]["labels"].items()
+    )
+    assert monitors["operator"]["spec"]["endpoints"][0]["port"] == "metrics"
     metrics_service = next(
         c for c in build_children("c", "ns", spec, service_monitor=False)
         if c["kind"] == "Service" and c["spec"].get("clusterIP") == "None"

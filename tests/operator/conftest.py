@@ -90,29 +90,49 @@ def _free_port() -> int:
 class OperatorProcess:
     """`lmcache-operator run` as a subprocess watching one namespace."""
 
-    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        namespace: str,
+        log_dir: Path,
+        extra_args: tuple[str, ...] = (),
+        name: str = "operator",
+    ) -> None:
         self.cluster = cluster
         self.namespace = namespace
         self.log_dir = log_dir
+        self.extra_args = extra_args
+        self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.port = 0
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / f"operator-{self.starts}.log"
+        return self.log_dir / f"{self.name}-{self.starts}.log"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def metrics(self) -> str:
+        """The operator's own /metrics page."""
+        with urllib.request.urlopen(f"{self.base_url}/metrics", timeout=5) as response:
+            return str(response.read().decode())
 
     def start(self) -> None:
         assert self.proc is None, "already running"
         self.starts += 1
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}/healthz"
+        self.port = _free_port()
+        url = f"{self.base_url}/healthz"
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(OPERATOR), "run", "-n", self.namespace, "--liveness", url, "--log-level", "INFO"],
+            [str(OPERATOR), "run", "-n", self.namespace, "--liveness", url, "--log-level", "INFO",
+             *self.extra_args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.cluster.env,
-        )
+        )  # fmt: skip
 
         def alive() -> bool:
             assert self.proc is not None
@@ -143,7 +163,7 @@ class OperatorProcess:
     def logs(self) -> str:
         return "\n".join(
             p.read_text(errors="replace")[-3000:]
-            for p in sorted(self.log_dir.glob("operator-*.log"))
+            for p in sorted(self.log_dir.glob(f"{self.name}-*.log"))
         )
 
 

@@ -10,11 +10,15 @@ import kopf
 import pytest
 from lmcache_operator.builders.vllm_status import VLLMObserved
 from lmcache_operator.builders.vllm_status import compute_status as vllm_status
-from lmcache_operator.handlers import lmcachecluster as cluster_handlers
-from lmcache_operator.handlers import vllmdeployment as vllm_handlers
+from lmcache_operator.controllers.children import ChildRepairer
+from lmcache_operator.controllers.common import InvalidSpec, RetryLater
+from lmcache_operator.controllers.lmcachecluster import ClusterController
+from lmcache_operator.controllers.vllmdeployment import VLLMController
 from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeError, forbidden_message
-from lmcache_operator.state import REGISTRY
+from lmcache_operator.metrics import OperatorMetrics
+from lmcache_operator.state import Views
 from lmcache_operator.status import Observed, compute_status
+from lmcache_operator.wiring.outcomes import as_kopf
 
 DS_PATH = "/apis/apps/v1/namespaces/team-a/daemonsets/c1-cache?fieldManager=lmcache-operator"
 DENIED = {
@@ -55,59 +59,70 @@ class RefusingClient:
         raise KubeError(self.status, "PATCH", DS_PATH, DENIED)
 
 
-def _reconcile(
-    monkeypatch: pytest.MonkeyPatch, status: int
-) -> tuple[kopf.TemporaryError | kopf.PermanentError, list[str]]:
-    warnings: list[str] = []
-    monkeypatch.setattr(cluster_handlers.Context, "client", RefusingClient(status))
-    monkeypatch.setattr(cluster_handlers.Context, "crd_seen", {})
-    monkeypatch.setattr(kopf, "warn", lambda body, *, reason, message: warnings.append(reason))
-    monkeypatch.setattr(REGISTRY, "refresh", None)  # no status writes without a cluster
-    key = ("team-a", f"c{status}")
-    REGISTRY.forget(key)
+def _controllers(status: int) -> tuple[ClusterController, VLLMController, Views]:
+    views, metrics = Views(), OperatorMetrics()
+    children = ChildRepairer({}, metrics)
+    client: Any = RefusingClient(status)
+    return (
+        ClusterController(client, views, metrics, children),
+        VLLMController(client, views, metrics, children),
+        views,
+    )
+
+
+def _reconcile(status: int) -> tuple[Exception, Views, OperatorMetrics]:
+    clusters, _, views = _controllers(status)
     body = {
         "apiVersion": "lmcache.dev/v1alpha1",
         "kind": "LMCacheCluster",
-        "metadata": {"name": key[1], "namespace": key[0], "uid": "u1", "generation": 3},
+        "metadata": {"name": f"c{status}", "namespace": "team-a", "uid": "u1", "generation": 3},
         "spec": {"device": "cpu", "cache": {"cpuSize": "1Gi"}},
     }
 
-    async def call() -> kopf.TemporaryError | kopf.PermanentError:
+    async def call() -> Exception:
         try:
-            await cluster_handlers.reconcile(
-                body=kopf.Body(body),
-                spec=kopf.Spec(body),
-                name=key[1],
-                namespace=key[0],
-                meta=kopf.Meta(body),
-            )
-        except (kopf.TemporaryError, kopf.PermanentError) as exc:
+            await clusters.reconcile(body)
+        except (RetryLater, InvalidSpec) as exc:
             return exc
         raise AssertionError("reconcile did not fail")
 
-    exc = asyncio.run(call())
-    applied = REGISTRY.view(key).applied
-    assert applied is not None
-    if status == 403:
-        assert applied.forbidden and not applied.problems
-    else:
-        assert applied.problems and not applied.forbidden
-    REGISTRY.forget(key)
-    return exc, warnings
+    return asyncio.run(call()), views, clusters.metrics
 
 
-def test_reconcile_retries_a_403_slowly(monkeypatch: pytest.MonkeyPatch) -> None:
-    exc, warnings = _reconcile(monkeypatch, 403)
-    assert isinstance(exc, kopf.TemporaryError)
-    assert exc.delay == FORBIDDEN_RETRY_S
+def test_reconcile_retries_a_403_slowly() -> None:
+    exc, views, metrics = _reconcile(403)
+    assert isinstance(exc, RetryLater)
+    assert exc.delay == FORBIDDEN_RETRY_S and exc.reason == "Forbidden"
     assert "may not patch daemonsets" in str(exc)
-    assert warnings == ["Forbidden"]
+    applied = views.clusters[("team-a", "c403")].applied
+    assert applied is not None and applied.forbidden and not applied.problems
+    counted = metrics.reconciles.labels(kind="LMCacheCluster", result="forbidden")._value.get()
+    assert counted == 1
 
 
-def test_reconcile_keeps_a_422_an_invalid_spec(monkeypatch: pytest.MonkeyPatch) -> None:
-    exc, warnings = _reconcile(monkeypatch, 422)
-    assert isinstance(exc, kopf.PermanentError)
-    assert warnings == ["InvalidSpec"]
+def test_reconcile_keeps_a_422_an_invalid_spec() -> None:
+    exc, views, _ = _reconcile(422)
+    assert isinstance(exc, InvalidSpec)
+    applied = views.clusters[("team-a", "c422")].applied
+    assert applied is not None and applied.problems and not applied.forbidden
+
+
+def test_wiring_turns_outcomes_into_kopf_errors_and_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    warnings: list[str] = []
+    monkeypatch.setattr(kopf, "warn", lambda body, *, reason, message: warnings.append(reason))
+    body = kopf.Body({"metadata": {"name": "x", "namespace": "n"}})
+
+    async def fail(exc: Exception) -> None:
+        raise exc
+
+    with pytest.raises(kopf.TemporaryError) as temporary:
+        asyncio.run(as_kopf(body, fail(RetryLater("no", delay=30, reason="Forbidden"))))
+    assert temporary.value.delay == 30
+    with pytest.raises(kopf.PermanentError, match="invalid spec: bad field"):
+        asyncio.run(as_kopf(body, fail(InvalidSpec("bad field"))))
+    assert warnings == ["Forbidden", "InvalidSpec"]
 
 
 def test_cluster_status_says_forbidden_and_config_stays_valid() -> None:
@@ -156,14 +171,8 @@ def test_vllm_status_says_forbidden_and_config_stays_valid() -> None:
     assert conditions["ConfigValid"]["status"] == "True"
 
 
-def test_vllm_reconcile_retries_a_403_and_keeps_the_spec_valid(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    warnings: list[str] = []
-    refreshed: list[tuple[str, str]] = []
-    monkeypatch.setattr(cluster_handlers.Context, "client", RefusingClient(403))
-    monkeypatch.setattr(kopf, "warn", lambda body, *, reason, message: warnings.append(reason))
-    monkeypatch.setattr(vllm_handlers.STATUS, "request", refreshed.append)
+def test_vllm_reconcile_retries_a_403_and_keeps_the_spec_valid() -> None:
+    _, vllm, views = _controllers(403)
     key = ("team-a", "llm-forbidden")
     body = {
         "apiVersion": "lmcache.dev/v1alpha1",
@@ -172,17 +181,13 @@ def test_vllm_reconcile_retries_a_403_and_keeps_the_spec_valid(
         "spec": {"model": {"name": "org/model"}, "cache": {"enabled": False}},
     }
 
-    async def call() -> kopf.TemporaryError:
-        with pytest.raises(kopf.TemporaryError) as raised:
-            await vllm_handlers.reconcile(body=kopf.Body(body), name=key[1], namespace=key[0])
+    async def call() -> RetryLater:
+        with pytest.raises(RetryLater) as raised:
+            await vllm.reconcile(body)
+        await vllm.status.close()
         return raised.value
 
-    try:
-        exc = asyncio.run(call())
-        applied = vllm_handlers.VIEWS[key].applied
-        assert applied is not None and applied.forbidden and not applied.problems
-    finally:
-        vllm_handlers.VIEWS.pop(key, None)
-    assert exc.delay == FORBIDDEN_RETRY_S
-    assert warnings == ["Forbidden"]
-    assert key in refreshed
+    exc = asyncio.run(call())
+    applied = views.vllm[key].applied
+    assert applied is not None and applied.forbidden and not applied.problems
+    assert exc.delay == FORBIDDEN_RETRY_S and exc.reason == "Forbidden"

@@ -11,7 +11,8 @@ from lmcache_operator.builders.vllm_status import (
     pod_summary,
     ready_cache_nodes,
 )
-from lmcache_operator.handlers.vllmdeployment import narrowed_affinity, same_status
+from lmcache_operator.controllers.gates import narrowed_affinity
+from lmcache_operator.controllers.vllmdeployment import same_status
 
 NOW = "2026-11-23T20:00:00Z"
 

@@ -1,0 +1,1 @@
+"""Reconcile logic: controller classes that receive their dependencies (no kopf here)."""

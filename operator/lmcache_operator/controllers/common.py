@@ -1,0 +1,32 @@
+"""What controllers share: their settings, and the outcomes the wiring turns into kopf's."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+Clock = Callable[[], float]  # monotonic seconds
+MONOTONIC: Clock = time.monotonic
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime settings of the operator (``lmcache-operator run`` flags)."""
+
+    namespaces: tuple[str, ...] = ()  # watched namespaces; empty: all
+    gate_timeout_s: float = 300.0  # a vLLM pod still gated after this gets an Event + condition
+    repair_interval_s: float = 2.0  # at most one repair of a child per this interval
+
+
+class InvalidSpec(Exception):  # noqa: N818 - an outcome, named as the Event reason
+    """The spec cannot be applied: reported (ConfigValid=False, an Event), not retried."""
+
+
+class RetryLater(Exception):  # noqa: N818 - an outcome
+    """Not done yet; try again after ``delay`` (``reason`` names the Event, if any)."""
+
+    def __init__(self, message: str, *, delay: float, reason: str = "") -> None:
+        super().__init__(message)
+        self.delay = delay
+        self.reason = reason

@@ -1,0 +1,290 @@
+"""LMCacheCluster: apply the children, compute and write the status.
+
+Reconcile (create/update/resume, and repairs of drifted children): build the children, add
+ownerReferences, server-side apply. Status: computed from the views (the cluster, its
+DaemonSet, its pods, the nodes; cluster_events.py keeps them) and written when it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from pydantic import ValidationError
+
+from lmcache_operator.api.common import API_VERSION
+from lmcache_operator.api.lmcachecluster import KIND, LMCacheClusterSpec
+from lmcache_operator.builders.common import owner_reference
+from lmcache_operator.builders.lmcachecluster import (
+    SERVICE_MONITOR_API,
+    build_children,
+    daemonset_name,
+    name_problems,
+)
+from lmcache_operator.controllers.children import ChildRepairer
+from lmcache_operator.controllers.common import InvalidSpec, RetryLater
+from lmcache_operator.controllers.queue import WorkQueue
+from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeClient, KubeError, forbidden_message
+from lmcache_operator.kube import transient as transient_error
+from lmcache_operator.metrics import OperatorMetrics
+from lmcache_operator.state import Applied, ClusterView, Key, Views
+from lmcache_operator.status import Observed, compute_status, same_status
+from lmcache_operator.validation import describe_validation_error
+
+logger = logging.getLogger(__name__)
+
+SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
+CRD_CACHE_SECONDS = 60.0
+DEFER_SAME_PHASE_S = 0.25
+STATUS_SETTLE_S = 0.01  # events of one burst arrive together: one write
+
+
+def validate(name: str, spec: Mapping[str, Any]) -> tuple[LMCacheClusterSpec | None, list[str]]:
+    """The spec model, or the problems that make it invalid (each names the field)."""
+    try:
+        model = LMCacheClusterSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        return None, describe_validation_error(exc, prefix="spec")
+    problems = name_problems(name) + model.semantic_problems()
+    return (None if problems else model), problems
+
+
+def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What status needs of the body; no deep copy: kopf replaces, never edits, raw bodies."""
+    meta = body["metadata"]
+    return {
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "generation") if k in meta},
+        "spec": body.get("spec", {}),
+        "status": body.get("status") or {},
+    }
+
+
+class ClusterController:
+    """Reconciles LMCacheClusters; its dependencies come in, nothing is module-global."""
+
+    kind = KIND
+
+    def __init__(
+        self,
+        client: KubeClient,
+        views: Views,
+        metrics: OperatorMetrics,
+        children: ChildRepairer,
+    ) -> None:
+        self.client = client
+        self.views = views
+        self.metrics = metrics
+        self.children = children
+        self.crd_seen: dict[str, tuple[bool, float]] = {}
+        self.status = WorkQueue(
+            "cluster-status",
+            self.refresh_status,
+            settle_s=STATUS_SETTLE_S,
+            depth=metrics.queue_depth,
+        )
+        self.repairs = WorkQueue("cluster-repair", self.repair, depth=metrics.queue_depth)
+
+    async def crd_exists(self, name: str) -> bool:
+        cached = self.crd_seen.get(name)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        crd = await self.client.get(
+            "apiextensions.k8s.io/v1", "CustomResourceDefinition", None, name
+        )
+        self.crd_seen[name] = (crd is not None, time.monotonic() + CRD_CACHE_SECONDS)
+        return crd is not None
+
+    async def _monitoring(
+        self, name: str, namespace: str, wanted: bool
+    ) -> tuple[bool, dict[str, str] | None]:
+        """(create the ServiceMonitor?, condition to report)."""
+        exists = await self.crd_exists(SERVICE_MONITOR_CRD)
+        if not wanted:
+            if exists:  # switched off: remove one left from before
+                await self.client.delete(
+                    SERVICE_MONITOR_API, "ServiceMonitor", namespace, daemonset_name(name)
+                )
+            return False, None
+        if not exists:
+            return False, {
+                "type": "ServiceMonitorReady",
+                "status": "False",
+                "reason": "CRDNotInstalled",
+                "message": f"CRD {SERVICE_MONITOR_CRD} is not installed: install the Prometheus "
+                "Operator or set monitoring.serviceMonitor: false",
+            }
+        return True, {
+            "type": "ServiceMonitorReady",
+            "status": "True",
+            "reason": "Created",
+            "message": "ServiceMonitor applied",
+        }
+
+    def _record(self, key: Key, applied: Applied) -> None:
+        self.views.cluster(key).applied = applied
+        self.status.request(key)
+
+    async def reconcile(self, body: Mapping[str, Any]) -> None:
+        """Apply the children of this generation; InvalidSpec or RetryLater when not done."""
+        started = time.perf_counter()
+        result = "success"
+        try:
+            await self._reconcile(body)
+        except InvalidSpec:
+            result = "invalid"
+            raise
+        except RetryLater as exc:
+            result = "forbidden" if exc.reason == "Forbidden" else "retry"
+            raise
+        except Exception:
+            result = "error"
+            raise
+        finally:
+            self.metrics.reconciles.labels(kind=KIND, result=result).inc()
+            self.metrics.reconcile_seconds.labels(kind=KIND).observe(time.perf_counter() - started)
+
+    async def _reconcile(self, body: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        name, namespace = str(meta["name"]), str(meta.get("namespace") or "default")
+        key: Key = (namespace, name)
+        generation = int(meta.get("generation", 0))
+        view = self.views.cluster(key)
+        if view.body is None:
+            view.body = snapshot(body)
+        model, problems = validate(name, body.get("spec") or {})
+        if model is None:
+            self._record(
+                key, Applied(generation=generation, daemonset_generation=0, problems=problems)
+            )
+            raise InvalidSpec("; ".join(problems))
+        try:
+            with_monitor, monitor_condition = await self._monitoring(
+                name, namespace, model.monitoring.service_monitor
+            )
+            children = build_children(name, namespace, model, service_monitor=with_monitor)
+            owner = {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(meta)}
+            for child in children:
+                child["metadata"]["ownerReferences"] = [owner_reference(owner)]
+            results = await asyncio.gather(*(self.client.apply(child) for child in children))
+        except KubeError as exc:
+            forbidden = forbidden_message(exc)
+            if forbidden is not None:  # the operator's RBAC, not the spec: retry, never give up
+                previous = view.applied
+                self._record(
+                    key,
+                    replace(previous, forbidden=forbidden)
+                    if previous is not None and not previous.problems
+                    else Applied(
+                        generation=generation, daemonset_generation=0, forbidden=forbidden
+                    ),
+                )
+                raise RetryLater(forbidden, delay=FORBIDDEN_RETRY_S, reason="Forbidden") from exc
+            if transient_error(exc):
+                raise RetryLater(str(exc), delay=2) from exc
+            problems = [f"the API server refused a generated object: {exc}"]
+            self._record(
+                key, Applied(generation=generation, daemonset_generation=0, problems=problems)
+            )
+            raise InvalidSpec(problems[0]) from exc
+        except Exception as exc:
+            if transient_error(exc):
+                raise RetryLater(f"API server unreachable: {exc}", delay=2) from exc
+            raise
+        self.children.record(KIND, key, children, results)
+        ds_generation = next(
+            int(r["metadata"].get("generation", 0)) for r in results if r["kind"] == "DaemonSet"
+        )
+        self._record(
+            key,
+            Applied(
+                generation=generation,
+                daemonset_generation=ds_generation,
+                monitoring_condition=monitor_condition,
+            ),
+        )
+
+    async def repair(self, key: Key) -> None:
+        """Re-apply after a child was deleted or changed by someone else."""
+        body = await self.client.get(API_VERSION, KIND, *key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return  # the owner is going: garbage collection removes the rest
+        try:
+            await self.reconcile(body)
+        except (InvalidSpec, RetryLater) as exc:
+            logger.warning("repair of %s/%s: %s", key[0], key[1], exc)
+
+    def on_event(self, event: str, body: Mapping[str, Any]) -> None:
+        """A watch event of an LMCacheCluster (through kopf)."""
+        key: Key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if event == "DELETED":
+            self.views.clusters.pop(key, None)
+            self.status.forget(key)
+            self.children.forget_owner(KIND, key)
+            return
+        self.views.cluster(key).body = snapshot(body)
+        self.status.request(key)
+
+    def _defer(self, key: Key, view: ClusterView, status: Mapping[str, Any]) -> bool:
+        """Hold back a write that keeps the phase, so a burst of pod events costs one write.
+
+        Phase changes (Ready, Degraded, ...) are written at once; counts and endpoints that
+        move within one phase are written at most every DEFER_SAME_PHASE_S.
+        """
+        before = view.last_written or (view.body or {}).get("status") or {}
+        same_phase = before.get("phase") == status["phase"] and before.get(
+            "observedGeneration"
+        ) == status.get("observedGeneration")
+        if not same_phase:
+            view.defer_until = None
+            return False
+        loop = asyncio.get_running_loop()
+        if view.defer_until is None:
+            view.defer_until = loop.time() + DEFER_SAME_PHASE_S
+            self.status.request_later(DEFER_SAME_PHASE_S, key)
+            return True
+        if loop.time() < view.defer_until:
+            return True
+        view.defer_until = None
+        return False
+
+    async def refresh_status(self, key: Key) -> None:
+        """Compute the status from the views and write it when it changed."""
+        view = self.views.clusters.get(key)
+        if view is None or view.body is None or view.applied is None:
+            return  # not reconciled by this process yet: keep the status as it is
+        body, applied = view.body, view.applied
+        spec = body.get("spec", {})
+        observed = Observed(
+            generation=int(body["metadata"].get("generation", 0)),
+            applied_generation=applied.generation,
+            min_daemonset_generation=applied.daemonset_generation,
+            problems=applied.problems,
+            port=int(spec.get("server", {}).get("port", 5555)),
+            node_selector=spec.get("placement", {}).get("nodeSelector", {}),
+            daemonset=view.daemonset,
+            pods=list(view.pods.values()),
+            previous=body.get("status") or {},
+            monitoring_condition=applied.monitoring_condition,
+            node_problems=self.views.node_problems,
+            forbidden=applied.forbidden,
+        )
+        status = compute_status(observed)
+        status["consumers"] = sorted(k[1] for k in self.views.consumers(*key))
+        if same_status(status, observed.previous) or (
+            view.last_written is not None and same_status(status, view.last_written)
+        ):
+            return
+        if self._defer(key, view, status):
+            return
+        try:
+            await self.client.patch_status(API_VERSION, KIND, key[0], key[1], status)
+        except KubeError as exc:
+            if exc.status == 404:
+                return  # deleted meanwhile
+            raise
+        view.last_written = status
+        logger.debug("status of %s/%s: %s", key[0], key[1], status["phase"])
