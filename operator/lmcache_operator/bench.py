@@ -355,6 +355,14 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
             capture_output=True,
         )
+        subprocess.run(  # GPU clusters have it: the cache pods serving CUDA run under it
+            ["kubectl", "apply", "-f", "-"],
+            input=b"apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: nvidia}\n"
+            b"handler: nvidia\n",
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         time.sleep(2)  # the API server's watch cache for the new kind
         url = "http://127.0.0.1:18980/healthz"
         log_path = Path(tempfile.gettempdir()) / "lmcache-bench-operator.log"

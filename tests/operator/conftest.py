@@ -29,6 +29,14 @@ def _missing_cluster(reason: str) -> None:
     pytest.skip(message)
 
 
+NVIDIA_RUNTIME_CLASS = """
+apiVersion: node.k8s.io/v1
+kind: RuntimeClass
+metadata: {name: nvidia}
+handler: nvidia
+"""
+
+
 @pytest.fixture(scope="session")
 def k8s_cluster() -> Iterator[Cluster]:
     """One local cluster (2 GPU + 1 CPU kwok nodes) for the session, stopped at the end."""
@@ -61,6 +69,9 @@ def k8s_cluster() -> Iterator[Cluster]:
     )
     try:
         cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+        # GPU clusters have it (NVIDIA's GPU operator creates it): cache pods serving CUDA
+        # run under it, and pods naming a missing RuntimeClass are refused at admission
+        cluster.kubectl("apply", "-f", "-", stdin=NVIDIA_RUNTIME_CLASS)
         cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
         yield cluster
     finally:
