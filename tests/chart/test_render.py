@@ -204,7 +204,7 @@ def test_watched_namespaces_get_roles_only_and_nothing_cluster_scoped(render: Re
 
 def test_the_release_namespace_alone(render: Render) -> None:
     objects = render({"watchNamespaces": "{team-a}"}, namespace="team-a")
-    (role,) = by_kind(objects, "Role")
+    (role,) = _operator_role(objects, "Role")  # beside the leader-election Role
     assert role["metadata"]["namespace"] == "team-a"
     assert "--namespace=team-a" in _container(objects)["args"]
     assert not by_kind(objects, "ClusterRole")
