@@ -57,7 +57,7 @@ def make_link(script: Script) -> NodeLink:
         ConnectorSettings(reconnect_s=0.05),
         name="test link",
         on_connected=on_connected,
-        client_factory=lambda _s: ScriptedClient(script),  # type: ignore[arg-type,return-value]
+        client_factory=lambda _s, _c: ScriptedClient(script),  # type: ignore[arg-type,return-value]
     )
 
 
