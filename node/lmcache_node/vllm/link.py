@@ -89,6 +89,7 @@ class NodeLink:
     ) -> None:
         self.settings = settings
         self._credentials = credentials
+        self._incompatible = ""  # the last incompatibility logged
         self.name = name
         self.incidents = Incidents(name)
         self._on_connected = on_connected
@@ -154,7 +155,10 @@ class NodeLink:
             if self._on_connected is not None:
                 self._on_connected(client)
         except IncompatibleServerError as exc:
-            log.error(
+            # Once per cause: the reconnect loop retries (the server may be upgraded) quietly.
+            report = log.error if str(exc) != self._incompatible else log.debug
+            self._incompatible = str(exc)
+            report(
                 "%s: the node server at %s is incompatible: %s. Serving continues without the "
                 "cache (the connector's lmcache.node.chunk_size must equal the server's "
                 "chunk_size, and both sides must run the same lmcache-k8s version)",
