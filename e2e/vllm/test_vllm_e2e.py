@@ -190,20 +190,26 @@ def test_corrupted_disk_chunk_is_detected_and_recomputed(deployment: Deployment)
     assert f"loaded only {2 * CHUNK} of " in consumer_log, consumer_log[-3000:]
     assert "kv_load_failure_policy is 'fail', so vLLM fails the request" in consumer_log
     assert "Failing 1 request(s) due to KV load failure" in consumer_log
+    server_log = dep.server.log_text()
+    assert "bad chunk file" in server_log or "corrupt" in server_log.lower()
+    assert chunk_file(dep.server.disk_dir, keys[2]) is None  # the bad file was dropped
 
     # A runs with "recompute": same prompt, chunks 0 and 1 loaded, the rest recomputed.
     again = dep.a.complete(prompt)
 
     assert again.text == first.text
-    server_log = dep.server.log_text()
-    assert "bad chunk file" in server_log or "corrupt" in server_log.lower()
-    # chunks 0 and 1 came from the disk tier; chunk 2 and later were recomputed by vLLM
     new_a_log = dep.a.log_text()[a_log_before:]
     assert (
         f"loaded {2 * CHUNK} of " in new_a_log
         or f"loaded {2 * CHUNK} tokens from the node server" in new_a_log
     ), new_a_log[-3000:]
-    assert chunk_file(dep.server.disk_dir, keys[2]) is None  # the bad file was dropped
+
+    # A stored the chunks it recomputed: chunk 2 is on disk again, with the right bytes
+    def stored_again() -> bool:
+        found = chunk_file(dep.server.disk_dir, keys[2])
+        return found is not None and found.read_bytes() != bytes(data)
+
+    wait_until(stored_again, 60, "chunk 2, recomputed by A, to reach the disk tier again")
 
 
 def _connected_again(dep: Deployment) -> bool:
