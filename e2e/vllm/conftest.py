@@ -1,8 +1,9 @@
 """Fixtures: one node server and four vLLM instances (started together) per session.
 
 A and B are ``kv_both`` instances (cases 1, 2, 4, 5), P is a ``kv_producer`` and C a
-``kv_consumer`` (case 3). The model is generated locally (tiny, seeded). Logs of every
-process stay in the session's work directory (printed on failure).
+``kv_consumer`` (cases 3, 5). B registers in engine mode (``LMCACHE_NODE_TRANSFER_MODE``), C
+runs with ``kv_load_failure_policy: fail``. The model is generated locally (tiny, seeded). Logs
+of every process stay in the session's work directory (printed on failure).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lmcache_node.server.process import ServerProcess, free_port
 
-from e2e.vllm.harness import VLLMProcess, node_shm_dir
+from e2e.vllm.harness import VLLMProcess, node_shm_dir, server_python
 from e2e.vllm.make_model import make_model
 
 
@@ -48,6 +50,7 @@ class NodeServer:
             "--local-disk", f"file://{self.disk_dir}/", "--max-local-disk-size", "1",
             "--log-level", "INFO", "--shm-dir", str(self.shm_dir),
             port=self.port, http_port=self.http_port, log_file=self.log_file,
+            python=server_python(),
         ).start()  # fmt: skip
 
     def log_text(self) -> str:
@@ -94,15 +97,18 @@ def deployment(work_dir: Path, tiny_model: Path) -> Iterator[Deployment]:
     server = NodeServer(work_dir=work_dir, disk_dir=disk)
     server.start()
 
-    def make(name: str, role: str) -> VLLMProcess:
-        return VLLMProcess(name, tiny_model, work_dir=work_dir, kv_role=role, node_port=server.port)
+    def make(name: str, role: str, **options: Any) -> VLLMProcess:
+        return VLLMProcess(
+            name, tiny_model, work_dir=work_dir, kv_role=role, node_port=server.port, **options
+        )
 
     dep = Deployment(
         server=server,
         a=make("a", "kv_both"),
-        b=make("b", "kv_both"),
+        # B moves KV bytes through the server's staging area (the operator's transferMode)
+        b=make("b", "kv_both", env={"LMCACHE_NODE_TRANSFER_MODE": "engine"}),
         producer=make("producer", "kv_producer"),
-        consumer=make("consumer", "kv_consumer"),
+        consumer=make("consumer", "kv_consumer", load_failure_policy="fail"),
         work_dir=work_dir,
     )
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lmcache_node.server.process import ServerProcess
 
-from e2e.vllm.harness import VLLMProcess, metric, post_json, prompt_text
+from e2e.vllm.harness import VLLMProcess, metric, post_json, prompt_text, server_python
 from e2e.vllm.make_model import make_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     server_log = work / "node-server.log"
     server_log.unlink(missing_ok=True)
     server = ServerProcess(
-        "--chunk-size", "256", "--max-local-cpu-size", "2", log_file=server_log
+        "--chunk-size", "256", "--max-local-cpu-size", "2", log_file=server_log,
+        python=server_python(),
     )  # fmt: skip
     server.start()
     vllm = VLLMProcess(

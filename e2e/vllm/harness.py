@@ -5,6 +5,7 @@ Everything listens on 127.0.0.1 with free ports and writes a log file; waits are
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -22,6 +23,24 @@ from lmcache_node.server.process import free_port
 
 CONNECTOR_CLASS = "LMCacheNodeConnector"
 CONNECTOR_MODULE = "lmcache_node.vllm.connector"
+SERVER_PYTHON_ENV = "LMCACHE_E2E_SERVER_PYTHON"
+
+
+def server_python() -> str:
+    """The node server's interpreter: .venv-vllm holds only vLLM and the connector, so the
+    server runs from the main venv (``make setup``) or ``$LMCACHE_E2E_SERVER_PYTHON``."""
+    chosen = os.environ.get(SERVER_PYTHON_ENV)
+    if chosen:
+        return chosen
+    main_venv = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"
+    if main_venv.exists():
+        return str(main_venv)
+    if importlib.util.find_spec("pydantic_settings") is not None:
+        return sys.executable  # a venv with the server's dependencies too
+    raise RuntimeError(
+        "the node server needs the project's [node] dependencies, which .venv-vllm does not "
+        f"have: run `make setup` (it builds .venv) or set {SERVER_PYTHON_ENV}=/path/to/python"
+    )
 
 
 def vllm_env(work_dir: Path, kv_cache_gib: int = 1) -> dict[str, str]:
@@ -49,13 +68,15 @@ def node_shm_dir(tag: str) -> Path:
     return Path("/dev/shm") / f"lmcache-e2e-{tag}-{os.getpid()}"
 
 
-def kv_transfer_config(role: str, node_port: int, **extra: Any) -> str:
+def kv_transfer_config(
+    role: str, node_port: int, load_failure_policy: str = "recompute", **extra: Any
+) -> str:
     return json.dumps(
         {
             "kv_connector": CONNECTOR_CLASS,
             "kv_connector_module_path": CONNECTOR_MODULE,
             "kv_role": role,
-            "kv_load_failure_policy": "recompute",
+            "kv_load_failure_policy": load_failure_policy,
             "kv_connector_extra_config": {
                 "lmcache.node.host": "tcp://127.0.0.1",
                 "lmcache.node.port": node_port,
@@ -87,6 +108,8 @@ class VLLMProcess:
         max_model_len: int = 4096,
         extra_args: tuple[str, ...] = (),
         kv_cache_gib: int = 1,
+        load_failure_policy: str = "recompute",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.model = model
@@ -101,8 +124,11 @@ class VLLMProcess:
             *extra_args,
         ]  # fmt: skip
         if kv_role is not None:
-            self.args += ["--kv-transfer-config", kv_transfer_config(kv_role, node_port)]
-        self.env = vllm_env(work_dir, kv_cache_gib)
+            self.args += [
+                "--kv-transfer-config",
+                kv_transfer_config(kv_role, node_port, load_failure_policy),
+            ]
+        self.env = {**vllm_env(work_dir, kv_cache_gib), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

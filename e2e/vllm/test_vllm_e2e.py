@@ -8,11 +8,13 @@ vLLM's own prefix cache is off, so every hit comes from the node server.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,15 @@ def test_same_prompt_twice_hits_the_node_server(deployment: Deployment) -> None:
     assert hit_metric(dep) - hits_before >= expected
     assert expected in retrieved_tokens_logged(dep.server.log_text())
     assert f"loaded {expected} tokens from the node server" in dep.a.log_text()
+
+
+def test_transfer_mode_env_is_honoured(deployment: Deployment) -> None:
+    """B runs with LMCACHE_NODE_TRANSFER_MODE=engine, the others with the default (shared)."""
+    first_run = (deployment.work_dir / "node-server-1.log").read_text(errors="replace")
+    modes = re.findall(r"Registered KV cache for worker .* (shared|engine) on cpu", first_run)
+    assert sorted(modes) == ["engine", "shared", "shared", "shared"], first_run[-3000:]
+    assert "transfer mode engine" in deployment.b.log_text()
+    assert "transfer mode engine" not in deployment.a.log_text()
 
 
 def test_second_instance_hits_what_the_first_stored(deployment: Deployment) -> None:
@@ -183,20 +194,40 @@ def test_corrupted_disk_chunk_is_detected_and_recomputed(deployment: Deployment)
     victim.write_bytes(bytes(data))
     dep.server.start()
     a_log_before = len(dep.a.log_text())
+    consumer_log_before = len(dep.consumer.log_text())
     wait_until(lambda: _connected_again(dep), 60, "the connectors to reconnect")
 
+    # The consumer runs with kv_load_failure_policy "fail": its load stops at chunk 2 and vLLM
+    # fails the request (HTTP 500) instead of recomputing.
+    request = {"model": str(dep.consumer.model), "prompt": prompt, "max_tokens": 16,
+               "temperature": 0}  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as failed:
+        post_json(dep.consumer.url + "/v1/completions", request)
+    assert failed.value.code == 500
+    consumer_log = dep.consumer.log_text()[consumer_log_before:]
+    assert f"loaded only {2 * CHUNK} of " in consumer_log, consumer_log[-3000:]
+    assert "kv_load_failure_policy is 'fail', so vLLM fails the request" in consumer_log
+    assert "Failing 1 request(s) due to KV load failure" in consumer_log
+    server_log = dep.server.log_text()
+    assert "bad chunk file" in server_log or "corrupt" in server_log.lower()
+    assert chunk_file(dep.server.disk_dir, keys[2]) is None  # the bad file was dropped
+
+    # A runs with "recompute": same prompt, chunks 0 and 1 loaded, the rest recomputed.
     again = dep.a.complete(prompt)
 
     assert again.text == first.text
-    server_log = dep.server.log_text()
-    assert "bad chunk file" in server_log or "corrupt" in server_log.lower()
-    # chunks 0 and 1 came from the disk tier; chunk 2 and later were recomputed by vLLM
     new_a_log = dep.a.log_text()[a_log_before:]
     assert (
         f"loaded {2 * CHUNK} of " in new_a_log
         or f"loaded {2 * CHUNK} tokens from the node server" in new_a_log
     ), new_a_log[-3000:]
-    assert chunk_file(dep.server.disk_dir, keys[2]) is None  # the bad file was dropped
+
+    # A stored the chunks it recomputed: chunk 2 is on disk again, with the right bytes
+    def stored_again() -> bool:
+        found = chunk_file(dep.server.disk_dir, keys[2])
+        return found is not None and found.read_bytes() != bytes(data)
+
+    wait_until(stored_again, 60, "chunk 2, recomputed by A, to reach the disk tier again")
 
 
 def _connected_again(dep: Deployment) -> bool:

@@ -46,12 +46,23 @@ def build_parser(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return _load(args._module).run(args)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] == "lmcache_node":
+            raise
+        # `pip install lmcache-k8s` is the vLLM connector only; the server is an extra.
+        print(
+            f"lmcache-node: the module {exc.name!r} is missing: the cache server needs its "
+            "dependencies, install them with: pip install 'lmcache-k8s[node]'",
+            file=sys.stderr,
+        )
         return 2
-    return _load(args._module).run(args)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,13 @@ class NodeConfig(BaseSettings):
 
     # --- engine (LMCache names) ---
     chunk_size: int = Field(256, gt=0, le=1 << 20, description="Tokens per chunk (cache key unit).")
-    local_cpu: bool = Field(True, description="Keep chunks in the CPU memory tier (L1).")
+    local_cpu: bool = Field(
+        True,
+        description=(
+            "The CPU memory tier (L1); must be true: every store and load passes through L1 "
+            "pages (they also stage the disk and remote tiers). false is refused."
+        ),
+    )
     max_local_cpu_size: float = Field(
         5.0, ge=0, description="L1 pool size in GB (GiB); also accepts quantities like 4Gi."
     )
@@ -70,7 +76,13 @@ class NodeConfig(BaseSettings):
     remote_serde: Literal["naive", "zstd", "lz4"] = Field(
         "naive", description="Remote value encoding: naive (raw), zstd or lz4 compression."
     )
-    save_unfull_chunk: bool = Field(False, description="Also store a trailing partial chunk.")
+    save_unfull_chunk: bool = Field(
+        False,
+        description=(
+            "Must be false: only whole chunks are cached (a prompt's trailing partial chunk is "
+            "recomputed). true is refused."
+        ),
+    )
     extra_config: dict[str, Any] = Field(
         default_factory=dict, description="Extra engine options, e.g. {use_odirect: true}."
     )
@@ -279,6 +291,28 @@ class NodeConfig(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("local_cpu")
+    @classmethod
+    def _l1_required(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError(
+                "the L1 memory tier cannot be turned off: every store and load passes through "
+                "its pages, also on the way to and from the disk and remote tiers. Remove "
+                "local_cpu (or set it to true) and size L1 with max_local_cpu_size"
+            )
+        return value
+
+    @field_validator("save_unfull_chunk")
+    @classmethod
+    def _whole_chunks_only(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "only whole chunks are cached: the vLLM connector never stores a prompt's "
+                "trailing partial chunk (vLLM recomputes it). Remove save_unfull_chunk (or set "
+                "it to false)"
+            )
+        return value
+
     @field_validator("local_disk")
     @classmethod
     def _disk_url(cls, value: str | None) -> str | None:
@@ -326,7 +360,7 @@ class NodeConfig(BaseSettings):
     # --- derived values ---
     @property
     def l1_capacity_bytes(self) -> int:
-        return int(self.max_local_cpu_size * 1024**3) if self.local_cpu else 0
+        return int(self.max_local_cpu_size * 1024**3)
 
     @property
     def disk_path(self) -> Path | None:

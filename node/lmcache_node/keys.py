@@ -1,23 +1,29 @@
 """Chunk keys: a chained hash over fixed-size token chunks, namespaced.
 
-key(i) = xxh3_128(key(i-1) || little-endian int64 token ids of chunk i), with key(-1) the
-namespace seed. Deterministic across processes, machines and any PYTHONHASHSEED.
+key(i) = BLAKE2b-128(key(i-1) || little-endian int64 token ids of chunk i), with key(-1) the
+BLAKE2b-128 of the namespace fields. ``hashlib`` only (no dependency vLLM lacks);
+deterministic across processes, machines and any PYTHONHASHSEED. The server names
+``HASH_ALGORITHM`` in its handshake and the client refuses a server that keys differently.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NewType
 
 import msgspec
 import numpy as np
-import xxhash
 
-HASH_ALGORITHM = "xxh3_128-chain-v1"
+HASH_ALGORITHM = "blake2b-128-chain-v1"
 KEY_BYTES = 16
 
 ChunkKey = NewType("ChunkKey", bytes)
+
+
+def _blake2b(data: bytes) -> hashlib.blake2b:
+    return hashlib.blake2b(data, digest_size=KEY_BYTES)
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ class KeyNamespace:
                 self.tenant_salt,
             ]
         )
-        return xxhash.xxh3_128_digest(encoded)
+        return _blake2b(encoded).digest()
 
     def label(self) -> str:
         """LMCache-style human label: fmt@model@world_size@worker_id@dtype."""
@@ -56,39 +62,21 @@ def _token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
 
 
 def chunk_keys(
-    tokens: Sequence[int] | np.ndarray,
-    chunk_size: int,
-    namespace: KeyNamespace,
-    *,
-    save_unfull_chunk: bool = False,
+    tokens: Sequence[int] | np.ndarray, chunk_size: int, namespace: KeyNamespace
 ) -> list[ChunkKey]:
-    """Keys of the chunks of ``tokens``; a trailing partial chunk only if ``save_unfull_chunk``."""
+    """Keys of the whole chunks of ``tokens`` (a trailing partial chunk has none)."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    data = _token_bytes(tokens)
-    total = len(data) // 8
-    full = total // chunk_size
-    ends = [chunk_size * (i + 1) for i in range(full)]
-    if save_unfull_chunk and total % chunk_size:
-        ends.append(total)
+    data = memoryview(_token_bytes(tokens))
+    step = chunk_size * 8
     keys: list[ChunkKey] = []
     previous = namespace.seed()
-    start = 0
-    for end in ends:
-        hasher = xxhash.xxh3_128(previous)
-        hasher.update(data[start * 8 : end * 8])
+    for start in range(0, len(data) - step + 1, step):
+        hasher = _blake2b(previous)
+        hasher.update(data[start : start + step])
         previous = hasher.digest()
         keys.append(ChunkKey(previous))
-        start = end
     return keys
-
-
-def chunk_token_counts(num_tokens: int, chunk_size: int, *, save_unfull_chunk: bool) -> list[int]:
-    """How many tokens each key of ``chunk_keys`` covers."""
-    counts = [chunk_size] * (num_tokens // chunk_size)
-    if save_unfull_chunk and num_tokens % chunk_size:
-        counts.append(num_tokens % chunk_size)
-    return counts
 
 
 def key_hex(key: bytes) -> str:

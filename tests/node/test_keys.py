@@ -1,11 +1,18 @@
+import hashlib
 import json
 import os
 import subprocess
 import sys
 
+import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lmcache_node.keys import KEY_BYTES, KeyNamespace, chunk_keys, chunk_token_counts
+from lmcache_node.client import IncompatibleServerError, NodeClient
+from lmcache_node.config import load_config
+from lmcache_node.keys import HASH_ALGORITHM, KEY_BYTES, KeyNamespace, chunk_keys
+from lmcache_node.server.node_server import NodeServer
+from lmcache_node.server.process import free_port
 
 NS = KeyNamespace(model_name="m")
 tokens_strategy = st.lists(st.integers(min_value=0, max_value=2**31 - 1), min_size=0, max_size=64)
@@ -17,13 +24,25 @@ def test_keys_are_16_bytes_one_per_full_chunk() -> None:
     assert all(len(k) == KEY_BYTES for k in keys)
 
 
-def test_partial_chunk_only_with_save_unfull_chunk() -> None:
+def test_keys_follow_the_documented_chain() -> None:
+    """key(i) = BLAKE2b-128(key(i-1) || int64 LE tokens of chunk i); key(-1) = the namespace's."""
+    ns = KeyNamespace("llama", 2, 1, "bfloat16", "vllm-cpu-blocks128", "t")
+    fields = [HASH_ALGORITHM, "llama", 2, 1, "bfloat16", "vllm-cpu-blocks128", "t"]
+    previous = hashlib.blake2b(msgspec.msgpack.encode(fields), digest_size=16).digest()
+    tokens = [7, 2**40, 0, 3, 1, 9]
+    expected = []
+    for start in (0, 3):
+        data = b"".join(t.to_bytes(8, "little") for t in tokens[start : start + 3])
+        previous = hashlib.blake2b(previous + data, digest_size=16).digest()
+        expected.append(previous)
+    assert HASH_ALGORITHM == "blake2b-128-chain-v1"
+    assert chunk_keys(tokens, 3, ns) == expected
+
+
+def test_a_trailing_partial_chunk_has_no_key() -> None:
     tokens = list(range(10))
-    assert len(chunk_keys(tokens, 4, NS, save_unfull_chunk=True)) == 3
-    assert chunk_token_counts(10, 4, save_unfull_chunk=True) == [4, 4, 2]
-    assert chunk_token_counts(10, 4, save_unfull_chunk=False) == [4, 4]
-    full = chunk_keys(tokens, 4, NS)
-    assert chunk_keys(tokens, 4, NS, save_unfull_chunk=True)[:2] == full
+    assert chunk_keys(tokens, 4, NS) == chunk_keys(tokens[:8], 4, NS)
+    assert chunk_keys(tokens[:3], 4, NS) == []
 
 
 @given(tokens_strategy, st.integers(min_value=1, max_value=8))
@@ -42,8 +61,8 @@ def test_changed_token_changes_its_chunk_and_all_later_keys(
     index = data.draw(st.integers(min_value=0, max_value=len(tokens) - 1))
     changed = list(tokens)
     changed[index] = (changed[index] + 1) % 2**31
-    before = chunk_keys(tokens, chunk, NS, save_unfull_chunk=True)
-    after = chunk_keys(changed, chunk, NS, save_unfull_chunk=True)
+    before = chunk_keys(tokens, chunk, NS)
+    after = chunk_keys(changed, chunk, NS)
     first = index // chunk
     assert before[:first] == after[:first]
     for a, b in zip(before[first:], after[first:], strict=True):
@@ -87,11 +106,12 @@ def test_numpy_and_list_inputs_agree(tokens: list[int]) -> None:
 
 def test_same_keys_in_other_processes_whatever_the_hash_seed() -> None:
     tokens = list(range(1000))
-    expected = [k.hex() for k in chunk_keys(tokens, 256, NS, save_unfull_chunk=True)]
+    expected = [k.hex() for k in chunk_keys(tokens, 250, NS)]
+    assert len(expected) == 4
     code = (
         "import json; from lmcache_node.keys import KeyNamespace, chunk_keys;"
-        "print(json.dumps([k.hex() for k in chunk_keys(list(range(1000)), 256,"
-        " KeyNamespace(model_name='m'), save_unfull_chunk=True)]))"
+        "print(json.dumps([k.hex() for k in chunk_keys(list(range(1000)), 250,"
+        " KeyNamespace(model_name='m'))]))"
     )
     for seed in ("0", "1", "random"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
@@ -103,3 +123,24 @@ def test_same_keys_in_other_processes_whatever_the_hash_seed() -> None:
 
 def test_namespace_label() -> None:
     assert KeyNamespace(model_name="m", layout="vllm").label() == "vllm@m@1@0@float16"
+
+
+def test_client_refuses_a_server_that_keys_differently(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server of another version (here: the xxh3 keys of 0.1) is refused by name."""
+    monkeypatch.setattr("lmcache_node.server.handlers.HASH_ALGORITHM", "xxh3_128-chain-v1")
+    config = load_config(
+        {"host": "127.0.0.1", "port": free_port(), "max_local_cpu_size": 0.01, "http_port": 0},
+        environ={},
+    )
+    server = NodeServer(config)
+    server.start()
+    try:
+        client = NodeClient(server.endpoint, timeout_s=10)
+        with client, pytest.raises(IncompatibleServerError) as info:
+            client.connect()
+        message = str(info.value)
+        assert "'xxh3_128-chain-v1'" in message
+        assert f"'{HASH_ALGORITHM}'" in message
+        assert "same lmcache-k8s version" in message
+    finally:
+        server.stop()

@@ -33,14 +33,14 @@ from lmcache_node.client.errors import (
     NodeUnavailableError,
     RemoteError,
 )
-from lmcache_node.engine.memory import copy_stream
-from lmcache_node.keys import KeyNamespace
+from lmcache_node.keys import HASH_ALGORITHM, KeyNamespace
 from lmcache_node.protocol import messages as m
 from lmcache_node.protocol.codec import decode_payload
 from lmcache_node.protocol.credentials import ClientCredentials
 from lmcache_node.transfer import cuda_ipc, shm
 from lmcache_node.transfer.export import ExportedKV, export_kv_caches, layout_tag, local_geometry
 from lmcache_node.transfer.layout import KVGeometry
+from lmcache_node.transfer.streams import copy_stream
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,14 @@ class NodeClient:
         reply = self._call(
             m.Op.HANDSHAKE, request, m.HandshakeReply, timeout=timeout, internal=True
         )
+        if reply.hash_algorithm != HASH_ALGORITHM:
+            raise IncompatibleServerError(
+                m.ErrorCode.INCOMPATIBLE.value,
+                f"the cache server at {self.endpoint} keys chunks with "
+                f"{reply.hash_algorithm!r}, this client with {HASH_ALGORITHM!r}: run the same "
+                f"lmcache-k8s version on both sides (server {reply.server_version}, client "
+                f"{__version__})",
+            )
         info = HandshakeInfo(
             server_version=reply.server_version,
             protocol_version=reply.protocol_version,

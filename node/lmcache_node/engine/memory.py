@@ -13,45 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from lmcache_node.sizes import format_bytes
+from lmcache_node.transfer.streams import as_bytes, copy_stream
 
 log = logging.getLogger(__name__)
 
-
-def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a contiguous tensor (no copy)."""
-    if not tensor.is_contiguous():
-        raise ValueError("as_bytes needs a contiguous tensor")
-    flat = tensor.reshape(-1)
-    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
-
-
-def copy_stream(dsts: Sequence[torch.Tensor], srcs: Iterable[torch.Tensor]) -> int:
-    """Copy the concatenated bytes of ``srcs`` into the concatenated ``dsts``.
-
-    Both are flat uint8 tensors (any devices torch can copy between). Returns the bytes
-    copied; raises ValueError when the sources do not fit.
-    """
-    index = 0
-    offset = 0
-    copied = 0
-    for src in srcs:
-        remaining = src.numel()
-        position = 0
-        while remaining:
-            if index >= len(dsts):
-                raise ValueError("source bytes exceed the destination")
-            dst = dsts[index]
-            room = dst.numel() - offset
-            step = min(room, remaining)
-            dst[offset : offset + step].copy_(src[position : position + step], non_blocking=True)
-            offset += step
-            position += step
-            remaining -= step
-            copied += step
-            if offset == dst.numel():
-                index += 1
-                offset = 0
-    return copied
+__all__ = ["MemoryPool", "PageSpan", "as_bytes", "copy_stream"]
 
 
 class MemoryPool:

@@ -33,7 +33,10 @@ class ServerProcess:
         log_file: Path | None = None,
         env: dict[str, str] | None = None,
         startup_timeout_s: float = 60.0,
+        python: str | None = None,
     ) -> None:
+        """``python``: the interpreter to run (default: this one); it needs ``[node]``."""
+        self.python = python or sys.executable
         self.port = port or free_port()
         self.http_port = http_port or free_port()
         self.args = list(args)
@@ -52,7 +55,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         command = [
-            sys.executable, "-m", "lmcache_node.server", "--host", "127.0.0.1",
+            self.python, "-m", "lmcache_node.server", "--host", "127.0.0.1",
             "--port", str(self.port), "--http-port", str(self.http_port), *self.args,
         ]  # fmt: skip
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115

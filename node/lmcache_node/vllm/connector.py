@@ -12,7 +12,9 @@ the forward pass (asynchronous loads would start after it). Stores are planned a
 completes chunks. Worker side: the KV tensors are registered once (CPU: moved into POSIX shared
 memory the server maps; CUDA: IPC handles), loads run in ``start_load_kv`` and stores in
 ``wait_for_save``. ``kv_role``: ``kv_both`` loads and stores, ``kv_producer`` only stores,
-``kv_consumer`` only loads. Any failure of the server degrades to recomputation.
+``kv_consumer`` only loads. A load that fails is handled as vLLM's ``kv_load_failure_policy``
+says: ``recompute`` (the blocks are recomputed) or ``fail`` (vLLM fails the request); any other
+failure of the server degrades to a miss. Models with several KV cache groups are refused.
 """
 
 from __future__ import annotations
@@ -93,6 +95,28 @@ def _kv_dtype(vllm_config: VllmConfig) -> str:
     return str(vllm_config.model_config.dtype).removeprefix("torch.")
 
 
+def check_kv_cache_groups(kv_cache_config: KVCacheConfig) -> None:
+    """Refuse a model whose KV cache has no group or several (hybrid models).
+
+    The connector moves the blocks of one block table; caching one group of several would
+    hand vLLM partial KV, so such a model is refused at start instead.
+    """
+    groups = list(kv_cache_config.kv_cache_groups)
+    if len(groups) == 1:
+        return
+    described = "; ".join(
+        f"group {i}: {type(g.kv_cache_spec).__name__} ({len(g.layer_names)} layers)"
+        for i, g in enumerate(groups)
+    )
+    raise ValueError(
+        f"LMCacheNodeConnector caches models whose KV cache is one group of layers; this model "
+        f"has {len(groups)} KV cache groups ({described or 'no KV cache'}). Caching only some "
+        "of them would be wrong, so vLLM does not start: serve this model without "
+        "--kv-transfer-config (or with a connector that supports vLLM's hybrid KV cache "
+        "manager)"
+    )
+
+
 def _request_salt(request: Request) -> str:
     parts = []
     cache_salt = getattr(request, "cache_salt", None)
@@ -114,8 +138,13 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         kv_cache_config: KVCacheConfig | None = None,
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        if kv_cache_config is not None:
+            check_kv_cache_groups(kv_cache_config)
         transfer = vllm_config.kv_transfer_config
         self.settings: ConnectorSettings = load_settings(transfer.kv_connector_extra_config)
+        credentials = self.settings.client_credentials()
+        # vLLM acts on the policy (scheduler); the worker names it when a load fails.
+        self.fail_on_load_error = getattr(transfer, "kv_load_failure_policy", "fail") == "fail"
         self.block_size = int(vllm_config.cache_config.block_size)
         self.can_load = transfer.kv_role in ("kv_both", "kv_consumer")
         self.can_store = transfer.kv_role in ("kv_both", "kv_producer")
@@ -143,22 +172,18 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._worker_id = 0
         self._unlock_later: collections.deque[list[str]] = collections.deque()
         if role == KVConnectorRole.SCHEDULER:
-            if getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
-                # A cache must never fail a request: failed loads are recomputed.
-                log.warning(
-                    "LMCacheNodeConnector sets kv_load_failure_policy to 'recompute' (was %r): "
-                    "a failed load from the cache is recomputed instead of failing the request",
-                    transfer.kv_load_failure_policy,
-                )
-                transfer.kv_load_failure_policy = "recompute"
             # Lookups run in vLLM's scheduler loop: they give up sooner than transfers.
             self.link = NodeLink(
-                dataclasses.replace(self.settings, timeout_s=self.settings.lookup_timeout_s),
+                self.settings.model_copy(update={"timeout_s": self.settings.lookup_timeout_s}),
                 name="lmcache-node scheduler",
+                credentials=credentials,
             )
         else:
             self.link = NodeLink(
-                self.settings, name="lmcache-node worker", on_connected=self._register_with
+                self.settings,
+                name="lmcache-node worker",
+                on_connected=self._register_with,
+                credentials=credentials,
             )
             self.transfers = WorkerTransfers(
                 self.link,
@@ -166,13 +191,21 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 chunk_size=self.settings.chunk_size,
                 blocks_per_chunk=self.planner.blocks_per_chunk,
                 registration=lambda: self._registration,
+                fail_on_load_error=self.fail_on_load_error,
             )
         log.info(
-            "LMCacheNodeConnector (%s, %s): server %s, chunk %d tokens, namespace %s",
+            "LMCacheNodeConnector (%s, %s): server %s (%s), chunk %d tokens, transfer mode %s, "
+            "kv_load_failure_policy %s (%s), namespace %s",
             role.name.lower(),
             transfer.kv_role,
             self.settings.url,
+            "CURVE" if credentials is not None else "no CURVE",
             self.settings.chunk_size,
+            self.settings.transfer_mode,
+            "fail" if self.fail_on_load_error else "recompute",
+            "a failed load fails its request"
+            if self.fail_on_load_error
+            else "a failed load is recomputed",
             self._namespace_base.label(),
         )
         if role == KVConnectorRole.SCHEDULER:
@@ -207,6 +240,7 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
             block_dim=self._block_dim,
             block_size=self.block_size,
             namespace=self._worker_namespace(""),
+            transfer_mode=self.settings.transfer_mode,
         )
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

@@ -20,17 +20,23 @@ from lmcache_node.client import (
     NodeClient,
     NodeClientError,
 )
+from lmcache_node.protocol.credentials import ClientCredentials
 from lmcache_node.vllm.settings import ConnectorSettings
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ClientFactory = Callable[[ConnectorSettings], NodeClient]
+ClientFactory = Callable[[ConnectorSettings, ClientCredentials | None], NodeClient]
 
 
-def default_client(settings: ConnectorSettings) -> NodeClient:
+def default_client(
+    settings: ConnectorSettings, credentials: ClientCredentials | None
+) -> NodeClient:
     return NodeClient(
-        settings.url, timeout_s=settings.timeout_s, expected_chunk_size=settings.chunk_size
+        settings.url,
+        timeout_s=settings.timeout_s,
+        expected_chunk_size=settings.chunk_size,
+        credentials=credentials,
     )
 
 
@@ -78,9 +84,12 @@ class NodeLink:
         *,
         name: str,
         on_connected: Callable[[NodeClient], None] | None = None,
+        credentials: ClientCredentials | None = None,
         client_factory: ClientFactory = default_client,
     ) -> None:
         self.settings = settings
+        self._credentials = credentials
+        self._incompatible = ""  # the last incompatibility logged
         self.name = name
         self.incidents = Incidents(name)
         self._on_connected = on_connected
@@ -141,15 +150,18 @@ class NodeLink:
     def _try_connect(self) -> bool:
         client: NodeClient | None = None
         try:
-            client = self._factory(self.settings)
+            client = self._factory(self.settings, self._credentials)
             info = client.connect()
             if self._on_connected is not None:
                 self._on_connected(client)
         except IncompatibleServerError as exc:
-            log.error(
-                "%s: the node server at %s is incompatible: %s. Fix the connector's "
-                "lmcache.node.chunk_size / the server's chunk_size so they match; serving "
-                "continues without the cache",
+            # Once per cause: the reconnect loop retries (the server may be upgraded) quietly.
+            report = log.error if str(exc) != self._incompatible else log.debug
+            self._incompatible = str(exc)
+            report(
+                "%s: the node server at %s is incompatible: %s. Serving continues without the "
+                "cache (the connector's lmcache.node.chunk_size must equal the server's "
+                "chunk_size, and both sides must run the same lmcache-k8s version)",
                 self.name,
                 self.settings.url,
                 exc,

@@ -1,6 +1,7 @@
 """Connector settings: ``kv_connector_extra_config`` keys, then ``LMCACHE_*`` env, then defaults.
 
-Keys (extra config / environment variable / default):
+A plain pydantic model (vLLM ships pydantic; nothing here needs more). Keys (extra config /
+environment variable / default):
 
 - ``lmcache.node.host`` / ``LMCACHE_NODE_HOST`` / ``tcp://127.0.0.1`` — the node server; a bare
   address (``10.0.0.7``) gets ``tcp://``; a port in the host (``tcp://h:5555``) is accepted.
@@ -16,93 +17,132 @@ Keys (extra config / environment variable / default):
 - ``lmcache.node.tenant_salt`` / ``LMCACHE_NODE_TENANT_SALT`` / ``""`` — isolates tenants.
 - ``lmcache.node.reconnect_s`` / ``LMCACHE_NODE_RECONNECT_S`` / ``2.0`` — retry period while the
   server is unreachable.
+- ``lmcache.node.transfer_mode`` / ``LMCACHE_NODE_TRANSFER_MODE`` / ``auto`` — how KV bytes move:
+  ``shared`` (the server maps vLLM's KV memory: shm on CPU, CUDA IPC on GPUs), ``engine``
+  (vLLM copies through a server-owned shm area; the server needs no GPU), ``auto`` (shared,
+  falling back to engine when the server cannot open the GPU memory).
+- ``lmcache.node.credentials_dir`` / ``LMCACHE_NODE_CREDENTIALS_DIR`` / unset — a directory with
+  ``client.key``, ``client.pub`` and ``server.pub`` (CURVE): the connection is encrypted and
+  authenticated; a bad directory fails vLLM's start. Unset: no CURVE (only a server on
+  loopback or started with ``--insecure-allow-unauthenticated`` accepts that).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 from urllib.parse import urlparse
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from lmcache_node.protocol.credentials import ClientCredentials, CredentialsError
+
 PREFIX = "lmcache.node."
+DEFAULT_HOST = "tcp://127.0.0.1"
+DEFAULT_PORT = 5555
+TransferMode = Literal["auto", "shared", "engine"]
 
 
 class ConnectorConfigError(ValueError):
     """A connector setting is invalid; the message names the key, its source and the fix."""
 
 
-@dataclass(frozen=True)
-class ConnectorSettings:
-    url: str = "tcp://127.0.0.1:5555"
-    chunk_size: int = 256
-    timeout_s: float = 5.0
-    lookup_timeout_s: float = 1.0
-    lock_ttl_s: float = 30.0
+class ConnectorSettings(BaseModel):
+    """One field per connector key (``lmcache.node.<field>``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    host: str = DEFAULT_HOST
+    port: int | None = Field(None, ge=1, le=65535)  # None: the host's port, else 5555
+    chunk_size: int = Field(256, ge=1, le=1 << 20)
+    timeout_s: float = Field(5.0, ge=0.01, le=3600)
+    lookup_timeout_s: float = Field(1.0, ge=0.01, le=3600)
+    lock_ttl_s: float = Field(30.0, ge=0.1, le=86400)
     model_name: str | None = None
     tenant_salt: str = ""
-    reconnect_s: float = 2.0
+    reconnect_s: float = Field(2.0, ge=0.05, le=600)
+    transfer_mode: TransferMode = "auto"
+    credentials_dir: Path | None = None
 
+    @field_validator("port", "chunk_size", "timeout_s", "lookup_timeout_s", "lock_ttl_s",
+                     "reconnect_s", mode="before")  # fmt: skip
+    @classmethod
+    def _no_bools(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool):  # pydantic would read True as 1
+            raise ValueError(f"must be {_rule(str(info.field_name))}")
+        return value
 
-def _source(key: str, extra: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Any, str] | None:
-    if PREFIX + key in extra:
-        return extra[PREFIX + key], f"kv_connector_extra_config[{PREFIX + key!r}]"
-    env_name = "LMCACHE_" + ("CHUNK_SIZE" if key == "chunk_size" else "NODE_" + key.upper())
-    if env.get(env_name, "") != "":
-        return env[env_name], f"environment variable {env_name}"
-    return None
+    @field_validator("model_name", "tenant_salt", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int | float) else value
 
-
-def _number(key: str, extra: Mapping[str, Any], env: Mapping[str, str], default: float, *,
-            integer: bool, low: float, high: float) -> Any:  # fmt: skip
-    found = _source(key, extra, env)
-    if found is None:
-        return default
-    raw, where = found
-    try:
-        value = int(raw) if integer else float(raw)
-        if isinstance(raw, bool) or (integer and isinstance(raw, float) and raw != int(raw)):
-            raise ValueError
-    except (TypeError, ValueError):
-        kind = "an integer" if integer else "a number"
-        raise ConnectorConfigError(
-            f"{PREFIX}{key} must be {kind} between {low:g} and {high:g}; got {raw!r} from {where}"
-        ) from None
-    if not low <= value <= high:
-        raise ConnectorConfigError(
-            f"{PREFIX}{key} must be between {low:g} and {high:g}; got {value!r} from {where}"
-        )
-    return value
-
-
-def _url(extra: Mapping[str, Any], env: Mapping[str, str]) -> str:
-    found = _source("host", extra, env)
-    raw, where = found if found is not None else ("tcp://127.0.0.1", "the default")
-    host = str(raw).strip()
-    if "://" not in host:
-        host = "tcp://" + host
-    parsed = urlparse(host)
-    if parsed.scheme not in ("tcp", "ipc") or not (parsed.netloc or parsed.path):
-        raise ConnectorConfigError(
-            f"{PREFIX}host must look like tcp://10.0.0.7 (or tcp://host:port); got {raw!r} "
-            f"from {where}"
-        )
-    if parsed.scheme == "ipc":
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        host = value.strip()
+        if "://" not in host:
+            host = "tcp://" + host
+        parsed = urlparse(host)
+        if parsed.scheme not in ("tcp", "ipc") or not (parsed.netloc or parsed.path):
+            raise ValueError("must look like tcp://10.0.0.7 (or tcp://host:port)")
+        if parsed.scheme == "tcp":
+            try:
+                parsed.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                raise ValueError("has an invalid port: use tcp://host:5555") from None
+            if not parsed.hostname:
+                raise ValueError("names no host: use tcp://10.0.0.7")
         return host
-    try:
-        embedded_port = parsed.port
-    except ValueError:
-        raise ConnectorConfigError(
-            f"{PREFIX}host {raw!r} from {where} has an invalid port; use tcp://host:5555"
-        ) from None
-    port = _number("port", extra, env, embedded_port or 5555, integer=True, low=1, high=65535)
-    hostname = parsed.hostname or ""
-    if not hostname:
-        raise ConnectorConfigError(f"{PREFIX}host {raw!r} from {where} names no host")
-    if ":" in hostname:  # IPv6 literal
-        hostname = f"[{hostname}]"
-    return f"tcp://{hostname}:{port}"
+
+    @property
+    def url(self) -> str:
+        """The ZMQ endpoint: ``tcp://host:port`` (or the ``ipc://`` path as given)."""
+        parsed = urlparse(self.host)
+        if parsed.scheme == "ipc":
+            return self.host
+        hostname = parsed.hostname or ""
+        if ":" in hostname:  # IPv6 literal
+            hostname = f"[{hostname}]"
+        return f"tcp://{hostname}:{self.port or parsed.port or DEFAULT_PORT}"
+
+    def client_credentials(self) -> ClientCredentials | None:
+        """The CURVE keys of ``credentials_dir`` (None when unset); a bad directory raises."""
+        if self.credentials_dir is None:
+            return None
+        try:
+            return ClientCredentials.from_directory(self.credentials_dir)
+        except CredentialsError as exc:
+            raise ConnectorConfigError(
+                f"{PREFIX}credentials_dir: {exc}; or unset {PREFIX}credentials_dir / "
+                f"{env_name('credentials_dir')} to connect without CURVE (only a loopback or "
+                "insecure server accepts that)"
+            ) from None
+
+
+KNOWN_KEYS = tuple(ConnectorSettings.model_fields)
+
+
+def env_name(key: str) -> str:
+    """The environment variable of a key (LMCache's ``LMCACHE_CHUNK_SIZE`` for the chunk size)."""
+    return "LMCACHE_" + ("CHUNK_SIZE" if key == "chunk_size" else "NODE_" + key.upper())
+
+
+def _rule(key: str) -> str:
+    """What a key accepts, from the model's own field (type and bounds)."""
+    info = ConnectorSettings.model_fields[key]
+    low = next((m.ge for m in info.metadata if hasattr(m, "ge")), None)
+    high = next((m.le for m in info.metadata if hasattr(m, "le")), None)
+    bounds = f" between {low:g} and {high:g}" if low is not None and high is not None else ""
+    if info.annotation in (int, int | None):
+        return "an integer" + bounds
+    if info.annotation is float:
+        return "a number" + bounds
+    if key == "transfer_mode":
+        return "one of auto, shared, engine"
+    return "a string" if info.annotation in (str, str | None) else "a directory path"
 
 
 def load_settings(
@@ -112,39 +152,39 @@ def load_settings(
     extra = dict(extra_config or {})
     environ = os.environ if env is None else env
     unknown = sorted(
-        k[len(PREFIX) :]
-        for k in extra
-        if k.startswith(PREFIX) and k[len(PREFIX) :] not in _KNOWN_KEYS
+        k for k in extra if k.startswith(PREFIX) and k[len(PREFIX) :] not in KNOWN_KEYS
     )
     if unknown:
         raise ConnectorConfigError(
-            f"unknown connector setting(s) {', '.join(PREFIX + k for k in unknown)} in "
-            f"kv_connector_extra_config; known: {', '.join(PREFIX + k for k in _KNOWN_KEYS)}"
+            f"unknown connector setting(s) {', '.join(unknown)} in kv_connector_extra_config; "
+            f"known: {', '.join(PREFIX + k for k in KNOWN_KEYS)}"
         )
-    model = _source("model_name", extra, environ)
-    salt = _source("tenant_salt", extra, environ)
-    return ConnectorSettings(
-        url=_url(extra, environ),
-        chunk_size=_number("chunk_size", extra, environ, 256, integer=True, low=1, high=1 << 20),
-        timeout_s=_number("timeout_s", extra, environ, 5.0, integer=False, low=0.01, high=3600),
-        lookup_timeout_s=_number(
-            "lookup_timeout_s", extra, environ, 1.0, integer=False, low=0.01, high=3600
-        ),
-        lock_ttl_s=_number("lock_ttl_s", extra, environ, 30.0, integer=False, low=0.1, high=86400),
-        model_name=str(model[0]) if model is not None else None,
-        tenant_salt=str(salt[0]) if salt is not None else "",
-        reconnect_s=_number("reconnect_s", extra, environ, 2.0, integer=False, low=0.05, high=600),
-    )
-
-
-_KNOWN_KEYS = (
-    "host",
-    "port",
-    "chunk_size",
-    "timeout_s",
-    "lookup_timeout_s",
-    "lock_ttl_s",
-    "model_name",
-    "tenant_salt",
-    "reconnect_s",
-)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key in KNOWN_KEYS:
+        if PREFIX + key in extra:
+            values[key] = extra[PREFIX + key]
+            sources[key] = f"kv_connector_extra_config[{PREFIX + key!r}]"
+        elif environ.get(env_name(key), "") != "":
+            values[key] = environ[env_name(key)]
+            sources[key] = f"environment variable {env_name(key)}"
+    try:
+        settings = ConnectorSettings.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = str(error["loc"][0])
+        raw = values.get(key)
+        where = sources.get(key, "the default")
+        if error["type"] == "value_error":  # our validators' own words
+            reason = str(error["ctx"]["error"])
+            raise ConnectorConfigError(
+                f"{PREFIX}{key} {reason}; got {raw!r} from {where}"
+            ) from None
+        raise ConnectorConfigError(
+            f"{PREFIX}{key} must be {_rule(key)}; got {raw!r} from {where}"
+        ) from None
+    try:
+        settings.client_credentials()  # a bad directory fails vLLM's start, not a later connect
+    except ConnectorConfigError as exc:
+        raise ConnectorConfigError(f"{exc} (set by {sources['credentials_dir']})") from None
+    return settings

@@ -1,8 +1,9 @@
 """Worker-side execution of a step's plan: retrieve before the forward, store after it.
 
-Failures never propagate into vLLM: a retrieve that fails (server down, timeout, a chunk
-evicted or found corrupt by the server) reports the blocks it did not fill so vLLM
-recomputes them; a store that fails is dropped (a future miss, nothing more).
+Exceptions never propagate into vLLM: a retrieve that fails (server down, timeout, a chunk
+evicted or found corrupt by the server) reports the blocks it did not fill, and vLLM's
+``kv_load_failure_policy`` decides: recompute them, or fail the request. A store that fails
+is dropped (a future miss, nothing more).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ class WorkerTransfers:
         chunk_size: int,
         blocks_per_chunk: int,
         registration: Callable[[], Registration | None],
+        fail_on_load_error: bool = False,
     ) -> None:
         self._link = link
+        self._fail_on_load_error = fail_on_load_error
         self._namespace = namespace
         self._chunk_size = chunk_size
         self._bpc = blocks_per_chunk
@@ -77,15 +80,27 @@ class WorkerTransfers:
                 bad = invalid_blocks(op, loaded, self._bpc)
                 with self._mutex:
                     self._invalid |= bad
-                log.info(
-                    "request %s: loaded %d of %d tokens from the node server; vLLM recomputes "
-                    "the other %d (%d blocks)",
-                    op.req_id,
-                    got,
-                    tokens,
-                    tokens - got,
-                    len(bad),
-                )
+                if self._fail_on_load_error:
+                    log.error(
+                        "request %s: loaded only %d of %d tokens from the node server (%d "
+                        "blocks not loaded); kv_load_failure_policy is 'fail', so vLLM fails "
+                        'the request. Set "kv_load_failure_policy":"recompute" in '
+                        "--kv-transfer-config to recompute such blocks instead",
+                        op.req_id,
+                        got,
+                        tokens,
+                        len(bad),
+                    )
+                else:
+                    log.info(
+                        "request %s: loaded %d of %d tokens from the node server; vLLM "
+                        "recomputes the other %d (%d blocks)",
+                        op.req_id,
+                        got,
+                        tokens,
+                        tokens - got,
+                        len(bad),
+                    )
             else:
                 log.info(
                     "request %s: loaded %d tokens from the node server in %.3f s",
@@ -140,12 +155,13 @@ def register(
     block_dim: int,
     block_size: int,
     namespace: KeyNamespace,
+    transfer_mode: str = "auto",
 ) -> Registration:
-    """Register the worker's KV tensors (shared memory on CPU, IPC handles on CUDA)."""
+    """Register the worker's KV tensors: ``transfer_mode`` as ``lmcache.node.transfer_mode``."""
     return client.register_kv_caches(
         kv_caches,
         block_dim=block_dim,
         block_size=block_size,
         namespace=namespace,
-        transfer_mode="auto",
+        transfer_mode=transfer_mode,
     )

@@ -16,6 +16,7 @@ from lmcache_node.client import (
     NodeUnavailableError,
     RemoteError,
 )
+from lmcache_node.keys import HASH_ALGORITHM
 from lmcache_node.protocol import messages as m
 from lmcache_node.server.process import ServerProcess, free_port
 
@@ -29,7 +30,7 @@ def test_handshake_reports_the_server(client: NodeClient) -> None:
     assert info is not None
     assert info.chunk_size == 64
     assert info.protocol_version == m.PROTOCOL_VERSION
-    assert info.hash_algorithm == "xxh3_128-chain-v1"
+    assert info.hash_algorithm == HASH_ALGORITHM == "blake2b-128-chain-v1"
     assert set(info.transfer_modes) == {"shared", "engine"}
     assert info.device == "cpu"
 

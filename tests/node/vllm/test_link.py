@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from lmcache_node.client import NodeUnavailableError, RemoteError
+from lmcache_node.client import IncompatibleServerError, NodeUnavailableError, RemoteError
 from lmcache_node.vllm.link import NodeLink
 from lmcache_node.vllm.settings import ConnectorSettings
 
@@ -25,6 +26,9 @@ class ScriptedClient:
     script: Script
 
     def connect(self) -> Info:
+        self.script.connects += 1
+        if self.script.incompatible:
+            raise IncompatibleServerError("incompatible", "keys chunks with 'xxh3_128-chain-v1'")
         if self.script.down:
             raise NodeUnavailableError("nobody listens")
         return Info()
@@ -41,6 +45,8 @@ class ScriptedClient:
 @dataclass
 class Script:
     down: bool = True
+    incompatible: bool = False
+    connects: int = 0
     remote_error: bool = False
     register_error: BaseException | None = None
     closed: int = 0
@@ -57,7 +63,7 @@ def make_link(script: Script) -> NodeLink:
         ConnectorSettings(reconnect_s=0.05),
         name="test link",
         on_connected=on_connected,
-        client_factory=lambda _s: ScriptedClient(script),  # type: ignore[arg-type,return-value]
+        client_factory=lambda _s, _c: ScriptedClient(script),  # type: ignore[arg-type,return-value]
     )
 
 
@@ -112,3 +118,25 @@ def test_remote_error_gives_the_fallback() -> None:
         assert link.call("lookup", lookup, (0, None)) == (1, None)
     finally:
         link.close()
+
+
+def test_incompatible_server_is_an_error_once_while_it_lasts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="lmcache_node.vllm")
+    script = Script(down=False, incompatible=True)
+    link = make_link(script)
+    link.start()
+    try:
+        deadline = time.monotonic() + 30
+        while script.connects < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert script.connects >= 4  # it keeps retrying: the server may be upgraded
+        assert not link.connected
+        script.incompatible = False
+        assert link.wait_connected(10)
+    finally:
+        link.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "keys chunks with 'xxh3_128-chain-v1'" in errors[0]

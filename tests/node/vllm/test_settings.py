@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
-from lmcache_node.vllm.settings import ConnectorConfigError, load_settings
+from lmcache_node.vllm.settings import KNOWN_KEYS, ConnectorConfigError, env_name, load_settings
 
 
 def test_defaults() -> None:
@@ -76,3 +79,41 @@ def test_bad_env_value_names_the_variable() -> None:
 def test_other_keys_in_extra_config_are_ignored() -> None:
     settings = load_settings({"some.other.connector": 1}, env={})
     assert settings.url.endswith(":5555")
+
+
+@pytest.mark.parametrize("mode", ["auto", "shared", "engine"])
+def test_transfer_mode_from_the_operators_env(mode: str) -> None:
+    """The operator sets LMCACHE_NODE_TRANSFER_MODE from the cluster's server.transferMode."""
+    assert load_settings({}, env={"LMCACHE_NODE_TRANSFER_MODE": mode}).transfer_mode == mode
+    assert load_settings({}, env={}).transfer_mode == "auto"
+
+
+def test_bad_transfer_mode_names_the_choices() -> None:
+    with pytest.raises(ConnectorConfigError) as info:
+        load_settings({"lmcache.node.transfer_mode": "gpu"}, env={})
+    assert "lmcache.node.transfer_mode must be one of auto, shared, engine; got 'gpu'" in str(
+        info.value
+    )
+
+
+def test_missing_credentials_directory_names_key_source_and_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConnectorConfigError) as info:
+        load_settings({"lmcache.node.credentials_dir": str(tmp_path / "nope")}, env={})
+    message = str(info.value)
+    assert "lmcache.node.credentials_dir" in message
+    assert "does not exist: mount the cluster's client-credentials Secret there" in message
+    assert "(set by kv_connector_extra_config['lmcache.node.credentials_dir'])" in message
+
+
+def test_scheduler_copy_keeps_every_other_setting() -> None:
+    settings = load_settings({"lmcache.node.transfer_mode": "engine"}, env={})
+    copy = settings.model_copy(update={"timeout_s": settings.lookup_timeout_s})
+    assert copy.timeout_s == 1.0
+    assert copy.transfer_mode == "engine"
+    assert copy.url == settings.url
+
+
+def test_every_setting_is_documented_in_docs_vllm_md() -> None:
+    docs = (Path(__file__).parents[3] / "docs" / "vllm.md").read_text()
+    rows = set(re.findall(r"^\| `lmcache\.node\.(\w+)` \| `(\w+)` \|", docs, re.M))
+    assert rows == {(key, env_name(key)) for key in KNOWN_KEYS}

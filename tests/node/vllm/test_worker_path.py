@@ -37,32 +37,40 @@ def kv_caches(device: str = "cpu") -> list[torch.Tensor]:
 
 
 class Worker:
-    def __init__(self, port: int, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        port: int,
+        device: str = "cpu",
+        env: dict[str, str] | None = None,
+        fail_on_load_error: bool = False,
+    ) -> None:
         self.device = device
         self.block_dim = 1 if device == "cuda" else 0
         self.caches = kv_caches(device)
         self.registration = None
-        settings = load_settings(
+        self.settings = load_settings(
             {"lmcache.node.port": port, "lmcache.node.chunk_size": CHUNK,
              "lmcache.node.timeout_s": 2.0, "lmcache.node.reconnect_s": 0.1},
-            env={},
+            env=env or {},
         )  # fmt: skip
-        self.link = NodeLink(settings, name="test worker", on_connected=self._register)
+        self.link = NodeLink(self.settings, name="test worker", on_connected=self._register)
         self.transfers = WorkerTransfers(
             self.link,
             namespace=lambda salt: NS,
             chunk_size=CHUNK,
             blocks_per_chunk=CHUNK // BLOCK,
             registration=lambda: self.registration,
+            fail_on_load_error=fail_on_load_error,
         )
 
     def _register(self, client: object) -> None:
-        self.registration = register(
+        self.registration = register(  # as the connector does (LMCacheNodeConnector._register_with)
             client,  # type: ignore[arg-type]
             self.caches,
             block_dim=self.block_dim,
             block_size=BLOCK,
             namespace=NS,
+            transfer_mode=self.settings.transfer_mode,
         )
 
     def fill(self, block_ids: list[int], seed: int) -> None:
@@ -140,6 +148,49 @@ def test_partial_hit_reports_the_rest_as_invalid(
         assert w.transfers.take_invalid_blocks() == set()  # reported once
     finally:
         w.link.close()
+
+
+def test_engine_transfer_mode_from_the_env_moves_the_same_bytes(
+    server: ServerProcess, ports: tuple[int, int]
+) -> None:
+    """LMCACHE_NODE_TRANSFER_MODE=engine (the operator's transferMode) registers in engine
+    mode; its stores are read back by a worker that shares its memory, byte for byte."""
+    a = Worker(ports[0], env={"LMCACHE_NODE_TRANSFER_MODE": "engine"})
+    b = Worker(ports[0], env={"LMCACHE_NODE_TRANSFER_MODE": "shared"})
+    a.link.start()
+    b.link.start()
+    try:
+        assert a.registration is not None and b.registration is not None
+        assert (a.registration.transfer_mode, b.registration.transfer_mode) == ("engine", "shared")
+        tokens = list(range(2 * CHUNK))
+        a.fill(list(range(8)), seed=4)
+        a.transfers.store([op("r", tokens, 0, 2, list(range(8)))])
+        b.transfers.load([op("r", tokens, 0, 2, list(range(16, 24)))])
+        assert b.transfers.take_invalid_blocks() == set()
+        for la, lb in zip(a.caches, b.caches, strict=True):
+            assert torch.equal(a.blocks(la, 0, 8), b.blocks(lb, 16, 24))
+    finally:
+        a.link.close()
+        b.link.close()
+    assert "engine on cpu" in server.log_tail(20000)
+
+
+def test_failed_load_under_the_fail_policy_says_the_request_fails(
+    server: ServerProcess, ports: tuple[int, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="lmcache_node.vllm")
+    w = Worker(ports[0], fail_on_load_error=True)
+    w.link.start()
+    try:
+        tokens = list(range(2 * CHUNK))
+        w.transfers.load([op("q", tokens, 0, 2, list(range(8)))])  # nothing stored: a miss
+        assert w.transfers.take_invalid_blocks() == set(range(8))  # vLLM fails the request
+    finally:
+        w.link.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "request q: loaded only 0 of 128 tokens" in errors[0]
+    assert "kv_load_failure_policy is 'fail', so vLLM fails the request" in errors[0]
 
 
 @pytest.mark.slow
