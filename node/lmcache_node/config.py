@@ -524,8 +524,16 @@ def check_mapping(mapping: Mapping[Any, Any], *, origin: str) -> MappingCheck:
         problems += _problems(exc, origins, {}, found.sources)
     else:
         values = {key: getattr(config, key) for key in found.values}
+    defaults = {
+        key: NodeConfig.model_fields[key].get_default(call_default_factory=True)
+        for key in found.values
+    }
     return MappingCheck(
-        problems=problems, warnings=found.warnings, values=values, sources=found.sources
+        problems=problems,
+        warnings=found.warnings,
+        values=values,
+        sources=found.sources,
+        defaults=defaults,
     )
 
 

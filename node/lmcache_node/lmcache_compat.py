@@ -375,6 +375,8 @@ def translate(mapping: Mapping[Any, Any], *, our_keys: Collection[str], origin: 
             continue
         target, converted = applied
         if target in out.values:
+            if out.values[target] == converted:
+                continue  # the same setting twice, in agreement
             out.warnings.append(
                 f"{_label(key, rule)} = {value!r} {where} is ignored: {target!r} is also set "
                 f"({out.values[target]!r}) and wins"
@@ -449,13 +451,15 @@ class MappingCheck:
 
     ``problems``: what makes the mapping unusable (each names the key, the value and why);
     ``warnings``: keys and values accepted but ignored or converted; ``values``: our key -> the
-    validated value of each key the mapping sets; ``sources``: our key -> the key as written.
+    validated value of each key the mapping sets; ``sources``: our key -> the key as written;
+    ``defaults``: our key -> its default, for each key the mapping sets.
     """
 
     problems: list[str]
     warnings: list[str]
     values: dict[str, Any]
     sources: dict[str, str]
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def valid(self) -> bool:

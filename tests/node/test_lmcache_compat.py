@@ -118,6 +118,8 @@ def test_our_name_wins_over_the_lmcache_name(tmp_path: Path) -> None:
     assert config.port == 6000
     [warning] = config.compat_warnings
     assert "'mp_port'" in warning and "'port' is also set (6000) and wins" in warning
+    config_file = write(tmp_path / "d.yaml", {"mp_port": 6000, "port": 6000})
+    assert load_config(config_file=config_file, environ={}).compat_warnings == []  # agreeing
     env = {"LMCACHE_MP_PORT": "7000", "LMCACHE_PORT": "6000"}
     config = load_config(environ=env)
     assert config.port == 6000
