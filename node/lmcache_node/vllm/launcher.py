@@ -22,7 +22,8 @@ A ``--kv-transfer-config`` on the command line (any spelling vLLM accepts, also 
 launcher adds none. vLLM runs as ``vllm serve`` (the ``vllm`` next to this Python, else on
 ``PATH``), or ``python -m vllm.entrypoints.openai.api_server`` where no ``vllm`` script exists.
 
-Imports only the standard library and the connector's settings (vLLM's own requirements).
+Imports only the standard library and the connector's settings (vLLM's own requirements;
+``python -m e2e.vllm.closure --module lmcache_node.vllm.launcher`` checks it).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmcache_node.lmcache_compat import LMCACHE_KEYS
 from lmcache_node.vllm.settings import ConnectorConfigError, load_settings
 
 CONNECTOR_CLASS = "LMCacheNodeConnector"
@@ -64,9 +64,9 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 _USER_KV_CONFIG = re.compile(r"^--kv[-_]transfer[-_]config(?:[.=]|$)")
 _MODEL_OPTION = re.compile(r"^--model(?:=|$)")
-# connector-side variables that share LMCache's names; every other LMCACHE_<KEY> of LMCache
-# configures a cache server, which is not in this pod
-_CONNECTOR_KEYS = ("chunk_size",)
+# LMCACHE_* variables of this pod's side: the connector's and the launcher's; any other (an
+# LMCache setting like LMCACHE_MAX_LOCAL_CPU_SIZE) configures a cache server, not this pod
+_OURS_HERE = ("LMCACHE_NODE_", "LMCACHE_LAUNCHER_", "LMCACHE_CHUNK_SIZE")
 
 
 class LaunchError(ValueError):
@@ -168,13 +168,9 @@ def find_vllm() -> str | None:
 
 
 def server_keys_seen(env: Mapping[str, str]) -> list[str]:
-    """LMCache's cache-server variables set here, where no cache server runs."""
-    names = {name.upper() for name in env}
-    return [
-        f"LMCACHE_{key.upper()}"
-        for key in LMCACHE_KEYS
-        if key not in _CONNECTOR_KEYS and f"LMCACHE_{key.upper()}" in names
-    ]
+    """``LMCACHE_*`` variables set here that only a cache server reads (none runs here)."""
+    names = {name.upper() for name in env if name.upper().startswith("LMCACHE_")}
+    return sorted(name for name in names if not name.startswith(_OURS_HERE))
 
 
 def plan(
