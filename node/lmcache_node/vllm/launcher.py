@@ -168,7 +168,8 @@ def find_vllm() -> str | None:
 
 
 def server_keys_seen(env: Mapping[str, str]) -> list[str]:
-    """``LMCACHE_*`` variables set here that only a cache server reads (none runs here)."""
+    """``LMCACHE_*`` variables set here that neither the connector nor the launcher reads
+    (LMCache's cache settings: a cache server's, and none runs here)."""
     names = {name.upper() for name in env if name.upper().startswith("LMCACHE_")}
     return sorted(name for name in names if not name.startswith(_OURS_HERE))
 
@@ -202,8 +203,9 @@ def plan(
     seen = server_keys_seen(env)
     if seen:
         notes.append(
-            f"{', '.join(seen)} configure a cache server, not vLLM: they have no effect here "
-            "(set them on the node server, e.g. the LMCacheCluster's spec.config)"
+            f"not read in this pod: {', '.join(seen)} (the connector reads LMCACHE_NODE_* and "
+            "LMCACHE_CHUNK_SIZE; LMCache's cache settings belong to the cache server, e.g. the "
+            "LMCacheCluster's spec.config)"
         )
     text = json.dumps(config, separators=(",", ":"))
     return Launch([*command, "--kv-transfer-config", text], added, notes)
