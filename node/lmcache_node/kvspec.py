@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a tensor dtype is needed: validating a config
+    import torch  # (the operator does it with lmcache_node.lmcache_compat) stays torch-free
 
-KV_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "uint8": torch.uint8,
-}
+# dtype name -> bytes per element
+KV_DTYPES: dict[str, int] = {"float16": 2, "float32": 4, "bfloat16": 2, "uint8": 1}
 
 SPEC_FORMAT = "(shape):dtype:layer_count;..."
 SPEC_EXAMPLE = "(2,2,256,4,16):float16:2;(3,2,256,4,4):float32:3"
@@ -38,14 +36,17 @@ class LayerGroup:
 
     @property
     def dtype(self) -> torch.dtype:
-        return KV_DTYPES[self.dtype_name]
+        import torch  # noqa: PLC0415 - see the import at the top
+
+        dtype: torch.dtype = getattr(torch, self.dtype_name)
+        return dtype
 
     @property
     def bytes_per_layer(self) -> int:
         count = 1
         for dim in self.shape:
             count *= dim
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count * KV_DTYPES[self.dtype_name]
 
     def describe(self) -> str:
         shape = ",".join(str(d) for d in self.shape)
