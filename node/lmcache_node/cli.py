@@ -1,4 +1,4 @@
-"""`lmcache-node`: the cache node's command line (serve, standalone, bench, keys)."""
+"""`lmcache-node`: the cache node's command line (serve, standalone, bench, keys, router)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "standalone": ("lmcache_node.standalone", "start the engine without vLLM or a GPU"),
     "bench": ("lmcache_node.bench.runner", "measure the engine against memcpy"),
     "keys": ("lmcache_node.keygen", "generate CURVE keys for the server and its clients"),
+    "router": (
+        "lmcache_node.router.cli",
+        "route OpenAI requests to the vLLM replica whose node cache holds their prefix",
+    ),
 }
 
 

@@ -78,6 +78,10 @@ class Worker:
 
     def keys(self, prompt_id: int, chunks: int) -> list[ChunkKey]:
         tokens = [prompt_id * 100_000 + i for i in range(chunks * self.chunk)]
+        return self.worker_keys(tokens)
+
+    def worker_keys(self, tokens: list[int]) -> list[ChunkKey]:
+        """The keys this worker's connector would use for ``tokens``."""
         return chunk_keys(tokens, self.chunk, self.namespace)
 
     def store(self, keys: list[ChunkKey]) -> int:
