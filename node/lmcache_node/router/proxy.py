@@ -18,7 +18,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -26,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lmcache_node.router.core import Route, Router, RouteRequest
 from lmcache_node.router.metrics import RouterMetrics
-from lmcache_node.router.tokenize import PromptError, PromptTokenizer
+from lmcache_node.router.tokenize import PromptError, PromptTokenizer, WouldBlock
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,8 @@ HOP_BY_HOP = frozenset(
         "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
     )
 )  # fmt: skip
-Tokenize = Callable[[Mapping[str, Any]], list[int]]
+Tokenize = Callable[..., list[int]]  # (body, max_new_chars=None) -> tokens
+INLINE_CHARS = 2048  # uncached text tokenized on the event loop; more goes to a thread
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,11 @@ class RouterApp:
         self.session: aiohttp.ClientSession | None = None
         self._active = 0
         self._pool = ThreadPoolExecutor(self.settings.tokenizer_threads, "router-tokenize")
+        if tokenizer is not None:  # its self-checks run off the request path
+            tokenizer.verify = self._in_background
+
+    def _in_background(self, work: Callable[[], None]) -> None:
+        self._pool.submit(work)
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=self.settings.max_body_bytes)
@@ -168,9 +173,12 @@ class RouterApp:
         tokens: list[int] = []
         if tokenize is not None:
             try:
-                tokens = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, tokenize, body
-                )
+                try:  # inline when cheap (cached chat segments, token ids): no thread hop
+                    tokens = tokenize(body, INLINE_CHARS)
+                except WouldBlock:
+                    tokens = await asyncio.get_running_loop().run_in_executor(
+                        self._pool, tokenize, body
+                    )
             except PromptError as exc:  # vLLM will answer it; route it by load
                 log.debug("routing by load: %s", exc)
         session = request.headers.get(self.settings.session_header) or body.get("user")

@@ -7,14 +7,24 @@ No torch, no transformers: the router starts in a fraction of a second (docs/rou
 has the measurement). Like vLLM, completions add special tokens and chat requests do not
 (the template writes them), unless the request says otherwise. A tokenizer that differs
 from vLLM's only costs routing quality: the keys miss and the request goes by load.
+
+Chat prompts repeat: every turn re-sends the system prompt and the conversation so far. The
+tokenizer isolates special tokens before anything else, so a rendered chat is the
+concatenation of the tokens of the text between special tokens; those segments are cached
+(bounded, least recently used out) and only new text is tokenized. Whether that holds for a
+given tokenizer is checked, off the request path, on the first requests and then one in
+``VERIFY_EVERY``: one mismatch turns the cache off for good (logged).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import threading
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +35,21 @@ import tokenizers
 log = logging.getLogger(__name__)
 
 
+VERIFY_FIRST = 8
+VERIFY_EVERY = 64
+SEGMENT_CACHE_CHARS = 64 * 1024**2  # text held by the segment cache (about as many bytes)
+
+
 class TokenizerError(ValueError):
     """The tokenizer or its chat template cannot be loaded; the message says where."""
 
 
 class PromptError(ValueError):
     """A request whose prompt the router cannot read (it is still forwarded)."""
+
+
+class WouldBlock(Exception):  # noqa: N818 - a signal, not a failure
+    """Tokenizing would take longer than the caller allows inline (uncached text)."""
 
 
 def _token_text(value: object) -> str:
@@ -98,6 +117,24 @@ class PromptTokenizer:
                 self._template = env.from_string(chat_template)
             except jinja2.TemplateError as exc:
                 raise TokenizerError(f"the chat template does not compile: {exc}") from None
+        specials = [
+            token.content
+            for token in tokenizer.get_added_tokens_decoder().values()
+            if token.special and not token.normalized and token.content
+        ]
+        self._special_ids: dict[str, int] = {}
+        for text in specials:
+            token_id = tokenizer.token_to_id(text)
+            if token_id is not None:
+                self._special_ids[text] = token_id
+        specials = list(self._special_ids)
+        pattern = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
+        self._splitter = re.compile(f"({pattern})") if pattern else None
+        self.segments = SegmentCache(SEGMENT_CACHE_CHARS)
+        self.segment_cache_on = self._splitter is not None
+        self._checked = 0
+        self._check_lock = threading.Lock()
+        self.verify: Callable[[Callable[[], None]], None] = _run_now  # the app: a thread
 
     @classmethod
     def load(cls, source: str) -> PromptTokenizer:
@@ -126,21 +163,27 @@ class PromptTokenizer:
         return self._template is not None
 
     # ----- requests -----
-    def completion(self, body: Mapping[str, Any]) -> list[int]:
-        """Tokens of a /v1/completions request (the first prompt of a batch)."""
+    def completion(self, body: Mapping[str, Any], max_new_chars: int | None = None) -> list[int]:
+        """Tokens of a /v1/completions request (the first prompt of a batch); like
+        ``chat``, ``WouldBlock`` for text longer than ``max_new_chars``."""
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt:
-            prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch: route by its first prompt
         if isinstance(prompt, list):
             if not all(isinstance(t, int) for t in prompt):
                 raise PromptError("a token prompt holds integers only")
             return list(prompt)
         if not isinstance(prompt, str):
             raise PromptError("prompt must be a string or token ids")
+        if max_new_chars is not None and len(prompt) > max_new_chars:
+            raise WouldBlock
         return self.encode(prompt, add_special_tokens=bool(body.get("add_special_tokens", True)))
 
-    def chat(self, body: Mapping[str, Any]) -> list[int]:
-        """Tokens of a /v1/chat/completions request, rendered with the chat template."""
+    def chat(self, body: Mapping[str, Any], max_new_chars: int | None = None) -> list[int]:
+        """Tokens of a /v1/chat/completions request, rendered with the chat template.
+
+        With ``max_new_chars``, ``WouldBlock`` when more uncached text than that would have
+        to be tokenized (the caller then tokenizes on a worker thread)."""
         if self._template is None:
             raise PromptError("the tokenizer has no chat template")
         messages = body.get("messages")
@@ -159,11 +202,95 @@ class PromptTokenizer:
             text = self._template.render(**context)
         except jinja2.TemplateError as exc:
             raise PromptError(f"the chat template failed: {exc}") from None
-        return self.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
+        if body.get("add_special_tokens") or not self.segment_cache_on:
+            if max_new_chars is not None and len(text) > max_new_chars:
+                raise WouldBlock
+            return self.encode(text, add_special_tokens=bool(body.get("add_special_tokens")))
+        return self.encode_segments(text, max_new_chars)
+
+    def encode_segments(self, text: str, max_new_chars: int | None = None) -> list[int]:
+        """``encode(text, add_special_tokens=False)`` from cached segments."""
+        assert self._splitter is not None
+        pieces = self._splitter.split(text)
+        if max_new_chars is not None:
+            new = sum(len(p) for n, p in enumerate(pieces) if n % 2 == 0 and p not in self.segments)
+            if new > max_new_chars:
+                raise WouldBlock
+        ids: list[int] = []
+        for number, piece in enumerate(pieces):
+            if not piece:
+                continue
+            if number % 2:  # a special token
+                ids.append(self._special_ids[piece])
+                continue
+            cached = self.segments.get(piece)
+            if cached is None:
+                cached = self.encode(piece, add_special_tokens=False)
+                self.segments.put(piece, cached)
+            ids.extend(cached)
+        with self._check_lock:
+            self._checked += 1
+            check = self._checked <= VERIFY_FIRST or self._checked % VERIFY_EVERY == 0
+        if check:
+            self.verify(lambda: self._verify(text, ids))
+        return ids
+
+    def _verify(self, text: str, ids: list[int]) -> None:
+        if self.encode(text, add_special_tokens=False) != ids and self.segment_cache_on:
+            self.segment_cache_on = False
+            self.segments.clear()
+            log.warning(
+                "this tokenizer does not tokenize text between special tokens on its own: "
+                "chat prompts are now tokenized whole (slower routing, same decisions)"
+            )
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         return ids
+
+
+class SegmentCache:
+    """Token ids of text segments, least recently used out past ``max_chars`` of text."""
+
+    def __init__(self, max_chars: int) -> None:
+        self.max_chars = max_chars
+        self.chars = 0
+        self._items: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> list[int] | None:
+        with self._lock:
+            found = self._items.get(text)
+            if found is not None:
+                self._items.move_to_end(text)
+            return found
+
+    def put(self, text: str, ids: list[int]) -> None:
+        if len(text) > self.max_chars:
+            return
+        with self._lock:
+            if text in self._items:
+                return
+            self._items[text] = ids
+            self.chars += len(text)
+            while self.chars > self.max_chars:
+                old, _ = self._items.popitem(last=False)
+                self.chars -= len(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.chars = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, text: object) -> bool:
+        return text in self._items
+
+
+def _run_now(work: Callable[[], None]) -> None:
+    work()
 
 
 def _flatten(message: dict[str, Any]) -> dict[str, Any]:

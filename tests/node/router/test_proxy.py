@@ -161,10 +161,9 @@ def test_requests_go_to_the_replica_whose_node_holds_their_prefix(
             def explain(body: dict[str, object], api: str = "completions") -> dict[str, object]:
                 return json.loads(post(f"{router.url}/debug/route?api={api}", body)[1])
 
-            wait_for(lambda: explain({"prompt": prompt})["replica"] == upstreams[1].url,
-                     "node 1's events")  # fmt: skip
+            wait_for(lambda: explain({"prompt": prompt})["reason"] == "cache", "node 1's events")
             explained = explain({"prompt": prompt})
-            assert explained["reason"] == "cache"
+            assert explained["replica"] == upstreams[1].url
             held = explained["replicas"]  # type: ignore[index]
             assert held[upstreams[1].url]["l1_tokens"] == len(keys) * CHUNK
             assert held[upstreams[0].url]["l1_tokens"] == 0
@@ -177,7 +176,8 @@ def test_requests_go_to_the_replica_whose_node_holds_their_prefix(
             chat_keys = keys_for(tokenizer.chat(chat), CHUNK, namespace.seed())
             assert len(chat_keys) >= 2
             workers[0].store(chat_keys)  # node 0 (replica a) holds the chat's prefix
-            wait_for(lambda: explain(chat, "chat")["replica"] == upstreams[0].url, "chat")
+            wait_for(lambda: explain(chat, "chat")["replica"] == upstreams[0].url
+                     and explain(chat, "chat")["reason"] == "cache", "chat")  # fmt: skip
             body = post(router.url + "/v1/chat/completions", chat)[1]
             assert json.loads(body)["replica"] == "a"
 
