@@ -8,7 +8,9 @@
    engines replay the same trace under each policy: ``cache_aware`` (ours),
    ``round_robin``, ``prefix_hash`` (consistent hashing of the first chunk, as
    production-stack), ``session`` (sticky per conversation) and ``oracle`` (every node's
-   true contents and queue). The trace's time scale puts round-robin at ``--load`` of the
+   true contents and queue). The engines reload hits for free, so ``cache_aware`` weighs
+   hits at full value; ``cache_aware_default_weights`` is the router's production default
+   (L1 hits 0.95, disk 0.8). The trace's time scale puts round-robin at ``--load`` of the
    replicas' capacity (estimated before the run; the measured utilisation is reported).
 3. The router's own added latency on real HTTP requests, and its index memory per key.
 """

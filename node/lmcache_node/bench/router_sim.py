@@ -26,14 +26,17 @@ from lmcache_node.keys import ChunkKey, KeyNamespace, chunk_keys
 from lmcache_node.protocol.events import digest_int
 from lmcache_node.router.core import Route, Router, RouteRequest
 from lmcache_node.router.discovery import Replica
-from lmcache_node.router.scoring import Policy
+from lmcache_node.router.scoring import Policy, Weights
 
 NAMESPACE = KeyNamespace(model_name="bench-model", kv_dtype="float16", layout="bench-sim")
 NUM_BLOCKS = 64
 BARRIER_TIMEOUT_S = 2.0
-POLICIES = ("cache_aware", "round_robin", "prefix_hash", "session", "oracle")
+POLICIES = (
+    "cache_aware", "round_robin", "prefix_hash", "session", "oracle", "cache_aware_default_weights",
+)  # fmt: skip
 ROUTER_POLICY = {
     "cache_aware": Policy.CACHE_AWARE,
+    "cache_aware_default_weights": Policy.CACHE_AWARE,
     "round_robin": Policy.ROUND_ROBIN,
     "prefix_hash": Policy.PREFIX_HASH,
     "session": Policy.SESSION,
@@ -147,9 +150,13 @@ class Simulation:
     async def _router(self, policy: str) -> Router | None:
         if policy == "oracle":
             return None
+        # The simulated engines reload hits for free (TTFT = prefill of the uncached tokens
+        # + queueing), so "cache_aware" is told so; the production defaults (a reload costs
+        # 5% of a prefill from L1, 20% from disk) run as "cache_aware_default_weights".
+        weights = Weights(l1=1.0, l2=1.0) if policy == "cache_aware" else None
         router = Router(policy=ROUTER_POLICY[policy], model_name=NAMESPACE.model_name,
-                        feed_options={"min_resync_s": 0.05})  # fmt: skip
-        with_cache = policy == "cache_aware"
+                        weights=weights, feed_options={"min_resync_s": 0.05})  # fmt: skip
+        with_cache = ROUTER_POLICY[policy] is Policy.CACHE_AWARE
         await router.set_replicas(
             Replica(r.name, f"http://{r.name}", cache=r.endpoint if with_cache else "")
             for r in self.replicas
@@ -212,7 +219,7 @@ class Simulation:
         stored = job.replica.client.store(
             job.replica.registration, list(job.keys), list(range(len(job.keys)))
         ) if job.keys else 0  # fmt: skip
-        if policy != "cache_aware" or router is None or not stored:
+        if router is None or not router.nodes or not stored:
             return
         await self._barrier(job, router, result)
 
