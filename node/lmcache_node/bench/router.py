@@ -131,7 +131,8 @@ async def _replay(args: argparse.Namespace, servers: list[ServerProcess],
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", stream=sys.stderr)
     started = time.perf_counter()
-    result: dict[str, Any] = {"bench": "router", "replicas": args.replicas, "chunk_size": CHUNK}
+    result: dict[str, Any] = {"bench": "router", "replicas": args.replicas, "chunk_size": CHUNK,
+                              "load_avg_1m_start": os.getloadavg()[0]}  # fmt: skip
     model_dir = Path(args.model_dir)
     if args.prefill_s_per_token is not None:
         result.update(prefill_s_per_token=args.prefill_s_per_token, prefill_source="given")
@@ -172,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
     result["index_bytes_per_key"] = index_bytes_per_key()
     result["index_keys_per_gib"] = int(1024**3 / result["index_bytes_per_key"])
     result.update(_targets(result))
+    result["load_avg_1m_end"] = os.getloadavg()[0]  # a shared machine: say how busy it was
     result["wall_s"] = time.perf_counter() - started
     print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()}))
     return 0
