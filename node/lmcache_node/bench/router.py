@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--load",
         type=float,
-        default=0.8,
+        default=0.65,
         help="Round-robin's estimated share of the replicas' prefill capacity.",
     )
     add("--conversations", type=int, default=400)
