@@ -30,7 +30,7 @@ class RouterResources(ApiModel):
 
 
 class RouterSpec(ApiModel):
-    """An OpenAI-compatible router (``lmcache-node router``) that sends each request to the
+    """An OpenAI-compatible router (lmcache-node router) that sends each request to the
     replica whose node cache holds most of its prompt's prefix, balanced with load."""
 
     enabled: bool = Field(
