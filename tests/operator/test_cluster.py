@@ -411,9 +411,11 @@ def test_operator_restart_mid_reconcile_creates_no_duplicates_and_keeps_status(
         assert set(recorder.phases()) == {"Ready"}  # the ready one never regressed
     daemonsets = k8s_cluster.items("daemonsets", namespace)
     assert sorted(d["metadata"]["name"] for d in daemonsets) == sorted(f"{n}-cache" for n in names)
-    assert (
-        len(k8s_cluster.items("configmaps", namespace, "app.kubernetes.io/name=lmcache-node")) == 5
-    )
+    # a config and a public-key ConfigMap, two credential Secrets per cluster (a cluster
+    # killed between creating its Secrets and recording their keys gets a new pair)
+    selector = "app.kubernetes.io/name=lmcache-node"
+    assert len(k8s_cluster.items("configmaps", namespace, selector)) == 10
+    assert len(k8s_cluster.items("secrets", namespace, selector)) == 10
     assert len(k8s_cluster.items("services", namespace)) == 10
     pods = k8s_cluster.items("pods", namespace, "app.kubernetes.io/name=lmcache-node")
     assert len(pods) == 10
