@@ -190,8 +190,9 @@ def _fake_gpu_node(name: str) -> str:
 
 
 def test_nodes_joining_and_leaving_follow_in_status(
-    k8s_cluster: Cluster, namespace: str, operator: OperatorProcess
+    k8s_cluster: Cluster, namespace: str, clusterwide_operator: OperatorProcess
 ) -> None:
+    """Node watches: all-namespaces mode (the chart's ClusterRole grants nodes)."""
     k8s_cluster.apply(manifest(), namespace)
     wait_ready(k8s_cluster, namespace)
     node = f"gpu-x-{namespace}"
@@ -232,8 +233,9 @@ NOT_READY = {
 
 
 def test_node_not_ready_shows_degraded_with_the_node_then_ready(
-    k8s_cluster: Cluster, namespace: str, operator: OperatorProcess
+    k8s_cluster: Cluster, namespace: str, clusterwide_operator: OperatorProcess
 ) -> None:
+    """Node watches: all-namespaces mode (the chart's ClusterRole grants nodes)."""
     k8s_cluster.apply(manifest(), namespace)
     wait_ready(k8s_cluster, namespace)
     node = "gpu-1"
