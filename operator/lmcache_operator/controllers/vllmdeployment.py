@@ -21,6 +21,7 @@ from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.policy import PodPolicy
 from lmcache_operator.api.vllmdeployment import KIND, VLLMDeploymentSpec
 from lmcache_operator.builders.common import owner_reference
+from lmcache_operator.builders.credentials import public_keys_from_status
 from lmcache_operator.builders.lmcachecluster import name_problems as cluster_name_problems
 from lmcache_operator.builders.vllm_connector import CacheConnection, compatibility_problems
 from lmcache_operator.builders.vllm_status import VLLMObserved, compute_status
@@ -169,6 +170,7 @@ class VLLMController:
         if body is not None and view.body is None:
             view.body = snapshot(body)
             view.generation = int(body["metadata"].get("generation", 0))
+            view.keys = public_keys_from_status(body.get("status"))
 
     async def apply_children(self, key: Key, *, repair: bool = False) -> None:
         """Build and apply the Service and Deployment from the current spec and cluster."""
