@@ -20,6 +20,7 @@ from lmcache_operator.controllers.cluster_events import (
     ClusterObserver,
 )
 from lmcache_operator.controllers.common import Settings
+from lmcache_operator.controllers.credentials import every
 from lmcache_operator.controllers.gates import GateController
 from lmcache_operator.controllers.lmcachecluster import ClusterController
 from lmcache_operator.controllers.vllm_events import (
@@ -53,8 +54,12 @@ class Runtime:
         self.children = ChildRepairer(
             repair, self.metrics, min_interval_s=self.settings.repair_interval_s
         )
-        self.clusters = ClusterController(self.client, self.views, self.metrics, self.children)
-        self.vllm = VLLMController(self.client, self.views, self.metrics, self.children)
+        self.clusters = ClusterController(
+            self.client, self.views, self.metrics, self.children, self.settings
+        )
+        self.vllm = VLLMController(
+            self.client, self.views, self.metrics, self.children, self.settings
+        )
         self.gates = GateController(self.client, self.views, self.metrics, self.settings)
         self.cluster_observer = ClusterObserver(self.views, self.clusters.status.request)
         self.vllm_observer = VLLMObserver(
@@ -71,12 +76,14 @@ class Runtime:
         """Label-selected list+watch loops of everything but the two CRDs (kopf's)."""
         restarted = self.metrics.watch_restarts
         namespaces: list[str | None] = list(self.settings.namespaces) or [None]
-        loops = [
-            WatchLoop(
-                self.client, "v1", "Node", self.cluster_observer.on_node,
-                on_restart=lambda kind: restarted.labels(kind=kind).inc(),
-            )
-        ]  # fmt: skip
+        loops = []
+        if not self.settings.namespaced:  # namespaced mode: Roles only, no Node access
+            loops.append(
+                WatchLoop(
+                    self.client, "v1", "Node", self.cluster_observer.on_node,
+                    on_restart=lambda kind: restarted.labels(kind=kind).inc(),
+                )
+            )  # fmt: skip
         watched: list[tuple[str, str, str, list[EventCallback]]] = [
             (
                 "apps/v1", "DaemonSet", DAEMONSET_SELECTOR,
@@ -85,7 +92,10 @@ class Runtime:
             ("v1", "Pod", POD_SELECTOR, [self.cluster_observer.on_pod]),
             (
                 "apps/v1", "Deployment", DEPLOYMENT_SELECTOR,
-                [self.vllm_observer.on_deployment, self.children.on_event],
+                [
+                    self.vllm_observer.on_deployment, self.children.on_event,
+                    self.clusters.credentials.on_consumer_deployment,
+                ],
             ),
             ("v1", "Pod", VLLM_POD_SELECTOR, [self.vllm_observer.on_vllm_pod]),
             ("v1", "Pod", CACHE_POD_SELECTOR, [self.vllm_observer.on_cache_pod]),
@@ -104,9 +114,15 @@ class Runtime:
         return loops
 
     def start_watches(self) -> None:
+        """The watch loops, and the periodic credentials pass (Secrets cannot be watched:
+        the operator may not read them; a POST answering 201 finds a deleted one)."""
         loop = asyncio.get_running_loop()
         for watch in self.watch_loops():
             self.watch_tasks.append(loop.create_task(watch.run(), name=repr(watch)))
+        check = every(
+            self.settings.secret_check_s, self.clusters.credentials.check_all, "credentials check"
+        )
+        self.watch_tasks.append(loop.create_task(check, name="credentials check"))
 
     async def close(self) -> None:
         for task in self.watch_tasks:
@@ -114,7 +130,8 @@ class Runtime:
         await asyncio.gather(*self.watch_tasks, return_exceptions=True)
         self.watch_tasks.clear()
         for queue in (
-            self.clusters.status, self.clusters.repairs, self.vllm.status,
+            self.clusters.status, self.clusters.repairs, self.clusters.credentials.rotations,
+            self.vllm.status,
             self.vllm.applies, self.vllm.repairs, self.gates.queue,
         ):  # fmt: skip
             await queue.close()
