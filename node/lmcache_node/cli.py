@@ -1,4 +1,4 @@
-"""`lmcache-node`: the cache node's command line (serve, standalone, bench, keys)."""
+"""`lmcache-node`: the cache node's command line (serve, standalone, bench, keys, pool)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "standalone": ("lmcache_node.standalone", "start the engine without vLLM or a GPU"),
     "bench": ("lmcache_node.bench.runner", "measure the engine against memcpy"),
     "keys": ("lmcache_node.keygen", "generate CURVE keys for the server and its clients"),
+    "pool": ("lmcache_node.poolcli", "show or remove the L1 pool a server keeps in shm_dir"),
 }
 
 
