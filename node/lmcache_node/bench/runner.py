@@ -25,6 +25,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "engine": ("lmcache_node.bench.engine", "run_engine_bench"),
     "server": ("lmcache_node.bench.server", "run_server_bench"),
     "disk": ("lmcache_node.bench.disk", "run_disk_bench"),
+    "restart": ("lmcache_node.bench.restart", "run_restart_bench"),
 }
 
 

@@ -460,7 +460,7 @@ class CacheEngine:
                 raise RuntimeError("adopt() fills an empty engine at start-up only")
             taken: list[int] = []
             for key, pages, nbytes in entries:
-                if key in self._index:  # cannot happen with a sound journal: forget both
+                if key in self._index:  # not with a sound journal: keep one, withdraw this
                     if self.journal is not None:
                         self.journal.removed(pages)
                     continue

@@ -197,15 +197,22 @@ class PoolJournal:
         """Record a committed entry: chain, record, then the commit word."""
         if len(key) != KEY_BYTES:
             return  # not a chunk key of ours: kept in memory only
-        head = pages[0]
-        chain = np.asarray(pages, dtype=np.int64)
-        self._chain[chain[:-1]] = chain[1:]
-        self._chain[chain[-1]] = END
+        count = len(pages)
+        view = self._view
+        # the chain: each page names the next (END after the last), one write per run
+        following = _chain_bytes(pages)
+        chain_at = self.geometry.chain_offset
+        start = 0
+        for index in range(1, count + 1):
+            if index == count or pages[index] != pages[index - 1] + 1:
+                first = chain_at + 4 * pages[start]
+                view[first : first + 4 * (index - start)] = following[4 * start : 4 * index]
+                start = index
         self._seq += 1
-        offset = self.geometry.slots_offset + SLOT_BYTES * head
-        record = _RECORD.pack(self._seq, nbytes, len(pages), 0, key)
-        crc = zlib.crc32(record + _page_bytes(pages))
-        self._view[offset + _RECORD_AT : offset + _RECORD_AT + _RECORD.size] = record
+        offset = self.geometry.slots_offset + SLOT_BYTES * pages[0]
+        record = _RECORD.pack(self._seq, nbytes, count, 0, key)
+        crc = zlib.crc32(record + following)  # with the head (the slot), names every page
+        view[offset + _RECORD_AT : offset + _RECORD_AT + _RECORD.size] = record
         _CRC.pack_into(self._view, offset + _CRC_AT, crc)
         _COMMIT.pack_into(self._view, offset, COMMITTED)
 
@@ -255,10 +262,11 @@ class PoolJournal:
             pages.append(following)
         if int(self._chain[pages[-1]]) != END or len(set(pages)) != count:
             return None
-        if zlib.crc32(record + _page_bytes(pages)) != crc:
+        if zlib.crc32(record + _chain_bytes(pages)) != crc:
             return None
         return JournalEntry(ChunkKey(key), pages, nbytes, seq)
 
 
-def _page_bytes(pages: Sequence[int]) -> bytes:
-    return struct.pack(f"<{len(pages)}I", *pages)
+def _chain_bytes(pages: Sequence[int]) -> bytes:
+    """The chain entries of ``pages``: each names the next, END after the last."""
+    return struct.pack(f"<{len(pages)}I", *pages[1:], END)

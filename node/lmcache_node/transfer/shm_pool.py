@@ -35,6 +35,7 @@ POOL_NAME = "lmcache-node-pool"
 POOL_MODE = 0o600
 LOCK_WAIT_S = 2.0  # a predecessor that is still exiting, or `pool show` reading it
 _FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 
 
@@ -253,12 +254,15 @@ def remove_pool(
 
 def populate(tensor: torch.Tensor) -> None:
     """Map every page of a shared mapping now (MADV_POPULATE_WRITE), so first copies into
-    and out of it take no page faults; the bytes are unchanged. Best effort: a kernel
-    without it (before 5.14) faults pages in as they are used."""
+    and out of it take no page faults; the bytes are unchanged. Asks for huge pages first
+    (MADV_HUGEPAGE: used where the host allows them for shmem, transparent_hugepage/
+    shmem_enabled ``advise``). Best effort: a kernel without these (before 5.14) faults pages
+    in as they are used."""
     if tensor.numel() == 0:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise(tensor.data_ptr(), tensor.numel(), _MADV_HUGEPAGE)
     start = time.monotonic()
     if libc.madvise(tensor.data_ptr(), tensor.numel(), _MADV_POPULATE_WRITE) != 0:
         log.debug("MADV_POPULATE_WRITE: %s", os.strerror(ctypes.get_errno()))
