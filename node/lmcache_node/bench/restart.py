@@ -7,6 +7,9 @@ through /dev/shm, stored by the real client over loopback (no credentials there)
 the pool adopted (Python and torch imports included). ``restart_hit_ratio``: chunks retrieved
 after the restart / chunks stored before the kill; ``restart_byte_exact``: every retrieved
 chunk has the bytes stored under its key (xxh3 of each chunk, before and after).
+``restart_first_retrieve_gbps``: the first pass over everything (both processes still map
+pages in for the first time: the client's segments, the adopted pool while its background
+populate runs); ``restart_retrieve_gbps``: a second pass.
 """
 
 from __future__ import annotations
@@ -85,16 +88,12 @@ def _run(
             client.connect()
             registration = _register(client, tensors)
             hits, _ = client.lookup(keys)
-            start = time.perf_counter()
-            retrieved = sum(
-                client.retrieve(registration, keys[i : i + PER_CALL], _blocks(i, keys, PER_CALL))
-                for i in range(0, chunks, PER_CALL)
-            )
-            retrieve_s = time.perf_counter() - start
+            retrieved, first_s = _retrieve_all(client, registration, keys)
+            exact = _digests(tensors, chunks) == digests
+            again, again_s = _retrieve_all(client, registration, keys)  # mappings warm now
         second.terminate()
     finally:
         second.kill()
-    exact = _digests(tensors, chunks) == digests
     adopted = l1.get("adopted_entries")
     return {
         "restart_chunks_stored": stored,
@@ -106,8 +105,21 @@ def _run(
         "restart_lookup_hits": hits,
         "restart_hit_ratio": round(retrieved / stored, 4) if stored else 0.0,
         "restart_byte_exact": exact and retrieved == stored,
-        "restart_retrieve_gbps": round(gbps(retrieved * chunk_bytes, retrieve_s), 2),
+        "restart_first_retrieve_gbps": round(gbps(retrieved * chunk_bytes, first_s), 2),
+        "restart_retrieve_gbps": round(gbps(again * chunk_bytes, again_s), 2),
     }
+
+
+def _retrieve_all(
+    client: NodeClient, registration: Registration, keys: list[bytes]
+) -> tuple[int, float]:
+    """Chunks retrieved and the seconds it took."""
+    start = time.perf_counter()
+    retrieved = sum(
+        client.retrieve(registration, keys[i : i + PER_CALL], _blocks(i, keys, PER_CALL))
+        for i in range(0, len(keys), PER_CALL)
+    )
+    return retrieved, time.perf_counter() - start
 
 
 def _register(client: NodeClient, tensors: list[torch.Tensor]) -> Registration:

@@ -37,6 +37,7 @@ LOCK_WAIT_S = 2.0  # a predecessor that is still exiting, or `pool show` reading
 _FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_POPULATE_STEP = 32 * 1024**2  # the call holds the process's mmap lock: short steps
 
 
 class PoolBusyError(SharedMemoryError):
@@ -262,10 +263,13 @@ def populate(tensor: torch.Tensor) -> None:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise(tensor.data_ptr(), tensor.numel(), _MADV_HUGEPAGE)
+    base, size = tensor.data_ptr(), tensor.numel()
+    libc.madvise(base, size, _MADV_HUGEPAGE)
     start = time.monotonic()
-    if libc.madvise(tensor.data_ptr(), tensor.numel(), _MADV_POPULATE_WRITE) != 0:
-        log.debug("MADV_POPULATE_WRITE: %s", os.strerror(ctypes.get_errno()))
-        return
+    for offset in range(0, size, _POPULATE_STEP):
+        step = min(_POPULATE_STEP, size - offset)
+        if libc.madvise(base + offset, step, _MADV_POPULATE_WRITE) != 0:
+            log.debug("MADV_POPULATE_WRITE: %s", os.strerror(ctypes.get_errno()))
+            return
     elapsed = time.monotonic() - start
     log.debug("populated the L1 pool's %d bytes in %.2f s", tensor.numel(), elapsed)
