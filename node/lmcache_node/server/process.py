@@ -2,8 +2,8 @@
 
 Unless the arguments may name one (``--shm-dir``, ``--config``, ``LMCACHE_SHM_DIR``), each
 ServerProcess gets an shm directory of its own, removed with everything in it (its L1 pool
-too) when the context exits: servers started one after another never adopt each other's
-pools, and none leaves memory behind.
+too) when it is stopped or killed: servers started one after another never adopt each
+other's pools, and none leaves memory behind. A test of a restart passes ``--shm-dir``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import weakref
 from pathlib import Path
 from types import TracebackType
 
@@ -54,6 +55,8 @@ class ServerProcess:
             name = f"lmcache-proc-{uuid.uuid4().hex[:12]}"
             self.private_shm_dir = Path("/dev/shm") / name  # noqa: S108 - a directory of ours
             self.args += ["--shm-dir", str(self.private_shm_dir)]
+            # also when this object goes away unstopped (a test that forgot it), or at exit
+            weakref.finalize(self, shutil.rmtree, self.private_shm_dir, True)
 
     @property
     def endpoint(self) -> str:
@@ -117,11 +120,19 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
             raise
+        finally:
+            self._drop_private_shm_dir()
 
     def kill(self) -> None:
+        """SIGKILL and wait (the private shm directory goes with it; a named one stays)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._drop_private_shm_dir()
+
+    def _drop_private_shm_dir(self) -> None:
+        if self.private_shm_dir is not None and (self.proc is None or self.proc.poll() is not None):
+            shutil.rmtree(self.private_shm_dir, ignore_errors=True)
 
     def __enter__(self) -> ServerProcess:
         return self.start()
@@ -135,8 +146,7 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.terminate()
-        if self.private_shm_dir is not None and (self.proc is None or self.proc.poll() is not None):
-            shutil.rmtree(self.private_shm_dir, ignore_errors=True)
+        self._drop_private_shm_dir()
 
 
 def _names_shm_dir(args: list[str], env: dict[str, str] | None) -> bool:
