@@ -13,7 +13,8 @@ def test_engine_bench_prints_one_json_object(capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     result = json.loads(out[0])
-    for field in ("memcpy_gbps", "store_gbps", "retrieve_gbps", "lookup_100_chunks_p50_ms"):
+    for field in ("memcpy_gbps", "store_gbps", "retrieve_gbps", "lookup_100_chunks_p50_ms",
+                  "pool_store_gbps", "pool_retrieve_gbps"):  # fmt: skip
         assert result[field] > 0
     assert result["chunk_bytes"] == 32 * 1024**2
     assert result["retrieve_byte_exact"] is True
