@@ -1,4 +1,4 @@
-"""`lmcache-node`: the cache node's command line (serve, standalone, bench, keys, vllm,
+"""`lmcache-node`: the cache node's command line (serve, standalone, bench, keys, pool, vllm,
 router)."""
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmcache_node.router.cli",
         "route OpenAI requests to the vLLM replica whose node cache holds their prefix",
     ),
+    "pool": ("lmcache_node.poolcli", "show or remove the L1 pool a server keeps in shm_dir"),
 }
 # Commands that take everything after their name as their own arguments: dispatched before
 # the parser is built, so they need none of the other commands' dependencies (the launcher

@@ -113,6 +113,16 @@ class NodeConfig(BaseSettings):
         gt=0,
         description="L1 page size in bytes (quantities like 1Mi accepted); entries span pages.",
     )
+    l1_persistent: bool = Field(
+        True,
+        description=(
+            "Keep the L1 pool in a named shared memory segment of shm_dir (lmcache-node-pool) "
+            "that outlives the server: a restarted or upgraded server with the same chunk "
+            "size, l1_page_size and max_local_cpu_size adopts its chunks. Its memory stays "
+            "allocated in /dev/shm after the server exits (lmcache-node pool remove frees "
+            "it). false: process memory, lost at exit."
+        ),
+    )
     lock_ttl_secs: float = Field(
         30.0, gt=0, description="Default lifetime of a lookup lock when the client names none."
     )

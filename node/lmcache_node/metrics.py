@@ -40,6 +40,25 @@ class _EngineCollector(Collector):
             PREFIX + "l1_entries", "Chunks held in L1 (committed or being written).",
             value=stats.entries,
         )  # fmt: skip
+        pool = self._engine.pool_state
+        yield GaugeMetricFamily(
+            PREFIX + "l1_pool_persistent",
+            "1 when the L1 pool is a named shm segment the next server adopts, else 0.",
+            value=int(pool.persistent),
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "l1_pool_adopted",
+            "1 when this server adopted the L1 pool a previous server left, else 0.",
+            value=int(pool.origin == "adopted"),
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "l1_adopted_entries", "Chunks adopted with the L1 pool at start.",
+            value=stats.adopted_entries,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            PREFIX + "l1_adopted_bytes", "Bytes of the chunks adopted with the L1 pool at start.",
+            value=stats.adopted_bytes,
+        )  # fmt: skip
         yield CounterMetricFamily(
             PREFIX + "evictions", "Chunks evicted from L1.", value=stats.evictions
         )

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from aiohttp import web
 
+from lmcache_node.assembly import build_engine
 from lmcache_node.config import ConfigError, NodeConfig, load_config
-from lmcache_node.engine import CacheEngine, build_engine
+from lmcache_node.engine import CacheEngine
 from lmcache_node.engine.memory import as_bytes
 from lmcache_node.keys import KeyNamespace, chunk_keys
 from lmcache_node.kvspec import KV_DTYPES, LayerGroup

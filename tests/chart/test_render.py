@@ -448,8 +448,8 @@ def test_monitors_follow_the_watched_namespaces(render: Render) -> None:
 
 def _node_metric_names() -> set[str]:
     """Every series name the cache server exports (with an engine attached)."""
+    from lmcache_node.assembly import build_engine
     from lmcache_node.config import load_config
-    from lmcache_node.engine import build_engine
     from lmcache_node.metrics import NodeMetrics
     from prometheus_client import CollectorRegistry
 

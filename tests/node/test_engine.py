@@ -5,8 +5,9 @@ import threading
 
 import pytest
 import torch
+from lmcache_node.assembly import build_engine
 from lmcache_node.config import load_config
-from lmcache_node.engine import CacheEngine, LRUPolicy, StoreOutcome, build_engine, copy_stream
+from lmcache_node.engine import CacheEngine, LRUPolicy, StoreOutcome, copy_stream
 from lmcache_node.engine.memory import as_bytes
 from lmcache_node.keys import ChunkKey, KeyNamespace, chunk_keys
 

@@ -27,8 +27,9 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "server": ("lmcache_node.bench.server", "run_server_bench"),
     "disk": ("lmcache_node.bench.disk", "run_disk_bench"),
     "gpu": ("lmcache_node.bench.gpu", "run_gpu_bench"),
+    "restart": ("lmcache_node.bench.restart", "run_restart_bench"),
 }
-CPU_SECTIONS = ("engine", "server", "disk")  # the default on --device cpu
+CPU_SECTIONS = ("engine", "server", "disk", "restart")  # the default on --device cpu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,10 @@
 Thread-safe: one lock guards the index; byte copies run outside it. A store is a
 reserve -> write -> commit sequence (a concurrent duplicate store is skipped, a failed one
 aborts and releases its pages); a retrieve pins entries so they cannot be evicted mid-copy;
-a lookup may lock its hits for a TTL so they survive until the retrieve comes.
+a lookup may lock its hits for a TTL so they survive until the retrieve comes. With a
+journal (a pool in shared memory, ``engine/journal.py``) every commit is recorded after the
+bytes and every removal withdrawn before its pages are reused, so a restarted server can
+``adopt`` what was committed.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from lmcache_node.engine.types import (
     EntryState,
     ForeignLockError,
     LockLimitError,
+    PoolState,
     StoreOutcome,
 )
 from lmcache_node.keys import ChunkKey
@@ -109,6 +113,20 @@ class EngineStats:
     promotions: int = 0
     promoted_bytes: int = 0
     promotion_failures: int = 0
+    adopted_entries: int = 0  # chunks taken over from the pool a previous server left
+    adopted_bytes: int = 0
+
+
+class IndexJournal(Protocol):
+    """The durable index of a persistent pool (``lmcache_node.engine.journal.PoolJournal``)."""
+
+    def committed(self, key: ChunkKey, pages: Sequence[int], nbytes: int) -> None:
+        """Record an entry whose bytes are complete (called under the engine's lock)."""
+        ...
+
+    def removed(self, pages: Sequence[int]) -> None:
+        """Withdraw an entry before its pages can be reused (under the engine's lock)."""
+        ...
 
 
 class LowerTiers(Protocol):
@@ -138,10 +156,16 @@ class CacheEngine:
         policy: EvictionPolicy | None = None,
         pin_memory: bool | None = None,
         backing: torch.Tensor | None = None,
+        journal: IndexJournal | None = None,
+        pool_state: PoolState | None = None,
         default_lock_ttl: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = MemoryPool(capacity_bytes, page_size, pin_memory=pin_memory, backing=backing)
+        self.journal = journal
+        self.pool_state = pool_state or PoolState(
+            "anonymous" if self.pool.num_pages else "disabled"
+        )
         self.policy: EvictionPolicy = policy or LRUPolicy()
         self.default_lock_ttl = default_lock_ttl
         self._clock = clock
@@ -355,6 +379,8 @@ class CacheEngine:
             if entry.detached:  # cleared while being written: drop it
                 self.pool.release(entry.span.pages)
                 return
+            if self.journal is not None:  # after the bytes (the caller wrote them)
+                self.journal.committed(entry.key, entry.span.pages, entry.span.nbytes)
             promoted = entry.state is EntryState.PROMOTING
             entry.state = EntryState.READY
             self.policy.inserted(entry.key)
@@ -422,8 +448,32 @@ class CacheEngine:
         self._index.pop(entry.key, None)
         self.policy.removed(entry.key)
         entry.detached = True
-        if entry.pins == 0 and entry.state is EntryState.READY:
-            self.pool.release(entry.span.pages)
+        if entry.state is EntryState.READY:
+            if self.journal is not None:  # before the pages can be handed out again
+                self.journal.removed(entry.span.pages)
+            if entry.pins == 0:
+                self.pool.release(entry.span.pages)
+
+    def adopt(self, entries: Iterable[tuple[ChunkKey, Sequence[int], int]]) -> int:
+        """Index committed entries a previous server left in this pool, oldest first
+        (``PoolJournal.scan``): their pages are taken, lookups find them. Returns how many."""
+        with self._mutex:
+            if self._index:
+                raise RuntimeError("adopt() fills an empty engine at start-up only")
+            taken: list[int] = []
+            for key, pages, nbytes in entries:
+                if key in self._index:  # not with a sound journal: keep one, withdraw this
+                    if self.journal is not None:
+                        self.journal.removed(pages)
+                    continue
+                entry = Entry(key, self.pool.span(list(pages), nbytes), EntryState.READY)
+                self._index[key] = entry
+                self.policy.inserted(key)
+                taken.extend(pages)
+                self._stats.adopted_entries += 1
+                self._stats.adopted_bytes += nbytes
+            self.pool.claim(taken)
+            return self._stats.adopted_entries
 
     # ----- retrieves -----
     def pin(self, keys: Sequence[ChunkKey]) -> list[Pinned]:

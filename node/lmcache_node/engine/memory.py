@@ -77,6 +77,11 @@ class MemoryPool:
         taken.reverse()
         return taken
 
+    def claim(self, pages: Iterable[int]) -> None:
+        """Take these specific pages out of the free list (adopting a pool's entries)."""
+        taken = set(pages)
+        self._free = [page for page in self._free if page not in taken]
+
     def release(self, pages: Sequence[int]) -> None:
         self._free.extend(reversed(pages))
 

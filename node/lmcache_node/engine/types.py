@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
+from typing import Literal
+
+PoolOrigin = Literal["adopted", "created", "anonymous", "disabled"]
 
 
 class StoreOutcome(enum.Enum):
@@ -19,6 +23,23 @@ class EntryState(enum.Enum):
     WRITING = "writing"  # reserved, invisible to lookups
     READY = "ready"  # committed, visible
     PROMOTING = "promoting"  # being filled from a lower tier: lookups count it, pin waits for it
+
+
+@dataclass(frozen=True)
+class PoolState:
+    """Where the L1 pool's memory came from, for /readyz, /stats and /metrics.
+
+    adopted: a named shm segment a previous server left, with its chunks; created: a new
+    named segment (``reason`` says why nothing was adopted); anonymous: process memory, lost
+    at exit (``reason`` says why); disabled: no L1 tier.
+    """
+
+    origin: PoolOrigin
+    reason: str = ""
+
+    @property
+    def persistent(self) -> bool:
+        return self.origin in ("adopted", "created")
 
 
 class LockLimitError(Exception):

@@ -1,7 +1,8 @@
 """aiohttp app on its own thread and event loop, next to the ZMQ server.
 
 Open and read-only (no ids, keys or secrets): GET /healthz (alive), /readyz (503 until the
-engine and the socket are ready, and while stopping), /metrics (Prometheus text), /stats
+engine and the socket are ready, and while stopping; when ready, ``l1`` says whether the
+L1 pool was adopted and how much of it), /metrics (Prometheus text), /stats
 (aggregate counts), /config (credentials redacted).
 Admin: POST /cache/clear; PUT /loglevel (body: a level name, or {"level": "DEBUG"}). They need
 ``Authorization: Bearer <token>`` when ``http_token_file`` is set (401 otherwise), and answer
@@ -27,6 +28,7 @@ from lmcache_node.config import NodeConfig
 from lmcache_node.httpapi.auth import TokenFile, bearer_token, is_loopback
 
 if TYPE_CHECKING:
+    from lmcache_node.engine.core import CacheEngine
     from lmcache_node.server.node_server import NodeServer
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,23 @@ def _drop_covered(hosts: list[str]) -> list[str]:
     return [
         h for h in hosts if (a := _ip(h)) is None or a.is_unspecified or a.version not in wildcards
     ]
+
+
+def l1_status(engine: CacheEngine) -> dict[str, object]:
+    """The L1 pool for /readyz: where it came from (``pool``: adopted, created, anonymous,
+    disabled; ``reason`` why not adopted), its size and use, what was adopted."""
+    stats = engine.stats()
+    state = engine.pool_state
+    return {
+        "pool": state.origin,
+        "persistent": state.persistent,
+        "reason": state.reason,
+        "capacity_bytes": stats.capacity_bytes,
+        "used_bytes": stats.used_bytes,
+        "entries": stats.entries,
+        "adopted_entries": stats.adopted_entries,
+        "adopted_bytes": stats.adopted_bytes,
+    }
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -136,8 +155,14 @@ def build_app(
 
     async def readyz(_: web.Request) -> web.Response:
         if server.ready:
+            l1 = await asyncio.to_thread(l1_status, server.engine)
             return web.json_response(
-                {"status": "ready", "endpoint": server.endpoint, "device": server.config.device}
+                {
+                    "status": "ready",
+                    "endpoint": server.endpoint,
+                    "device": server.config.device,
+                    "l1": l1,
+                }
             )
         reason = "stopping" if server.stopping else "starting"
         return web.json_response({"status": reason}, status=503)

@@ -48,11 +48,12 @@ _HEARTBEAT_IVL_MS = 5000  # ZMTP pings find dead connections, so a reconnecting 
 _HEARTBEAT_TIMEOUT_MS = 15000  # routing id is free again soon (no handover of live ids)
 
 
-def make_engine(config: NodeConfig) -> CacheEngine:
-    """The engine the server runs on (the lead's factory; tiers attach there)."""
-    from lmcache_node.engine import build_engine  # noqa: PLC0415 - late: tiers may import us
+def make_engine(config: NodeConfig, shm_dir: shm.ShmDirectory) -> CacheEngine:
+    """The engine the server runs on: its L1 pool in ``shm_dir`` (adopted when a previous
+    server left a compatible one), lower tiers attached."""
+    from lmcache_node.assembly import build_engine  # noqa: PLC0415 - late: tiers may import us
 
-    return build_engine(config)
+    return build_engine(config, shm_dir)
 
 
 class _Waker:
@@ -160,7 +161,7 @@ class NodeServer:
         self._threads.append(io_thread)
         try:
             if self._engine is None:
-                self._engine = make_engine(self.config)
+                self._engine = make_engine(self.config, self._shm_dir)
         except BaseException:
             self._stopping.set()
             self._engine_ready.set()

@@ -1,10 +1,17 @@
-"""Start a real server process on loopback (tests, the bench, local tools)."""
+"""Start a real server process on loopback (tests, the bench, local tools).
+
+Unless the arguments may name one (``--shm-dir``, ``--config``, ``LMCACHE_SHM_DIR``), each
+ServerProcess gets an shm directory of its own, removed with everything in it (its L1 pool
+too) when it is stopped or killed: servers started one after another never adopt each
+other's pools, and none leaves memory behind. A test of a restart passes ``--shm-dir``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +19,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
+import weakref
 from pathlib import Path
 from types import TracebackType
 
@@ -44,6 +53,13 @@ class ServerProcess:
         self.env = env
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
+        self.private_shm_dir: Path | None = None
+        if not _names_shm_dir(self.args, env):
+            name = f"lmcache-proc-{uuid.uuid4().hex[:12]}"
+            self.private_shm_dir = Path("/dev/shm") / name  # noqa: S108 - a directory of ours
+            self.args += ["--shm-dir", str(self.private_shm_dir)]
+            # also when this object goes away unstopped (a test that forgot it), or at exit
+            weakref.finalize(self, shutil.rmtree, self.private_shm_dir, True)
 
     @property
     def endpoint(self) -> str:
@@ -107,11 +123,19 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
             raise
+        finally:
+            self._drop_private_shm_dir()
 
     def kill(self) -> None:
+        """SIGKILL and wait (the private shm directory goes with it; a named one stays)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._drop_private_shm_dir()
+
+    def _drop_private_shm_dir(self) -> None:
+        if self.private_shm_dir is not None and (self.proc is None or self.proc.poll() is not None):
+            shutil.rmtree(self.private_shm_dir, ignore_errors=True)
 
     def __enter__(self) -> ServerProcess:
         return self.start()
@@ -125,3 +149,11 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.terminate()
+        self._drop_private_shm_dir()
+
+
+def _names_shm_dir(args: list[str], env: dict[str, str] | None) -> bool:
+    flags = ("--shm-dir", "--shm_dir", "--config")
+    given = any(a in flags or a.startswith(tuple(f + "=" for f in flags)) for a in args)
+    environ = {**os.environ, **(env or {})}
+    return given or "LMCACHE_SHM_DIR" in environ or "LMCACHE_CONFIG_FILE" in environ

@@ -162,6 +162,10 @@ class ShmDirectory:
     def close(self) -> None:
         self._finalizer()
 
+    def fileno(self) -> int:
+        """The directory's descriptor: names in it are resolved relative to this."""
+        return self._fd
+
     # ----- segments -----
     def create(self, kind: str, nbytes: int) -> Segment:
         """A new segment of ``nbytes`` bytes (0660, the directory's group), held by us."""
@@ -283,7 +287,11 @@ class ShmDirectory:
         return self.unlink(name)
 
     def sweep(self, min_age_s: float = 30.0) -> list[str]:
-        """Remove our segments no live process holds (left by a crashed worker or server)."""
+        """Remove our segments no live process holds (left by a crashed worker or server).
+
+        Never the L1 pool (``shm_pool.POOL_NAME`` is not a segment name): it outlives its
+        server by design, for the next one to adopt.
+        """
         removed: list[str] = []
         try:
             names = os.listdir(self._fd)

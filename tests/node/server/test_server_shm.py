@@ -13,6 +13,7 @@ import pytest
 import torch
 from lmcache_node.client import NodeClient
 from lmcache_node.server.process import ServerProcess, free_port
+from lmcache_node.transfer.shm_pool import POOL_NAME
 
 CLUSTER_GID = 54323
 
@@ -64,7 +65,8 @@ def test_clients_put_their_segments_in_the_directory_the_server_names(tmp_path: 
             engine = node.register_kv_caches(
                 [torch.ones(8, 2, 16, 16)], block_dim=0, block_size=16, transfer_mode="engine"
             )
-            names = sorted(os.listdir(shm_dir))
+            names = sorted(set(os.listdir(shm_dir)) - {POOL_NAME})  # the L1 pool: 0600, ours
+            assert stat.S_IMODE((shm_dir / POOL_NAME).stat().st_mode) == 0o600
             assert len(names) == 2
             assert names[0].startswith("lmcache-node-kv-") and names[0] in shared.exported.shm_names
             assert names[1].startswith("lmcache-node-staging-")
@@ -76,4 +78,4 @@ def test_clients_put_their_segments_in_the_directory_the_server_names(tmp_path: 
             assert node.retrieve(engine, [key], [4, 5, 6, 7]) == 1
             node.unregister(engine)
             node.unregister(shared)
-            assert os.listdir(shm_dir) == []
+            assert os.listdir(shm_dir) == [POOL_NAME]  # kept for the next server

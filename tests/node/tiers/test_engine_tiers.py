@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lmcache_node.assembly import build_engine
 from lmcache_node.config import load_config
-from lmcache_node.engine import CacheEngine, build_engine
+from lmcache_node.engine import CacheEngine
 from lmcache_node.engine.types import EntryState
 from lmcache_node.tiers.disk import DiskTier
 from lmcache_node.tiers.manager import TieredStore, WritePolicy

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lmcache_node.assembly import build_engine
 from lmcache_node.config import load_config
-from lmcache_node.engine import CacheEngine, build_engine
+from lmcache_node.engine import CacheEngine
 from lmcache_node.tiers.disk import DiskTier
 from lmcache_node.tiers.frame import Codec, build_frame
 from lmcache_node.tiers.manager import TieredStore
@@ -157,7 +158,7 @@ SECOND_NODE = textwrap.dedent(
     """
     import json, sys, torch
     from lmcache_node.config import load_config
-    from lmcache_node.engine import build_engine
+    from lmcache_node.assembly import build_engine
     from tests.node.tiers.conftest import make_keys, payload_for
 
     config = load_config(json.loads(sys.argv[1]), environ={})

@@ -14,8 +14,9 @@ import lz4.frame
 import pytest
 import torch
 import zstandard
+from lmcache_node.assembly import build_engine
 from lmcache_node.config import load_config
-from lmcache_node.engine import CacheEngine, build_engine
+from lmcache_node.engine import CacheEngine
 from lmcache_node.tiers.frame import (
     HEADER_BYTES,
     Codec,

@@ -4,6 +4,8 @@ store, retrieve into other blocks, failures reported as blocks to recompute, rec
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +23,10 @@ CHUNK, BLOCK, BLOCKS = 64, 16, 32  # 4 blocks per chunk
 NS = KeyNamespace(model_name="tiny", kv_dtype="bfloat16", layout="test-cpu-blocks16")
 
 
-def start_server(port: int, http_port: int, log: Path) -> ServerProcess:
+def start_server(port: int, http_port: int, log: Path, *extra: str) -> ServerProcess:
     return ServerProcess(
         "--chunk-size", str(CHUNK), "--cpu-buffer-size", "0.05", "--l1-page-size", "4096",
-        port=port, http_port=http_port, log_file=log,
+        *extra, port=port, http_port=http_port, log_file=log,
     ).start()  # fmt: skip
 
 
@@ -200,6 +202,7 @@ def test_server_down_then_up(ports: tuple[int, int], tmp_path: Path,
     w = Worker(ports[0])
     w.link.start()  # nothing listens yet: the link retries in the background
     proc = None
+    shm = ("--shm-dir", f"/dev/shm/lmcache-test-{os.getpid()}-{ports[0]}")  # kept by restarts
     try:
         assert not w.link.connected
         tokens = list(range(2 * CHUNK))
@@ -208,14 +211,14 @@ def test_server_down_then_up(ports: tuple[int, int], tmp_path: Path,
         assert w.transfers.take_invalid_blocks() == set(range(16))
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1, [r.getMessage() for r in warnings]  # once per incident
-        proc = start_server(*ports, tmp_path / "server.log")
+        proc = start_server(*ports, tmp_path / "server.log", *shm)
         assert w.link.wait_connected(30)
         w.fill(list(range(8)), seed=3)
         w.transfers.store([op("r", tokens, 0, 2, list(range(8)))])
         assert w.transfers.stats.stored_tokens == 2 * CHUNK
         # a server restart: the client reconnects and re-registers by itself
         proc.kill()
-        proc = start_server(*ports, tmp_path / "server2.log")
+        proc = start_server(*ports, tmp_path / "server2.log", *shm)
         stored = 0
         for _ in range(100):
             w.transfers.store([op("r", tokens, 0, 2, list(range(8)))])
@@ -229,3 +232,4 @@ def test_server_down_then_up(ports: tuple[int, int], tmp_path: Path,
         w.link.close()
         if proc is not None:
             proc.kill()
+        shutil.rmtree(shm[1], ignore_errors=True)
