@@ -24,15 +24,17 @@ metadata:
 spec:
   image: {{repository: lmcache.local/node, tag: dev, pullPolicy: Never}}
   cache: {{cpuSize: {cpu}}}
-  server: {{port: {port}, httpPort: {http_port}}}
+  server: {{port: {port}, httpPort: {http_port}, eventsPort: {events_port}}}
 """
 # hostNetwork pods claim their ports on the node: every cluster in the session gets its own.
-_PORTS = itertools.count(20000, 2)
+_PORTS = itertools.count(20000, 3)
 
 
 def manifest(name: str = "cache", cpu: str = "4Gi", port: int | None = None) -> str:
     port = next(_PORTS) if port is None else port
-    return CLUSTER.format(name=name, cpu=cpu, port=port, http_port=port + 1)
+    return CLUSTER.format(
+        name=name, cpu=cpu, port=port, http_port=port + 1, events_port=port + 2
+    )
 
 
 def status(k8s: Cluster, ns: str, name: str = "cache") -> dict[str, Any]:
@@ -66,6 +68,7 @@ def condition(st: dict[str, Any], ctype: str) -> dict[str, Any]:
     ("spec", "message"),
     [
         ("{server: {port: 8080}}", "server.port and server.httpPort must differ"),
+        ("{server: {httpPort: 5556}}", "server.eventsPort must differ from server.port"),
         ("{cache: {cpuSize: '0'}}", "must be a quantity greater than zero"),
         (
             "{cache: {cpuSize: 1Gi, disk: {path: /d, size: '0'}}}",

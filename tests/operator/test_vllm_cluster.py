@@ -21,7 +21,7 @@ kind: LMCacheCluster
 metadata: {{name: cache}}
 spec:
   image: {{repository: lmcache.local/node, tag: dev, pullPolicy: Never}}
-  server: {{port: {port}, chunkSize: 256}}
+  server: {{port: {port}, eventsPort: {events_port}, chunkSize: 256}}
 """
 VLLM = """
 apiVersion: lmcache.dev/v1alpha1
@@ -37,7 +37,7 @@ POD_SELECTOR = "lmcache.dev/vllm-deployment=llm"
 
 
 def cache_manifest(port: int = 5555) -> str:
-    return CACHE.format(port=port)
+    return CACHE.format(port=port, events_port=port + 2)
 
 
 def vllm_manifest(replicas: int = 2, gpus: int = 1) -> str:

@@ -69,6 +69,11 @@ def _explicit_group(group: int | None) -> int | None:
     return group
 
 
+EVENTS_PORT_MESSAGE = (
+    "server.eventsPort must differ from server.port and server.httpPort (or be 0: no events)"
+)
+
+
 class ServerSpec(ApiModel):
     """The cache server process (lmcache-node serve)."""
 
@@ -346,6 +351,8 @@ class LMCacheClusterSpec(ApiModel):
     def _cross_field(self) -> LMCacheClusterSpec:
         if self.server.port == self.server.http_port:
             raise ValueError("server.port and server.httpPort must differ")
+        if self.server.events_port in (self.server.port, self.server.http_port):
+            raise ValueError(EVENTS_PORT_MESSAGE)
         if self.host_network and self.update_strategy.max_surge is not None:
             raise ValueError(
                 "updateStrategy.maxSurge is not allowed with hostNetwork: two pods of a node "
@@ -520,6 +527,13 @@ DEFINITION = KindDefinition(
             "rule": "!has(self.server) || !has(self.server.port) || !has(self.server.httpPort)"
             " || self.server.port != self.server.httpPort",
             "message": "server.port and server.httpPort must differ",
+        },
+        {
+            "rule": "!has(self.server) || !has(self.server.eventsPort)"
+            " || self.server.eventsPort == 0 || ("
+            "(!has(self.server.port) || self.server.eventsPort != self.server.port)"
+            " && (!has(self.server.httpPort) || self.server.eventsPort != self.server.httpPort))",
+            "message": EVENTS_PORT_MESSAGE,
         },
         {
             "rule": "!(self.hostNetwork && has(self.updateStrategy)"
