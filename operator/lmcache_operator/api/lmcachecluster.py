@@ -384,6 +384,21 @@ class Endpoint(ApiModel):
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
 
+class ConnectionStatus(ApiModel):
+    """How any vLLM pod uses this cache (docs/integrations.md, "Any vLLM")."""
+
+    config_map: str = Field(
+        "",
+        description="ConfigMap (same namespace) holding the connection contract: settings, "
+        "--kv-transfer-config, env, a pod template patch, production-stack values.",
+    )
+    pod_label: str = Field(
+        "",
+        description="Label (on a pod template or a namespace) that asks the operator's "
+        "webhook to wire pods to this cache.",
+    )
+
+
 class LMCacheClusterStatus(ApiModel):
     """Observed state, written by the operator through the status subresource."""
 
@@ -405,6 +420,9 @@ class LMCacheClusterStatus(ApiModel):
     )
     consumers: list[str] = Field(
         default_factory=list, description="VLLMDeployments (same namespace) that use this cache."
+    )
+    connection: ConnectionStatus | None = Field(
+        None, description="The connection contract for vLLM pods not made by a VLLMDeployment."
     )
 
 

@@ -14,6 +14,7 @@ from lmcache_operator.api.lmcachecluster import KIND as CLUSTER_KIND
 from lmcache_operator.api.vllmdeployment import KIND as VLLM_KIND
 from lmcache_operator.builders.common import MANAGED_BY
 from lmcache_operator.controllers.children import ChildRepairer
+from lmcache_operator.controllers.cluster_config import every
 from lmcache_operator.controllers.cluster_events import (
     DAEMONSET_SELECTOR,
     POD_SELECTOR,
@@ -21,6 +22,7 @@ from lmcache_operator.controllers.cluster_events import (
 )
 from lmcache_operator.controllers.common import Settings
 from lmcache_operator.controllers.gates import GateController
+from lmcache_operator.controllers.injection import REPORTED_POD_SELECTOR, InjectionReporter
 from lmcache_operator.controllers.lmcachecluster import ClusterController
 from lmcache_operator.controllers.vllm_events import (
     CACHE_POD_SELECTOR,
@@ -56,6 +58,7 @@ class Runtime:
         self.clusters = ClusterController(self.client, self.views, self.metrics, self.children)
         self.vllm = VLLMController(self.client, self.views, self.metrics, self.children)
         self.gates = GateController(self.client, self.views, self.metrics, self.settings)
+        self.injection = InjectionReporter(self.client, self.metrics)
         self.cluster_observer = ClusterObserver(self.views, self.clusters.status.request)
         self.vllm_observer = VLLMObserver(
             self.views, self.vllm, self.gates, self.clusters.status.request
@@ -91,6 +94,8 @@ class Runtime:
             ("v1", "Pod", CACHE_POD_SELECTOR, [self.vllm_observer.on_cache_pod]),
             ("v1", "ConfigMap", CHILD_SELECTOR, [self.children.on_event]),
             ("v1", "Service", CHILD_SELECTOR, [self.children.on_event]),
+            # pods labelled for the webhook: an Event on each it could not wire
+            ("v1", "Pod", REPORTED_POD_SELECTOR, [self.injection.on_pod]),
         ]  # fmt: skip
         for namespace in namespaces:
             for api_version, kind, selector, callbacks in watched:
@@ -107,6 +112,10 @@ class Runtime:
         loop = asyncio.get_running_loop()
         for watch in self.watch_loops():
             self.watch_tasks.append(loop.create_task(watch.run(), name=repr(watch)))
+        check = every(
+            self.settings.config_check_s, self.clusters.configs.check_all, "configFrom check"
+        )
+        self.watch_tasks.append(loop.create_task(check, name="configFrom check"))
 
     async def close(self) -> None:
         for task in self.watch_tasks:
@@ -115,7 +124,7 @@ class Runtime:
         self.watch_tasks.clear()
         for queue in (
             self.clusters.status, self.clusters.repairs, self.vllm.status,
-            self.vllm.applies, self.vllm.repairs, self.gates.queue,
+            self.vllm.applies, self.vllm.repairs, self.gates.queue, self.injection.queue,
         ):  # fmt: skip
             await queue.close()
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.client.requests.items()))
