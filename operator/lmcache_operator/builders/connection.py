@@ -217,7 +217,7 @@ class Connection:
             )
         except KeyError as exc:
             raise ValueError(f"key {exc.args[0]!r} is missing") from None
-        except (TypeError, AttributeError, json.JSONDecodeError) as exc:
+        except (TypeError, AttributeError, ValueError) as exc:  # JSONDecodeError is one
             raise ValueError(f"a value is malformed: {exc}") from None
 
 

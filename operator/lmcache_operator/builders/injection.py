@@ -110,7 +110,9 @@ def has_kv_config(container: Mapping[str, Any]) -> bool:
 
 
 def target_container(pod: Mapping[str, Any]) -> tuple[int | None, str]:
-    """(index of the container to wire, why); None with a reason when it names none."""
+    """(index of the container to wire, why not): the one ``lmcache.dev/container`` names,
+    else the first running vLLM's CLI, else the first whose name or image says vllm, else the
+    first; None with a reason when there is none."""
     spec = pod.get("spec") or {}
     containers = list(spec.get("containers") or [])
     wanted = ((pod.get("metadata") or {}).get("annotations") or {}).get(CONTAINER_ANNOTATION)
@@ -121,6 +123,9 @@ def target_container(pod: Mapping[str, Any]) -> tuple[int | None, str]:
         return None, f"annotation {CONTAINER_ANNOTATION}={wanted} names no container"
     for index, container in enumerate(containers):
         if vllm_command(container) is not None:
+            return index, ""
+    for index, container in enumerate(containers):  # an image entrypoint: name or image
+        if "vllm" in str(container.get("name", "")) or "vllm" in str(container.get("image", "")):
             return index, ""
     return (0, "") if containers else (None, "the pod has no containers")
 
