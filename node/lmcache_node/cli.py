@@ -1,4 +1,5 @@
-"""`lmcache-node`: the cache node's command line (serve, standalone, bench, keys, vllm)."""
+"""`lmcache-node`: the cache node's command line (serve, standalone, bench, keys, vllm,
+router)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vllm": (
         "lmcache_node.vllm.launcher",
         "start `vllm serve ARGS`, with the cache when ENABLE_LMCACHE=1 (Dynamo style)",
+    ),
+    "router": (
+        "lmcache_node.router.cli",
+        "route OpenAI requests to the vLLM replica whose node cache holds their prefix",
     ),
 }
 # Commands that take everything after their name as their own arguments: dispatched before

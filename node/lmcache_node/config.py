@@ -265,6 +265,38 @@ class NodeConfig(BaseSettings):
         le=1024**3,
         description="Largest ZMQ message accepted (ZMQ_MAXMSGSIZE); a bigger one drops the peer.",
     )
+    # --- routing: what the node holds, published to routers (docs/routing.md) ---
+    events_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description=(
+            "Port of the events socket (ZMQ PUB on host, CURVE like the request port): "
+            "batches of stored/evicted/cleared chunk keys per tier for cache-aware routers. "
+            "0 disables events and snapshots."
+        ),
+    )
+    events_flush_secs: float = Field(
+        0.02, gt=0, le=10, description="Longest an event waits before its batch is published."
+    )
+    events_max_pending_keys: int = Field(
+        65536,
+        ge=64,
+        le=1 << 24,
+        description=(
+            "Key events buffered between batches; beyond it they are dropped and subscribers "
+            "resynchronise from a snapshot (the server never waits for them)."
+        ),
+    )
+    events_snapshot_max_keys: int = Field(
+        1 << 20,
+        ge=1,
+        le=1 << 24,
+        description=(
+            "Most keys per tier in one snapshot (8 bytes each); a larger tier is cut to its "
+            "most recently used keys."
+        ),
+    )
     # --- standalone starter / worker identity ---
     model_name: str = Field("default", min_length=1, description="Model name (key namespace).")
     worker_id: int = Field(0, ge=0, description="Worker rank (key namespace).")

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -48,6 +48,9 @@ LOCK_NAME = ".lmcache-disk.lock"
 BLOCK = 4096
 PIECE_BYTES = 2 * 1024**2
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+# (event, key) with event "stored" or "evicted"; called under the tier's lock: be quick
+KeyListener = Callable[[str, ChunkKey], None]
 
 
 def file_bytes_for(nbytes: int) -> int:
@@ -85,6 +88,7 @@ class DiskTier:
         self._stats = TierStats(name=self.name, capacity_bytes=capacity_bytes)
         self._warn = RateLimitedLog(log)
         self._lock_fd: int | None = None
+        self.key_listeners: list[KeyListener] = []  # index changes (routing events)
         self.direct = DirectIO(use_odirect)
         self.rebuild_seconds = 0.0
         self.available = self._open(lock_wait_secs)
@@ -212,7 +216,12 @@ class DiskTier:
             self._stats.evictions += 1
             self._stats.evicted_bytes += size
             victims.append((self.path_for(key), size))
+            self._notify("evicted", key)
         return victims
+
+    def _notify(self, event: str, key: ChunkKey) -> None:
+        for listener in self.key_listeners:
+            listener(event, key)
 
     def _charged(self) -> int:
         return self._used + self._reserved + self._deleting
@@ -287,6 +296,7 @@ class DiskTier:
             self._used += size
             self._stats.stores += 1
             self._stats.stored_bytes += nbytes
+            self._notify("stored", key)
         return True
 
     def _write_file(
@@ -405,6 +415,7 @@ class DiskTier:
             nbytes = self._index.pop(key, None)
             if nbytes is not None:
                 self._used -= file_bytes_for(nbytes)
+                self._notify("evicted", key)
         if delete:
             _unlink_quiet(str(self.path_for(key)))
 

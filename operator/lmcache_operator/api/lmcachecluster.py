@@ -76,6 +76,15 @@ class ServerSpec(ApiModel):
     http_port: int = Field(
         8080, ge=1, le=65535, description="HTTP port: /healthz, /readyz, /metrics."
     )
+    events_port: int = Field(
+        5556,
+        ge=0,
+        le=65535,
+        description=(
+            "Port of the events socket routers subscribe to (what each node caches; CURVE like "
+            "the ZMQ port); 0 turns events off (VLLMDeployment routers then route by load)."
+        ),
+    )
     chunk_size: int = Field(
         256, gt=0, le=1 << 20, description="Tokens per chunk; must match the vLLM side."
     )

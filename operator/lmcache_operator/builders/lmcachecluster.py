@@ -108,6 +108,7 @@ def node_config(
         "host": "0.0.0.0",  # noqa: S104 - vLLM pods reach the server at their node's IP
         "port": spec.server.port,
         "http_port": spec.server.http_port,
+        "events_port": spec.server.events_port,
         "max_workers": spec.server.max_workers,
         "device": effective_device(spec),
         "log_level": spec.server.log_level,
@@ -227,6 +228,11 @@ def build_daemonset(
         "ports": [
             {"name": "zmq", "containerPort": server.port, "protocol": "TCP"},
             {"name": "http", "containerPort": server.http_port, "protocol": "TCP"},
+            *(
+                [{"name": "events", "containerPort": server.events_port, "protocol": "TCP"}]
+                if server.events_port
+                else []
+            ),
         ],
         "env": _env(spec),
         "resources": container_resources(spec),
