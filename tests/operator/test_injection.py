@@ -186,6 +186,11 @@ def test_conflicts_and_opt_outs() -> None:
     assert result.pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "false"}
     assert result.pod["spec"]["securityContext"] == {"fsGroup": 1234,
                                                      "supplementalGroups": [5, GROUP]}  # fmt: skip
+    taken = pod(["vllm", "serve"])
+    taken["spec"]["volumes"] = [{"name": "lmcache-shm", "emptyDir": {}}]
+    result = inject(taken, connection())
+    assert result.outcome == PARTIAL and "a volume named 'lmcache-shm'" in result.message
+    assert result.pod["spec"]["volumes"][0] == {"name": "lmcache-shm", "emptyDir": {}}
     no_install = inject(pod(["vllm", "serve"], annotations={INSTALL_ANNOTATION: "false"}),
                         connection())  # fmt: skip
     assert "initContainers" not in no_install.pod["spec"]

@@ -52,13 +52,17 @@ KV_FLAGS = ("--kv-transfer-config", "--kv_transfer_config")
 
 @dataclass
 class Injection:
+    """The wired pod, its outcome, and what the annotation says (``conflicts``: settings of
+    the pod that keep it from using the cache fully; they make the outcome ``partial``)."""
+
     pod: dict[str, Any]
     outcome: str
     notes: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
 
     @property
     def message(self) -> str:
-        text = "; ".join(self.notes)
+        text = "; ".join([*self.conflicts, *self.notes])
         return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
 
 
@@ -163,7 +167,7 @@ def _merge_mounts(container: dict[str, Any], ours: list[dict[str, Any]], notes: 
 
 
 def _merge_named(
-    existing: list[dict[str, Any]], ours: list[dict[str, Any]], what: str, notes: list[str]
+    existing: list[dict[str, Any]], ours: list[dict[str, Any]], what: str, conflicts: list[str]
 ) -> list[dict[str, Any]]:
     by_name = {item.get("name"): item for item in existing}
     out = list(existing)
@@ -172,15 +176,15 @@ def _merge_named(
         if current is None:
             out.append(item)
         elif current != item:
-            notes.append(f"the pod already has a {what} named {item['name']!r}: left as it is")
+            conflicts.append(f"the pod already has a {what} named {item['name']!r}: left as it is")
     return out
 
 
-def _schedule(spec: dict[str, Any], conn: Connection, notes: list[str]) -> None:
+def _schedule(spec: dict[str, Any], conn: Connection, conflicts: list[str]) -> None:
     selector = dict(spec.get("nodeSelector") or {})
     for key, value in sorted(conn.node_selector.items()):
         if key in selector and selector[key] != value:
-            notes.append(
+            conflicts.append(
                 f"the pod's nodeSelector {key}={selector[key]} differs from the cluster's "
                 f"{key}={value}: it may run where no cache server does"
             )
@@ -254,23 +258,23 @@ def inject(pod: Mapping[str, Any], conn: Connection) -> Injection:
     _merge_env(container, env(conn, install=install), result.notes)
     _merge_mounts(container, volume_mounts(install=install), result.notes)
     spec["volumes"] = _merge_named(
-        list(spec.get("volumes") or []), volumes(conn, install=install), "volume", result.notes
+        list(spec.get("volumes") or []), volumes(conn, install=install), "volume", result.conflicts
     )
     if install:
         spec["initContainers"] = _merge_named(
             list(spec.get("initContainers") or []),
             init_containers(conn),
             "init container",
-            result.notes,
+            result.conflicts,
         )
         secrets = [dict(s) for s in spec.get("imagePullSecrets") or []]
         known = {s.get("name") for s in secrets}
         secrets += [{"name": s} for s in conn.image_pull_secrets if s not in known]
         if secrets:
             spec["imagePullSecrets"] = secrets
-    _schedule(spec, conn, result.notes)
+    _schedule(spec, conn, result.conflicts)
     _security(spec, conn)
-    if not args_wired or any("nodeSelector" in note for note in result.notes):
+    if not args_wired or result.conflicts:
         result.outcome = PARTIAL
     meta = result.pod.setdefault("metadata", {})
     meta.setdefault("annotations", {})[CONNECTION_ANNOTATION] = conn.digest()
