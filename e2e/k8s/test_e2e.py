@@ -11,17 +11,21 @@ The same module runs on a kind cluster (e2e/kind/run.sh); only the set-up differ
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import re
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import zmq
 from lmcache_operator.api.policy import DEFAULT_ALLOWED_HOST_PATH_PREFIXES
 
 from e2e.k8s import plain_vllm, vllm_deployment
@@ -204,6 +208,9 @@ def test_cache_cluster_becomes_ready_on_the_real_node(
     for kind, name in [
         ("daemonset", f"{CLUSTER}-cache"),
         ("configmap", f"{CLUSTER}-cache-config"),
+        ("configmap", f"{CLUSTER}-cache-keys"),
+        ("secret", f"{CLUSTER}-cache-credentials"),
+        ("secret", f"{CLUSTER}-client-credentials"),
         ("service", f"{CLUSTER}-cache"),
         ("service", f"{CLUSTER}-cache-metrics"),
     ]:
@@ -223,6 +230,27 @@ def test_cache_pod_serves_on_the_nodes_ip(kube: Kube, settings: Settings, instal
     assert pod["status"]["hostIP"] == endpoint["hostIP"]
     container = pod["spec"]["containers"][0]
     assert container["image"] == settings.image("node")
+    # the server runs as the cluster's own user and serves CURVE only, with the key pair the
+    # operator made: the public key of server.key is the one in the status and client Secret
+    assert pod["spec"]["securityContext"]["runAsUser"] != 65532
+    log = kube.kubectl("logs", pod["metadata"]["name"], "-n", settings.cache_namespace).stdout
+    credentials = status["credentials"]
+    server_key = credentials["serverKey"]
+    assert f"(CURVE, server key {server_key['fingerprint']}, 1 allowed client key(s)" in log, log
+    secret = kube.get("secret", f"{CLUSTER}-cache-credentials", settings.cache_namespace)
+    client = kube.get("secret", f"{CLUSTER}-client-credentials", settings.cache_namespace)
+    assert secret is not None and client is not None
+    server_secret = base64.b64decode(secret["data"]["server.key"]).strip()
+    assert zmq.curve_public(server_secret).decode() == server_key["publicKey"]
+    assert (
+        base64.b64decode(client["data"]["server.pub"]).decode().strip() == server_key["publicKey"]
+    )
+    # the admin endpoints want the cluster's token (the HTTP API binds the node's IP and
+    # loopback; a token configured, loopback is no exception)
+    token = base64.b64decode(secret["data"]["http.token"]).decode().strip()
+    with _cache_url(kube, settings) as url:
+        assert _post(f"{url}/cache/clear") == 401
+        assert _post(f"{url}/cache/clear", token) == 200
     # what vLLM pods use: the node's IP (status.hostIP) and the server's ports
     in_cluster = _probe_from_a_pod(kube, settings, endpoint["hostIP"])
     assert in_cluster["healthz"] == 200, in_cluster
@@ -238,6 +266,17 @@ def test_cache_pod_serves_on_the_nodes_ip(kube: Kube, settings: Settings, instal
             if line.startswith("lmcache_node_l1_capacity_bytes ")
         ]  # fmt: skip
         assert capacity and float(capacity[0].split()[1]) == 512 * 2**20
+
+
+def _post(url: str, token: str | None = None) -> int:
+    request = urllib.request.Request(url, method="POST")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
 
 
 PROBE_SCRIPT = """

@@ -123,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="a vLLM pod whose cache scheduling gate is not lifted within this time gets a "
         "Warning Event and a lmcache.dev/CacheGate condition saying why (default 300)",
     )
+    run.add_argument(
+        "--secret-check-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how often each cluster's credential Secrets are checked (a create answered 409 "
+        "means present; a deleted one makes new keys and rolls the pods; default 30)",
+    )
+    run.add_argument(
+        "--key-propagation-delay",
+        type=float,
+        default=90.0,
+        metavar="SECONDS",
+        help="during a key rotation, the wait between allowing the new client key and "
+        "rolling the vLLM pods to it: the time kubelets take to update the cache pods' "
+        "mounted key file (default 90)",
+    )
 
     run.add_argument(
         "--config-check-interval",
@@ -275,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.gate_timeout <= 0:
             parser.error("--gate-timeout must be greater than zero (seconds)")
+        if args.secret_check_interval <= 0:
+            parser.error("--secret-check-interval must be greater than zero (seconds)")
+        if args.key_propagation_delay < 0:
+            parser.error("--key-propagation-delay must be zero or more (seconds)")
         if args.config_check_interval <= 0:
             parser.error("--config-check-interval must be greater than zero (seconds)")
         webhook = None
@@ -292,6 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lease_name=args.lease_name,
                 identity=args.identity,
                 gate_timeout_s=args.gate_timeout,
+                policy=policy,
+                images=node_images(args),
+                secret_check_s=args.secret_check_interval,
+                key_propagation_s=args.key_propagation_delay,
                 config_check_s=args.config_check_interval,
                 webhook=webhook,
             )

@@ -6,10 +6,12 @@ import asyncio
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import kopf
 
+from lmcache_operator.api.policy import PodPolicy
+from lmcache_operator.builders.node_image import DEFAULTS, NodeImageDefaults
 from lmcache_operator.controllers.common import Settings
 from lmcache_operator.controllers.injection import AdmissionController, Lookups
 from lmcache_operator.controllers.runtime import Runtime
@@ -33,6 +35,10 @@ class RunOptions:
     lease_name: str = "lmcache-operator"
     identity: str | None = None
     gate_timeout_s: float = 300.0
+    policy: PodPolicy = field(default_factory=PodPolicy)
+    images: NodeImageDefaults = DEFAULTS
+    secret_check_s: float = 30.0
+    key_propagation_s: float = 90.0
     config_check_s: float = 30.0
     webhook: WebhookOptions | None = None  # serve the injection webhook (every replica)
 
@@ -53,6 +59,10 @@ async def _main(options: RunOptions) -> int:
     settings = Settings(
         namespaces=tuple(options.namespaces),
         gate_timeout_s=options.gate_timeout_s,
+        policy=options.policy,
+        images=options.images,
+        secret_check_s=options.secret_check_s,
+        key_propagation_s=options.key_propagation_s,
         config_check_s=options.config_check_s,
     )
     runtime = Runtime(client, settings, metrics)

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmcache_operator.builders.credentials import KeyState, PublicKeys
+
 Key = tuple[str, str]  # (namespace, name of the owning resource)
 
 
@@ -58,6 +60,7 @@ class ClusterView:
     applied: Applied | None = None
     last_written: dict[str, Any] | None = None
     defer_until: float | None = None  # loop time before which same-phase writes wait
+    credentials: KeyState | None = None  # the public side of its Secrets (also in status)
 
 
 @dataclass
@@ -87,6 +90,7 @@ class CacheView:
     generation: int | None = None
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     ready_nodes: frozenset[str] = frozenset()
+    keys: PublicKeys | None = None  # from its status.credentials: the pods' key annotations
 
 
 def cluster_ref(body: Mapping[str, Any] | None) -> str | None:

@@ -28,6 +28,7 @@ class Observed:
     monitoring_condition: Mapping[str, str] | None = None  # type/status/reason/message
     node_problems: Mapping[str, str] = field(default_factory=dict)  # node -> "NotReady", ...
     forbidden: str | None = None  # RBAC refused the last apply: reason Forbidden
+    device: str = ""  # what the servers serve (spec.device resolved): each endpoint says it
 
 
 def now_rfc3339() -> str:
@@ -49,7 +50,10 @@ def pod_restarts(pod: Mapping[str, Any]) -> int:
 
 
 def endpoints(
-    pods: Sequence[Mapping[str, Any]], port: int, node_problems: Mapping[str, str] | None = None
+    pods: Sequence[Mapping[str, Any]],
+    port: int,
+    node_problems: Mapping[str, str] | None = None,
+    device: str = "",
 ) -> list[dict[str, Any]]:
     bad_nodes = node_problems or {}
     result = []
@@ -65,6 +69,7 @@ def endpoints(
                 "pod": pod["metadata"]["name"],
                 "ready": pod_ready(pod) and node not in bad_nodes,
                 "restarts": pod_restarts(pod),
+                **({"device": device} if device else {}),
             }
         )
     result.sort(key=lambda e: (e["node"], e["pod"]))
@@ -214,7 +219,7 @@ def compute_status(observed: Observed, now: str | None = None) -> dict[str, Any]
     """The whole status object (camelCase, as stored)."""
     now = now or now_rfc3339()
     counts = _counts(observed.daemonset)
-    eps = endpoints(observed.pods, observed.port, observed.node_problems)
+    eps = endpoints(observed.pods, observed.port, observed.node_problems, observed.device)
     phase, reason, message = _phase_and_reasons(observed, counts, eps)
     previous = {c["type"]: c for c in observed.previous.get("conditions") or []}
     generation = observed.generation

@@ -282,6 +282,46 @@ def test_image_and_operator_values_reach_the_container(render: Render) -> None:
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
 
 
+def test_the_operator_container_gets_every_setting_the_run_command_takes(render: Render) -> None:
+    """Guard rails, node image defaults and the gate timeout reach `lmcache-operator run`,
+    and its own parser accepts the chart's whole argument list."""
+    from lmcache_operator.cli import build_parser, node_images, pod_policy
+
+    objects = render(
+        {
+            "gateTimeoutSeconds": "120",
+            "allowedHostPathPrefixes": "{/data,/dev/shm}",
+            "nodeImage.repository": "reg.example/node",
+            "nodeImage.version": "9.9.9",
+            "nodeImage.cudaRuntimeClassName": "",
+        }
+    )
+    args = _container(objects)["args"]
+    assert "--gate-timeout=120" in args
+    parsed = build_parser().parse_args(args)
+    assert parsed.gate_timeout == 120.0
+    assert pod_policy(parsed).allowed_host_path_prefixes == ("/data", "/dev/shm")
+    images = node_images(parsed)
+    assert (images.repository, images.version, images.cuda_runtime_class) == (
+        "reg.example/node",
+        "9.9.9",
+        "",
+    )
+    defaults = build_parser().parse_args(_container(render())["args"])
+    assert pod_policy(defaults).allowed_host_path_prefixes == DEFAULT_ALLOWED_HOST_PATH_PREFIXES
+    assert node_images(defaults).version == "0.1.0"  # the chart's appVersion
+    assert defaults.gate_timeout == 300.0
+
+
+def test_replica_count_sets_the_replicas_and_the_disruption_budget(render: Render) -> None:
+    single = render({"replicaCount": "1"})
+    assert one(single, "Deployment")["spec"]["replicas"] == 1
+    assert not by_kind(single, "PodDisruptionBudget")
+    three = render({"replicaCount": "3"})
+    assert one(three, "Deployment")["spec"]["replicas"] == 3
+    assert one(three, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+
+
 def test_host_aliases_reach_the_pod(render: Render, tmp_path: Path) -> None:
     alias = {"ip": "10.96.0.1", "hostnames": ["kubernetes.default.svc"]}
     objects = render(values={"hostAliases": [alias]}, tmp_path=tmp_path)
@@ -320,6 +360,8 @@ def test_crds_can_be_left_to_another_tool(render: Render) -> None:
         ({"monitoring.podMonitor.interval": "soon"}, "/monitoring/podMonitor/interval"),
         ({"monitoring.prometheusRule.l1FullFraction": "2"}, "l1FullFraction"),
         ({"replicas": "2"}, "additional properties 'replicas' not allowed"),
+        ({"replicaCount": "0"}, "/replicaCount"),
+        ({"gateTimeoutSeconds": "0"}, "/gateTimeoutSeconds"),
         ({"webhook.certificates": "mine"}, "/webhook/certificates"),
         ({"webhook.timeoutSeconds": "60"}, "/webhook/timeoutSeconds"),
         ({"webhook.excludeNamespaces": "{Bad_Name}"}, "/webhook/excludeNamespaces/0"),

@@ -99,7 +99,8 @@ def _free_port() -> int:
 
 
 class OperatorProcess:
-    """`lmcache-operator run` as a subprocess watching one namespace."""
+    """`lmcache-operator run` as a subprocess watching one namespace (namespaced mode: no
+    Node watch), or every namespace (``namespaced=False``)."""
 
     def __init__(
         self,
@@ -108,12 +109,17 @@ class OperatorProcess:
         log_dir: Path,
         extra_args: tuple[str, ...] = (),
         name: str = "operator",
+        *,
+        namespaced: bool = True,
+        kubeconfig: Path | None = None,
     ) -> None:
         self.cluster = cluster
         self.namespace = namespace
         self.log_dir = log_dir
         self.extra_args = extra_args
         self.name = name
+        self.namespaced = namespaced
+        self.env = {**cluster.env, **({"KUBECONFIG": str(kubeconfig)} if kubeconfig else {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.port = 0
@@ -138,11 +144,11 @@ class OperatorProcess:
         url = f"{self.base_url}/healthz"
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(OPERATOR), "run", "-n", self.namespace, "--liveness", url, "--log-level", "INFO",
-             *self.extra_args],
+            [str(OPERATOR), "run", *(["-n", self.namespace] if self.namespaced else []),
+             "--liveness", url, "--log-level", "INFO", *self.extra_args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=self.cluster.env,
+            env=self.env,
         )  # fmt: skip
 
         def alive() -> bool:
@@ -171,6 +177,24 @@ class OperatorProcess:
             self.proc.wait(timeout=5)
         self.proc = None
 
+    def api_requests(self) -> dict[str, int]:
+        """The API requests the controllers and watches made ('GET secrets' -> count), from
+        the line the operator logs when it stops (call after stop())."""
+        marker = "API requests made by the controllers and watches: "
+        lines = [
+            line.split(marker, 1)[1]
+            for path in sorted(self.log_dir.glob(f"{self.name}-*.log"))
+            for line in path.read_text(errors="replace").splitlines()
+            if marker in line
+        ]
+        assert lines, "the operator logged no request counts (did it stop cleanly?)"
+        counts: dict[str, int] = {}
+        for line in lines:
+            for item in [] if line == "none" else line.split(", "):
+                what, _, count = item.rpartition(": ")
+                counts[what] = counts.get(what, 0) + int(count)
+        return counts
+
     def logs(self) -> str:
         return "\n".join(
             p.read_text(errors="replace")[-3000:]
@@ -183,6 +207,23 @@ def operator(
     k8s_cluster: Cluster, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[OperatorProcess]:
     process = OperatorProcess(k8s_cluster, namespace, tmp_path)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(f"--- operator log ---\n{process.logs()}")
+
+
+@pytest.fixture
+def clusterwide_operator(
+    k8s_cluster: Cluster, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[OperatorProcess]:
+    """The operator watching every namespace, as with the chart's ClusterRole: it also
+    watches Nodes (namespaced mode, Roles only, does not)."""
+    process = OperatorProcess(k8s_cluster, namespace, tmp_path, namespaced=False)
     process.start()
     try:
         yield process

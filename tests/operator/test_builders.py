@@ -10,6 +10,7 @@ import yaml
 from lmcache_node.config import load_config
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.policy import PodPolicy
+from lmcache_operator.builders.cache_security import server_uid
 from lmcache_operator.builders.common import CONFIG_HASH_ANNOTATION
 from lmcache_operator.builders.lmcachecluster import (
     CONFIG_KEY,
@@ -83,9 +84,16 @@ def test_the_node_accepts_the_rendered_config_file(tmp_path: Path) -> None:
     assert config.max_local_cpu_size == 2.0
     assert config.disk_path == Path("/lmcache/disk")  # the cluster's directory, mounted
     assert config.max_local_disk_size == 1.0
-    assert str(config.shm_dir) == "/dev/shm/lmcache-ns-c1"
+    assert str(config.shm_dir) == "/dev/shm/lmcache-ns.c1"
     assert config.shm_group == spec.group("ns", "c1")
     assert config.remote_url == "redis://127.0.0.1:6379/0"
+    # the credentials the operator mounts (docs/security.md)
+    assert config.curve_server_key == "/var/run/lmcache/credentials/server.key"
+    assert config.curve_client_keys == "/var/run/lmcache/keys/clients.pub"
+    assert config.http_token_file == "/var/run/lmcache/credentials/http.token"
+    assert config.remote_secret_file == "/var/run/lmcache/credentials/remote.key"
+    assert config.remote_key_prefix == "ns/c1"
+    assert not config.insecure_allow_unauthenticated
     assert config.remote_serde == "lz4"
     assert config.log_level == "DEBUG"
     assert config.device == "cuda"
@@ -234,7 +242,8 @@ def test_disk_tier_init_hands_only_the_clusters_own_directory_to_the_server() ->
     (init,) = pod["initContainers"]
     main = pod["containers"][0]
     assert init["image"] == main["image"]
-    assert init["args"] == ["65532", "65532", "/lmcache/disk"]  # the image's user by default
+    group = spec_of().group("ns", "c1")
+    assert init["args"] == [str(server_uid("ns", "c1")), str(group), "/lmcache/disk"]
     script = init["command"][2]
     assert '[ -L "$d" ]' in script and 'chown -h "$0:$1" "$d"' in script  # no symlink followed
     assert "-R" not in script  # never recursive
@@ -246,7 +255,7 @@ def test_disk_tier_init_hands_only_the_clusters_own_directory_to_the_server() ->
     # kubelet resolves inside the volume (a planted symlink cannot leave /mnt)
     disk_volume = next(v for v in pod["volumes"] if v["name"] == "disk")
     assert disk_volume["hostPath"] == {"path": "/mnt", "type": "DirectoryOrCreate"}
-    mount = {"name": "disk", "mountPath": "/lmcache/disk", "subPath": "l2/lmcache-ns-c1"}
+    mount = {"name": "disk", "mountPath": "/lmcache/disk", "subPath": "l2/lmcache-ns.c1"}
     assert init["volumeMounts"] == [mount]
     assert mount in main["volumeMounts"]
 
@@ -258,7 +267,7 @@ def test_disk_path_equal_to_a_prefix_still_gets_a_directory_of_its_own() -> None
     disk_volume = next(v for v in pod["volumes"] if v["name"] == "disk")
     assert disk_volume["hostPath"]["path"] == "/var/cache/lmcache"
     (mount,) = pod["initContainers"][0]["volumeMounts"]
-    assert mount["subPath"] == "lmcache-ns-c1"  # /var/cache/lmcache itself is never chowned
+    assert mount["subPath"] == "lmcache-ns.c1"  # /var/cache/lmcache itself is never chowned
 
 
 def test_disk_init_container_follows_the_servers_security_context() -> None:
@@ -283,11 +292,13 @@ def test_no_init_container_without_a_disk_tier() -> None:
 
 def test_cache_pods_run_non_root_without_privileges_on_a_read_only_root() -> None:
     pod = daemonset(spec_of())["spec"]["template"]["spec"]
+    group = spec_of().group("ns", "c1")
     assert pod["securityContext"] == {
         "runAsNonRoot": True,
-        "runAsUser": 65532,
-        "runAsGroup": 65532,
-        "supplementalGroups": [spec_of().group("ns", "c1")],
+        "runAsUser": server_uid("ns", "c1"),  # the cluster's own user, not the image's
+        "runAsGroup": group,
+        "fsGroup": group,  # the 0440 credential files are readable through it
+        "supplementalGroups": [group],
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     (container,) = pod["containers"]
@@ -324,7 +335,7 @@ def test_user_security_context_merges_over_the_defaults_and_keeps_drop_all() -> 
 
 def test_shm_dir_and_group_are_the_clusters_own() -> None:
     config = node_config("c1", "ns", spec_of())
-    assert config["shm_dir"] == "/dev/shm/lmcache-ns-c1"
+    assert config["shm_dir"] == "/dev/shm/lmcache-ns.c1"
     group = config["shm_group"]
     assert 1879048192 <= group <= 2147483646
     assert group == node_config("c1", "ns", spec_of())["shm_group"]  # deterministic

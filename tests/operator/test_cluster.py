@@ -190,8 +190,9 @@ def _fake_gpu_node(name: str) -> str:
 
 
 def test_nodes_joining_and_leaving_follow_in_status(
-    k8s_cluster: Cluster, namespace: str, operator: OperatorProcess
+    k8s_cluster: Cluster, namespace: str, clusterwide_operator: OperatorProcess
 ) -> None:
+    """Node watches: all-namespaces mode (the chart's ClusterRole grants nodes)."""
     k8s_cluster.apply(manifest(), namespace)
     wait_ready(k8s_cluster, namespace)
     node = f"gpu-x-{namespace}"
@@ -232,8 +233,9 @@ NOT_READY = {
 
 
 def test_node_not_ready_shows_degraded_with_the_node_then_ready(
-    k8s_cluster: Cluster, namespace: str, operator: OperatorProcess
+    k8s_cluster: Cluster, namespace: str, clusterwide_operator: OperatorProcess
 ) -> None:
+    """Node watches: all-namespaces mode (the chart's ClusterRole grants nodes)."""
     k8s_cluster.apply(manifest(), namespace)
     wait_ready(k8s_cluster, namespace)
     node = "gpu-1"
@@ -411,9 +413,11 @@ def test_operator_restart_mid_reconcile_creates_no_duplicates_and_keeps_status(
         assert set(recorder.phases()) == {"Ready"}  # the ready one never regressed
     daemonsets = k8s_cluster.items("daemonsets", namespace)
     assert sorted(d["metadata"]["name"] for d in daemonsets) == sorted(f"{n}-cache" for n in names)
-    assert (
-        len(k8s_cluster.items("configmaps", namespace, "app.kubernetes.io/name=lmcache-node")) == 5
-    )
+    # a config and a public-key ConfigMap, two credential Secrets per cluster (a cluster
+    # killed between creating its Secrets and recording their keys gets a new pair)
+    selector = "app.kubernetes.io/name=lmcache-node"
+    assert len(k8s_cluster.items("configmaps", namespace, selector)) == 10
+    assert len(k8s_cluster.items("secrets", namespace, selector)) == 10
     assert len(k8s_cluster.items("services", namespace)) == 10
     pods = k8s_cluster.items("pods", namespace, "app.kubernetes.io/name=lmcache-node")
     assert len(pods) == 10

@@ -49,20 +49,38 @@ def test_other_errors_are_not_forbidden(status: int) -> None:
 
 
 class RefusingClient:
-    def __init__(self, status: int) -> None:
+    """Refuses applies with ``status``; creates (the credential Secrets) with
+    ``create_status`` (201 = created)."""
+
+    def __init__(self, status: int, create_status: int = 201) -> None:
         self.status = status
+        self.create_status = create_status
 
     async def get(self, *args: Any) -> dict[str, Any] | None:
-        return None  # no ServiceMonitor CRD
+        return None
+
+    async def request(self, method: str, path: str, **_: Any) -> Any:
+        raise KubeError(404, method, path, {"message": "not found"})  # no monitoring API
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if self.create_status != 201:
+            path = f"/api/v1/namespaces/{obj['metadata']['namespace']}/secrets"
+            raise KubeError(self.create_status, "POST", path, {"message": "secrets is forbidden"})
+        return obj
+
+    async def patch_status(self, *args: Any) -> dict[str, Any]:
+        return {}
 
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         raise KubeError(self.status, "PATCH", DS_PATH, DENIED)
 
 
-def _controllers(status: int) -> tuple[ClusterController, VLLMController, Views]:
+def _controllers(
+    status: int, create_status: int = 201
+) -> tuple[ClusterController, VLLMController, Views]:
     views, metrics = Views(), OperatorMetrics()
     children = ChildRepairer({}, metrics)
-    client: Any = RefusingClient(status)
+    client: Any = RefusingClient(status, create_status)
     return (
         ClusterController(client, views, metrics, children),
         VLLMController(client, views, metrics, children),
@@ -70,8 +88,8 @@ def _controllers(status: int) -> tuple[ClusterController, VLLMController, Views]
     )
 
 
-def _reconcile(status: int) -> tuple[Exception, Views, OperatorMetrics]:
-    clusters, _, views = _controllers(status)
+def _reconcile(status: int, create_status: int = 201) -> tuple[Exception, Views, OperatorMetrics]:
+    clusters, _, views = _controllers(status, create_status)
     body = {
         "apiVersion": "lmcache.dev/v1alpha1",
         "kind": "LMCacheCluster",
@@ -98,6 +116,14 @@ def test_reconcile_retries_a_403_slowly() -> None:
     assert applied is not None and applied.forbidden and not applied.problems
     counted = metrics.reconciles.labels(kind="LMCacheCluster", result="forbidden")._value.get()
     assert counted == 1
+
+
+def test_reconcile_retries_when_it_may_not_create_the_credential_secrets() -> None:
+    exc, views, _ = _reconcile(200, create_status=403)
+    assert isinstance(exc, RetryLater) and exc.reason == "Forbidden"
+    assert "may not create secrets (apiGroup core) in namespace team-a" in str(exc)
+    applied = views.clusters[("team-a", "c200")].applied
+    assert applied is not None and applied.forbidden and not applied.problems
 
 
 def test_reconcile_keeps_a_422_an_invalid_spec() -> None:

@@ -202,7 +202,7 @@ def test_a_disk_tier_and_host_paths_under_the_prefixes_are_applied_confined(
     assert volumes["disk"]["hostPath"]["path"] == "/mnt"
     assert volumes["data"]["hostPath"]["path"] == "/mnt"
     init = pod["initContainers"][0]
-    assert init["volumeMounts"][0]["subPath"] == f"nvme/l2/lmcache-{namespace}-disk"
+    assert init["volumeMounts"][0]["subPath"] == f"nvme/l2/lmcache-{namespace}.disk"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
 

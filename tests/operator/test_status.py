@@ -200,3 +200,27 @@ def test_a_restarting_pod_that_is_ready_again_is_not_failing() -> None:
     recovered["status"]["containerStatuses"][0]["state"] = {"running": {}}
     status = compute_status(observe(pods=[pod("gpu-0"), recovered]))
     assert status["phase"] == "Ready"
+
+
+def test_each_endpoint_says_what_its_server_serves() -> None:
+    status = compute_status(observe(device="cuda"))
+    assert [e["device"] for e in status["endpoints"]] == ["cuda", "cuda"]
+    assert "device" not in compute_status(observe())["endpoints"][0]  # unknown: not claimed
+
+
+def test_a_server_that_cannot_serve_its_device_is_degraded_with_the_reason() -> None:
+    line = (
+        "lmcache-node serve: --device cuda, but CUDA is unavailable: the NVIDIA driver library "
+        "(libcuda.so.1) is not visible in this container: run the pod with runtimeClassName: "
+        "nvidia"
+    )
+    failing = crash_looping("gpu-1", last_line=line)
+    failing["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"] = 2
+    status = compute_status(observe(device="cuda", pods=[pod("gpu-0"), failing]))
+    degraded = conditions(status)["Degraded"]
+    assert degraded["reason"] == "ServersFailing"
+    assert (
+        "p-gpu-1 on gpu-1: server CrashLoopBackOff (exit 2: lmcache-node serve: --device "
+        in (degraded["message"])
+    )
+    assert "CUDA is unavailable" in degraded["message"]

@@ -66,7 +66,7 @@ def test_an_lmcache_config_from_a_configmap_is_valid_and_reaches_the_node(tmp_pa
     path.write_text(text, encoding="utf-8")
     config = load_config(config_file=path, environ={})
     assert (config.blocking_timeout_secs, config.lock_ttl_secs) == (20.0, 20.0)
-    assert config.shm_dir == "/dev/shm/lmcache-ns-c1" and config.max_local_cpu_size == 4.0
+    assert config.shm_dir == "/dev/shm/lmcache-ns.c1" and config.max_local_cpu_size == 4.0
     assert len(config.compat_warnings) == 4  # the node says the same in its log
 
 

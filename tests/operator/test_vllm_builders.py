@@ -522,6 +522,7 @@ def test_vllm_pods_drop_every_capability_and_join_the_clusters_shm_group() -> No
     assert pod["securityContext"] == {
         "seccompProfile": {"type": "RuntimeDefault"},
         "supplementalGroups": [cluster.group("ns", "c")],
+        "fsGroup": cluster.group("ns", "c"),  # a non-root vLLM reads the 0440 client keys
     }
     assert pod["containers"][0]["securityContext"] == {
         "allowPrivilegeEscalation": False,

@@ -127,7 +127,7 @@ class DiskTier(ApiModel):
         description=(
             "Host directory of the disk tier, under an allowed prefix (chart value "
             "allowedHostPathPrefixes); the cluster keeps its files in the subdirectory "
-            "lmcache-<namespace>-<name>, created and handed to the server's user."
+            "lmcache-<namespace>.<name>, created and handed to the server's user."
         ),
         json_schema_extra={
             "x-kubernetes-validations": [
@@ -250,6 +250,22 @@ class MonitoringSpec(ApiModel):
     )
 
 
+class SecuritySpec(ApiModel):
+    """Credentials the operator keeps for the cluster (docs/security.md)."""
+
+    rotation_grace_period_seconds: int = Field(
+        3600,
+        ge=0,
+        le=30 * 86400,
+        description=(
+            "After a client key rotation (annotation lmcache.dev/rotate-keys), the previous "
+            "client key stays allowed until every VLLMDeployment using the cluster has rolled "
+            "out the new one and no other pod mounting the client Secret predates the "
+            "rotation, and at most this long (seconds)."
+        ),
+    )
+
+
 class LMCacheClusterSpec(ApiModel):
     """Desired state of an LMCacheCluster: one cache server on every selected node."""
 
@@ -281,7 +297,7 @@ class LMCacheClusterSpec(ApiModel):
         None,
         description=(
             "Group shared by the cache pods and the cluster's vLLM pods (supplementalGroups): "
-            "it owns the shm directory /dev/shm/lmcache-<namespace>-<name> (mode 2770). Unset: "
+            "it owns the shm directory /dev/shm/lmcache-<namespace>.<name> (mode 2770). Unset: "
             f"a group derived from namespace/name in {RESERVED_ID_MIN}-{RESERVED_ID_MAX}, so two "
             "clusters do not share one by accident."
         ),
@@ -324,6 +340,7 @@ class LMCacheClusterSpec(ApiModel):
             "LMCache deployment), validated like config; a change rolls the cache pods."
         ),
     )
+    security: SecuritySpec = nested_default(SecuritySpec, "Credentials and their rotation.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> LMCacheClusterSpec:
@@ -388,6 +405,65 @@ class Endpoint(ApiModel):
     pod: str = Field(description="Cache pod name.")
     ready: bool = Field(description="Whether the pod is Ready.")
     restarts: int = Field(0, description="Container restarts of the pod.")
+    device: str = Field(
+        "",
+        description=(
+            "Device the server serves (cuda or cpu: spec.device resolved); a server that "
+            "cannot serve it exits at start and the Degraded condition quotes why."
+        ),
+    )
+
+
+class ServerKeyStatus(ApiModel):
+    """The cache servers' CURVE public key (its secret half is in the cache Secret)."""
+
+    public_key: str = Field(description="Z85 public key (40 characters).")
+    fingerprint: str = Field(description="Its first 8 characters, as the servers log it.")
+
+
+class ClientKeyStatus(ApiModel):
+    """A client public key the cache servers accept."""
+
+    public_key: str = Field(description="Z85 public key (40 characters).")
+    fingerprint: str = Field(description="Its first 8 characters, as the servers log it.")
+    state: Literal["active", "retiring"] = Field(
+        description="active: in the client Secret; retiring: a rotation's previous key, "
+        "accepted until the consumers have rolled."
+    )
+    created_at: str = Field("", description="When the operator generated it (RFC 3339).")
+
+
+class RotationStatus(ApiModel):
+    """The last client key rotation (annotation lmcache.dev/rotate-keys)."""
+
+    phase: Literal["Propagating", "RollingConsumers", "Completed"] = Field(
+        description="Propagating: the new key is allowed, waiting for the cache pods' key "
+        "file to update; RollingConsumers: VLLMDeployments roll to the new key; Completed: "
+        "the previous key is no longer accepted."
+    )
+    requested: str = Field(description="The annotation value this rotation answered.")
+    started_at: str = Field("", description="When the new key was written (RFC 3339).")
+    completed_at: str = Field("", description="When the previous key was dropped (RFC 3339).")
+    message: str = Field("", description="What the rotation waits for, or how it ended.")
+
+
+class CredentialsStatus(ApiModel):
+    """The cluster's credentials: where they are and their public halves."""
+
+    cache_secret: str = Field(description="Secret the cache pods mount (server.key, ...).")
+    client_secret: str = Field(description="Secret the vLLM pods mount (client.key, ...).")
+    keys_config_map: str = Field(description="ConfigMap of the public keys (clients.pub).")
+    server_key: ServerKeyStatus = Field(description="The servers' public key.")
+    client_keys: list[ClientKeyStatus] = Field(
+        default_factory=list, description="Client public keys the servers accept."
+    )
+    consumer_key: str = Field(
+        "",
+        description="Fingerprint of the client key the VLLMDeployments' pods run with "
+        "(pod annotation lmcache.dev/client-key).",
+    )
+    generated_at: str = Field("", description="When the key pair was generated (RFC 3339).")
+    rotation: RotationStatus | None = Field(None, description="The last rotation, if any.")
 
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
@@ -429,6 +505,9 @@ class LMCacheClusterStatus(ApiModel):
     )
     consumers: list[str] = Field(
         default_factory=list, description="VLLMDeployments (same namespace) that use this cache."
+    )
+    credentials: CredentialsStatus | None = Field(
+        None, description="The cluster's CURVE keys, token and their Secrets."
     )
     connection: ConnectionStatus | None = Field(
         None, description="The connection contract for vLLM pods not made by a VLLMDeployment."

@@ -29,6 +29,12 @@ from lmcache_operator.api.policy import SHM
 from lmcache_operator.builders import node_image
 from lmcache_operator.builders.cache_security import shm_dir
 from lmcache_operator.builders.common import CLUSTER_LABEL, content_hash, standard_labels
+from lmcache_operator.builders.credentials import (  # the names the trust model fixes
+    CLIENT_CREDENTIALS_VOLUME,
+    CLIENT_DIR,
+    SECRET_FILE_MODE,
+    client_secret_name,
+)
 from lmcache_operator.builders.lmcachecluster import effective_device
 from lmcache_operator.builders.node_image import NodeImageDefaults
 from lmcache_operator.builders.vllm_connector import (
@@ -36,6 +42,7 @@ from lmcache_operator.builders.vllm_connector import (
     CONNECTOR_DIR,
     CONNECTOR_MODULE,
     CONNECTOR_VOLUME,
+    CREDENTIALS_DIR_ENV,
     HOST_IP_ENV,
     CacheConnection,
     host_ip_env,
@@ -45,11 +52,6 @@ from lmcache_operator.builders.vllm_connector import (
 CONTRACT_VERSION = "1"
 CONNECTION_ANNOTATION = "lmcache.dev/connection"  # on wired pod templates: the contract's hash
 SHM_VOLUME = "lmcache-shm"
-# The names the trust model fixes (docs/security.md): the client Secret, its mount, its env.
-CLIENT_CREDENTIALS_VOLUME = "lmcache-client-credentials"
-CLIENT_DIR = "/var/run/lmcache/client"
-CREDENTIALS_DIR_ENV = "LMCACHE_NODE_CREDENTIALS_DIR"
-SECRET_FILE_MODE = 0o440
 DEFAULT_CONTAINER = "vllm"
 COMPONENT = "connection"
 APP_NAME = "lmcache-node"
@@ -76,10 +78,6 @@ def dump_yaml(*documents: Any) -> str:
 
 def connection_configmap_name(cluster: str) -> str:
     return f"{cluster}-connection"
-
-
-def client_secret_name(cluster: str) -> str:
-    return f"{cluster}-client-credentials"
 
 
 def pod_label(cluster: str) -> str:

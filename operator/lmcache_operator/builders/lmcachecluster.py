@@ -25,6 +25,14 @@ from lmcache_operator.builders.common import (
     content_hash,
     standard_labels,
 )
+from lmcache_operator.builders.credentials import (
+    SERVER_KEY_ANNOTATION,
+    PublicKeys,
+    build_keys_configmap,
+    cache_volumes,
+    fingerprint,
+    node_credential_config,
+)
 from lmcache_operator.builders.node_image import NodeImageDefaults
 from lmcache_operator.builders.podsecurity import confine_host_paths
 from lmcache_operator.builders.user_config import merge_into
@@ -39,6 +47,7 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 TMP_SIZE_LIMIT = "256Mi"  # /tmp (HOME): the root filesystem is read-only
 MEMORY_OVERHEAD_BYTES = 2 * GIB
 REMOTE_URL_ENV = "LMCACHE_REMOTE_URL"
+HTTP_HOST_ENV = "LMCACHE_HTTP_HOST"  # not in the config file: it needs the pod's own IP
 METRICS_LABEL = "lmcache.dev/metrics"
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1"
 # The longest suffix below ("-cache-metrics") keeps Service names within 63 characters.
@@ -114,6 +123,7 @@ def node_config(
         "log_level": spec.server.log_level,
         "shm_dir": shm_dir(namespace, name),
         "shm_group": spec.group(namespace, name),
+        **node_credential_config(name, namespace, remote=cache.remote is not None),
     }
     if cache.disk is not None and cache.disk.size is not None:
         config["local_disk"] = f"file://{DISK_MOUNT}/"
@@ -156,12 +166,24 @@ def container_resources(spec: LMCacheClusterSpec) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
 def _env(spec: LMCacheClusterSpec) -> list[dict[str, Any]]:
+    # The HTTP API binds the IP the kubelet probes (the pod IP: the node's IP on the host
+    # network) and loopback, never 0.0.0.0: on the host network that would be every address
+    # of the node.
+    own_ip = "HOST_IP" if spec.host_network else "POD_IP"
     env: list[dict[str, Any]] = [
         {"name": "LMCACHE_CONFIG_FILE", "value": CONFIG_PATH},
-        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        _field_env("NODE_NAME", "spec.nodeName"),
+        _field_env("POD_NAME", "metadata.name"),
+        _field_env("HOST_IP", "status.hostIP"),
     ]
+    if not spec.host_network:
+        env.append(_field_env("POD_IP", "status.podIP"))
+    env.append({"name": HTTP_HOST_ENV, "value": f"$({own_ip}),127.0.0.1"})
     if effective_device(spec) == "cuda":  # CUDA IPC needs the GPUs visible, not requested
         env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"})
         env.append({"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "compute,utility"})
@@ -186,6 +208,9 @@ def _volumes(name: str, namespace: str, spec: LMCacheClusterSpec) -> tuple[list[
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "shm", "mountPath": SHM},  # hostPath, shared with vLLM on purpose
     ]
+    credential_volumes, credential_mounts = cache_volumes(name)
+    volumes += credential_volumes
+    mounts += credential_mounts
     if not any(m.get("mountPath") == "/tmp" for m in spec.pod.volume_mounts):  # noqa: S108
         volumes.append({"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}})
         mounts.append({"name": "tmp", "mountPath": "/tmp"})  # noqa: S108 - an emptyDir
@@ -215,7 +240,10 @@ def build_daemonset(
     policy: PodPolicy | None = None,
     *,
     images: NodeImageDefaults = node_image.DEFAULTS,
+    keys: PublicKeys | None = None,
 ) -> dict[str, Any]:
+    """The cache DaemonSet; ``keys`` (the cluster's public keys, when known) puts the server
+    key's fingerprint on the pod template, so a new server key rolls the pods."""
     device = effective_device(spec)
     spec = node_image.resolve(spec, device, images)
     volumes, mounts = _volumes(name, namespace, spec)
@@ -249,6 +277,8 @@ def build_daemonset(
         container["envFrom"] = [dict(source) for source in spec.pod.env_from]
     pod_labels = {**spec.pod.labels, **labels(name)}
     pod_annotations = {**spec.pod.annotations, CONFIG_HASH_ANNOTATION: config_hash}
+    if keys is not None:
+        pod_annotations[SERVER_KEY_ANNOTATION] = fingerprint(keys.server_public)
     placement = spec.placement
     pod_spec: dict[str, Any] = {
         "hostNetwork": spec.host_network,
@@ -372,23 +402,29 @@ def build_children(
     policy: PodPolicy | None = None,
     images: NodeImageDefaults = node_image.DEFAULTS,
     user_config: Mapping[str, Any] | None = None,
+    keys: PublicKeys | None = None,
 ) -> list[dict[str, Any]]:
-    """Every child object, in apply order (ConfigMap before the pods that mount it).
+    """Every child object, in apply order (ConfigMaps before the pods that mount them).
 
     ``policy`` is the chart's guard rails (default: the chart's defaults): the host paths of
     the pod are confined to its allowed prefixes. ``images`` fills the image a spec leaves
     unset (the CUDA variant and the nvidia RuntimeClass where the cluster serves CUDA).
     ``user_config`` is the cluster's own settings (``spec.config`` over ``spec.configFrom``),
-    merged under the operator's keys. Validate with ``spec.semantic_problems(policy)`` and
+    merged under the operator's keys. ``keys``: the cluster's public keys (the operator's, once
+    its Secrets exist): the ConfigMap of allowed client keys, which is not part of the config
+    hash (the servers re-read it). ``render`` has none: the Secrets and keys are made at run
+    time. Validate with ``spec.semantic_problems(policy)`` and
     ``user_config.check_user_config`` first.
     """
     configmap = build_configmap(name, namespace, spec, user_config)
     config_hash = content_hash({"data": configmap["data"], "env": _env(spec)})
-    children = [
-        configmap,
+    children = [configmap]
+    if keys is not None:
+        children.append(build_keys_configmap(name, namespace, keys.server_public, keys.allowed))
+    children += [
         build_node_service(name, namespace, spec),
         build_metrics_service(name, namespace, spec),
-        build_daemonset(name, namespace, spec, config_hash, policy, images=images),
+        build_daemonset(name, namespace, spec, config_hash, policy, images=images, keys=keys),
     ]
     if service_monitor and spec.monitoring.service_monitor:
         children.append(build_service_monitor(name, namespace, spec))

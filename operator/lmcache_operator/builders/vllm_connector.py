@@ -18,6 +18,7 @@ from lmcache_operator.api.vllmdeployment import VLLMDeploymentSpec
 from lmcache_operator.builders import node_image
 from lmcache_operator.builders.cache_security import IMAGE_GID, IMAGE_UID
 from lmcache_operator.builders.common import content_hash
+from lmcache_operator.builders.credentials import CLIENT_DIR, PublicKeys, fingerprint
 from lmcache_operator.builders.lmcachecluster import effective_device, selector_labels
 from lmcache_operator.builders.node_image import NodeImageDefaults
 from lmcache_operator.builders.podsecurity import restricted_container_context
@@ -27,6 +28,7 @@ CONNECTOR_MODULE = "lmcache_node.vllm.connector"
 CONNECTOR_DIR = "/opt/lmcache-connector"
 CONNECTOR_VOLUME = "lmcache-connector"
 HOST_IP_ENV = "HOST_IP"
+CREDENTIALS_DIR_ENV = "LMCACHE_NODE_CREDENTIALS_DIR"
 SCHEDULING_GATE = "lmcache.dev/cache-ready"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 DEFAULT_BLOCK_SIZE = {"cuda": 16, "cpu": 128}  # vLLM's defaults per platform
@@ -99,6 +101,8 @@ class CacheConnection:
     image: str = ""
     pull_policy: str = "IfNotPresent"
     pull_secrets: Sequence[str] = ()
+    client_key: str = ""  # fingerprint of the client key the pods run with ("": not yet known)
+    server_key: str = ""  # fingerprint of the servers' key
 
     @classmethod
     def from_cluster(
@@ -108,10 +112,12 @@ class CacheConnection:
         *,
         namespace: str | None = None,
         images: NodeImageDefaults = node_image.DEFAULTS,
+        keys: PublicKeys | None = None,
     ) -> CacheConnection:
         """The connection settings of LMCacheCluster ``namespace/name``. The shm group is
         the spec's, else derived from namespace and name; without ``namespace`` (a caller not
-        yet passing it) only a spec's explicit group is known, and the vLLM pods get none."""
+        yet passing it) only a spec's explicit group is known, and the vLLM pods get none.
+        ``keys`` (from the cluster's status) names the key fingerprints the pods roll with."""
         return cls(
             cluster=name,
             port=spec.server.port,
@@ -128,6 +134,8 @@ class CacheConnection:
             image=node_image.resolve(spec, "cpu", images).image.reference,
             pull_policy=spec.image.pull_policy,
             pull_secrets=tuple(spec.image.pull_secrets),
+            client_key=keys.consumer_key if keys is not None else "",
+            server_key=fingerprint(keys.server_public) if keys is not None else "",
         )
 
     def settings_hash(self) -> str:
@@ -175,6 +183,7 @@ def connector_env(conn: CacheConnection, *, install: bool) -> list[dict[str, Any
         {"name": "LMCACHE_NODE_PORT", "value": str(conn.port)},
         {"name": "LMCACHE_CHUNK_SIZE", "value": str(conn.chunk_size)},
         {"name": "LMCACHE_NODE_TRANSFER_MODE", "value": conn.transfer_mode},
+        {"name": CREDENTIALS_DIR_ENV, "value": CLIENT_DIR},
     ]
     if install:
         env.append({"name": "PYTHONPATH", "value": CONNECTOR_DIR})

@@ -15,6 +15,11 @@ from lmcache_operator.builders.common import (
     content_hash,
     standard_labels,
 )
+from lmcache_operator.builders.credentials import (
+    CLIENT_KEY_ANNOTATION,
+    SERVER_KEY_ANNOTATION,
+    client_volume,
+)
 from lmcache_operator.builders.podsecurity import (
     RUNTIME_DEFAULT_SECCOMP,
     confine_host_paths,
@@ -166,6 +171,10 @@ def _volumes(
         {"name": "shm", "hostPath": {"path": shm_path, "type": "Directory"}}
     ]
     mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": SHM}]
+    if conn is not None:  # the cluster's client keys (LMCACHE_NODE_CREDENTIALS_DIR)
+        volume, mount = client_volume(conn.cluster)
+        volumes.append(volume)
+        mounts.append(mount)
     if install:
         volumes.append({"name": CONNECTOR_VOLUME, "emptyDir": {}})
         mounts.append({"name": CONNECTOR_VOLUME, "mountPath": CONNECTOR_DIR, "readOnly": True})
@@ -226,13 +235,15 @@ def placement(spec: VLLMDeploymentSpec, conn: CacheConnection | None) -> dict[st
 
 
 def pod_security_context(spec: VLLMDeploymentSpec, conn: CacheConnection | None) -> dict[str, Any]:
-    """seccomp RuntimeDefault, the cache cluster's shm group, runAsNonRoot for our CPU image
-    (stock vLLM images run as root: opt in with pod.securityContext.runAsUser/runAsNonRoot)."""
+    """seccomp RuntimeDefault, the cache cluster's shm group (also fsGroup: a non-root vLLM,
+    such as our CPU image, reads the 0440 client keys through it), runAsNonRoot for our CPU
+    image (stock vLLM images run as root: opt in with pod.securityContext.runAsUser)."""
     defaults: dict[str, Any] = {"seccompProfile": dict(RUNTIME_DEFAULT_SECCOMP)}
     if spec.image_runs_as_non_root:
         defaults["runAsNonRoot"] = True
     if conn is not None and conn.shm_group is not None:
         defaults["supplementalGroups"] = [conn.shm_group]
+        defaults["fsGroup"] = conn.shm_group
     return merged_context(defaults, spec.pod.security_context)
 
 
@@ -282,6 +293,9 @@ def build_deployment(
         pod_labels[CACHE_CLUSTER_LABEL] = conn.cluster
         pod_labels[KV_ROLE_LABEL] = spec.cache.kv_role
         annotations[CONFIG_HASH_ANNOTATION] = conn.settings_hash()
+        if conn.client_key:  # a rotation or new keys roll the pods (the connector reads
+            annotations[CLIENT_KEY_ANNOTATION] = conn.client_key  # its keys at start)
+            annotations[SERVER_KEY_ANNOTATION] = conn.server_key
     user = spec.placement
     pod_spec: dict[str, Any] = {
         "containers": [container],

@@ -10,9 +10,10 @@ for them the record is the generation plus our metadata fields. Fields
 we never set (other managers' labels, an HPA's replicas through the scale subresource)
 are outside the shape and left alone.
 
-Children created once and never re-applied (e.g. per-cluster key Secrets, which the
-operator may create but not read) fit the same interface: their owner's repair callback
-creates them again, treating 409 as "exists".
+Children created once and never re-applied, the per-cluster credential Secrets, cannot be
+watched (the operator may create but not read Secrets): controllers/credentials.py finds a
+deleted one on its periodic pass (a POST answered 201 instead of 409), regenerates the pair
+and counts it in ``children_repaired{kind="Secret"}``.
 """
 
 from __future__ import annotations

@@ -14,10 +14,9 @@ of every ConfigMap in the namespaces.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -108,15 +107,3 @@ class ClusterConfigs:
             )  # fmt: skip
             self.tracked[key] = Tracked(tracked.configmap, tracked.key, digest(text))
             self.request_repair(key)
-
-
-async def every(interval_s: float, action: Callable[[], Awaitable[None]], what: str) -> None:
-    """Run ``action()`` every ``interval_s`` until cancelled; a failure is logged, not fatal."""
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await action()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("%s failed; again in %.0f s", what, interval_s)

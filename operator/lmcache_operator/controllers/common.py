@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from lmcache_operator.api.policy import PodPolicy
+from lmcache_operator.builders.node_image import DEFAULTS, NodeImageDefaults
 
 Clock = Callable[[], float]  # monotonic seconds
 MONOTONIC: Clock = time.monotonic
@@ -18,6 +21,15 @@ class Settings:
     gate_timeout_s: float = 300.0  # a vLLM pod still gated after this gets an Event + condition
     repair_interval_s: float = 2.0  # at most one repair of a child per this interval
     config_check_s: float = 30.0  # how often spec.configFrom ConfigMaps are read for changes
+    policy: PodPolicy = field(default_factory=PodPolicy)  # the chart's guard rails
+    images: NodeImageDefaults = DEFAULTS  # the chart's nodeImage
+    secret_check_s: float = 30.0  # how often the credential Secrets are checked (POST: 409)
+    key_propagation_s: float = 90.0  # a rotated key reaches the cache pods' files (kubelet)
+
+    @property
+    def namespaced(self) -> bool:
+        """Watching listed namespaces only: no Node watch, no CRD reads (Roles only)."""
+        return bool(self.namespaces)
 
 
 class InvalidSpec(Exception):  # noqa: N818 - an outcome, named as the Event reason

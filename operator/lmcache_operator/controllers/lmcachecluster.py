@@ -18,21 +18,25 @@ from pydantic import ValidationError
 
 from lmcache_operator.api.common import API_VERSION
 from lmcache_operator.api.lmcachecluster import KIND, LMCacheClusterSpec
+from lmcache_operator.api.policy import PodPolicy
 from lmcache_operator.builders.common import owner_reference
 from lmcache_operator.builders.connection import (
     build_connection_configmap,
     connection_configmap_name,
     pod_label,
 )
+from lmcache_operator.builders.credentials import ROTATE_ANNOTATION
 from lmcache_operator.builders.lmcachecluster import (
     SERVICE_MONITOR_API,
     build_children,
     daemonset_name,
+    effective_device,
     name_problems,
 )
 from lmcache_operator.controllers.children import ChildRepairer
 from lmcache_operator.controllers.cluster_config import ClusterConfigs
-from lmcache_operator.controllers.common import InvalidSpec, RetryLater
+from lmcache_operator.controllers.common import InvalidSpec, RetryLater, Settings
+from lmcache_operator.controllers.credentials import CredentialController
 from lmcache_operator.controllers.events import post_event
 from lmcache_operator.controllers.queue import WorkQueue
 from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeClient, KubeError, forbidden_message
@@ -45,29 +49,34 @@ from lmcache_operator.validation import describe_validation_error
 logger = logging.getLogger(__name__)
 
 SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
-CRD_CACHE_SECONDS = 60.0
+SERVICE_MONITOR_PLURAL = "servicemonitors"
+API_CACHE_SECONDS = 60.0
 DEFER_SAME_PHASE_S = 0.25
 STATUS_SETTLE_S = 0.01  # events of one burst arrive together: one write
 
 
-def validate(name: str, spec: Mapping[str, Any]) -> tuple[LMCacheClusterSpec | None, list[str]]:
-    """The spec model, or the problems that make it invalid (each names the field)."""
+def validate(
+    name: str, spec: Mapping[str, Any], policy: PodPolicy | None = None
+) -> tuple[LMCacheClusterSpec | None, list[str]]:
+    """The spec model, or the problems that make it invalid under the chart's guard rails
+    ``policy`` (default: the chart's defaults); each names the field."""
     try:
         model = LMCacheClusterSpec.model_validate(dict(spec))
     except ValidationError as exc:
         return None, describe_validation_error(exc, prefix="spec")
-    problems = name_problems(name) + model.semantic_problems()
+    problems = name_problems(name) + model.semantic_problems(policy)
     return (None if problems else model), problems
 
 
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What status needs of the body; no deep copy: kopf replaces, never edits, raw bodies."""
+    """What status and credentials need of the body (the rotation annotation, not the
+    others); no deep copy: kopf replaces, never edits, raw bodies."""
     meta = body["metadata"]
-    return {
-        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "generation") if k in meta},
-        "spec": body.get("spec", {}),
-        "status": body.get("status") or {},
-    }
+    kept = {k: meta[k] for k in ("name", "namespace", "uid", "generation") if k in meta}
+    rotate = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION)
+    if rotate is not None:
+        kept["annotations"] = {ROTATE_ANNOTATION: rotate}
+    return {"metadata": kept, "spec": body.get("spec", {}), "status": body.get("status") or {}}
 
 
 class ClusterController:
@@ -81,12 +90,14 @@ class ClusterController:
         views: Views,
         metrics: OperatorMetrics,
         children: ChildRepairer,
+        settings: Settings | None = None,
     ) -> None:
         self.client = client
         self.views = views
         self.metrics = metrics
         self.children = children
-        self.crd_seen: dict[str, tuple[bool, float]] = {}
+        self.settings = Settings() if settings is None else settings
+        self.api_seen: dict[str, tuple[bool, float]] = {}
         self.status = WorkQueue(
             "cluster-status",
             self.refresh_status,
@@ -94,23 +105,33 @@ class ClusterController:
             depth=metrics.queue_depth,
         )
         self.repairs = WorkQueue("cluster-repair", self.repair, depth=metrics.queue_depth)
+        self.credentials = CredentialController(
+            client, views, metrics, self.settings, self.repairs.request
+        )
         self.configs = ClusterConfigs(client, self.repairs.request)
 
-    async def crd_exists(self, name: str) -> bool:
-        cached = self.crd_seen.get(name)
+    async def api_serves(self, api_version: str, plural: str) -> bool:
+        """Whether the API server serves ``plural`` in ``api_version`` (discovery: needs no
+        RBAC, so it works in namespaced mode, where the operator may not read CRDs)."""
+        cache_key = f"{api_version}/{plural}"
+        cached = self.api_seen.get(cache_key)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        crd = await self.client.get(
-            "apiextensions.k8s.io/v1", "CustomResourceDefinition", None, name
-        )
-        self.crd_seen[name] = (crd is not None, time.monotonic() + CRD_CACHE_SECONDS)
-        return crd is not None
+        try:
+            listing = await self.client.request("GET", f"/apis/{api_version}")
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+            listing = None
+        served = any(r.get("name") == plural for r in (listing or {}).get("resources") or [])
+        self.api_seen[cache_key] = (served, time.monotonic() + API_CACHE_SECONDS)
+        return served
 
     async def _monitoring(
         self, name: str, namespace: str, wanted: bool
     ) -> tuple[bool, dict[str, str] | None]:
         """(create the ServiceMonitor?, condition to report)."""
-        exists = await self.crd_exists(SERVICE_MONITOR_CRD)
+        exists = await self.api_serves(SERVICE_MONITOR_API, SERVICE_MONITOR_PLURAL)
         if not wanted:
             if exists:  # switched off: remove one left from before
                 await self.client.delete(
@@ -122,8 +143,9 @@ class ClusterController:
                 "type": "ServiceMonitorReady",
                 "status": "False",
                 "reason": "CRDNotInstalled",
-                "message": f"CRD {SERVICE_MONITOR_CRD} is not installed: install the Prometheus "
-                "Operator or set monitoring.serviceMonitor: false",
+                "message": f"CRD {SERVICE_MONITOR_CRD} is not installed (the API server does not "
+                f"serve {SERVICE_MONITOR_API}): install the Prometheus Operator or set "
+                "monitoring.serviceMonitor: false",
             }
         return True, {
             "type": "ServiceMonitorReady",
@@ -163,7 +185,7 @@ class ClusterController:
         view = self.views.cluster(key)
         if view.body is None:
             view.body = snapshot(body)
-        model, problems = validate(name, body.get("spec") or {})
+        model, problems = validate(name, body.get("spec") or {}, self.settings.policy)
         if model is None:
             self._record(
                 key, Applied(generation=generation, daemonset_generation=0, problems=problems)
@@ -180,11 +202,21 @@ class ClusterController:
             with_monitor, monitor_condition = await self._monitoring(
                 name, namespace, model.monitoring.service_monitor
             )
-            children = build_children(
-                name, namespace, model, service_monitor=with_monitor, user_config=user.values
-            )
-            children.append(build_connection_configmap(name, namespace, model))
             owner = {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(meta)}
+            keys = await self.credentials.ensure(key, owner)
+            children = build_children(
+                name,
+                namespace,
+                model,
+                service_monitor=with_monitor,
+                policy=self.settings.policy,
+                images=self.settings.images,
+                keys=keys.public_keys(),
+                user_config=user.values,
+            )
+            children.append(
+                build_connection_configmap(name, namespace, model, self.settings.images)
+            )
             for child in children:
                 child["metadata"]["ownerReferences"] = [owner_reference(owner)]
             results = await asyncio.gather(*(self.client.apply(child) for child in children))
@@ -256,9 +288,11 @@ class ClusterController:
             self.views.clusters.pop(key, None)
             self.status.forget(key)
             self.children.forget_owner(KIND, key)
+            self.credentials.forget(key)
             self.configs.forget(key)
             return
         self.views.cluster(key).body = snapshot(body)
+        self.credentials.on_cluster_event(key)
         self.status.request(key)
 
     def _defer(self, key: Key, view: ClusterView, status: Mapping[str, Any]) -> bool:
@@ -304,9 +338,13 @@ class ClusterController:
             monitoring_condition=applied.monitoring_condition,
             node_problems=self.views.node_problems,
             forbidden=applied.forbidden,
+            device=self._device(spec),
         )
         status = compute_status(observed)
         status["consumers"] = sorted(k[1] for k in self.views.consumers(*key))
+        credentials = self.credentials.known(key)
+        if credentials is not None:
+            status["credentials"] = credentials.to_status(key[1])
         if not applied.problems:  # the connection ConfigMap exists once a spec was applied
             status["connection"] = {
                 "configMap": connection_configmap_name(key[1]),
@@ -319,10 +357,34 @@ class ClusterController:
         if self._defer(key, view, status):
             return
         try:
-            await self.client.patch_status(API_VERSION, KIND, key[0], key[1], status)
+            await self.client.patch_status(
+                API_VERSION, KIND, key[0], key[1], removals(status, observed.previous)
+            )
         except KubeError as exc:
             if exc.status == 404:
                 return  # deleted meanwhile
             raise
         view.last_written = status
         logger.debug("status of %s/%s: %s", key[0], key[1], status["phase"])
+
+    @staticmethod
+    def _device(spec: Mapping[str, Any]) -> str:
+        try:
+            return effective_device(LMCacheClusterSpec.model_validate(dict(spec)))
+        except ValidationError:
+            return ""
+
+
+def removals(
+    status: Mapping[str, Any], previous: Mapping[str, Any], *, top: bool = True
+) -> dict[str, Any]:
+    """``status`` as a merge patch over ``previous``: a key of a nested object it no longer
+    has is set to None, so the patch removes it (e.g. credentials.rotation after new keys)."""
+    patch = dict(status)
+    for name, before in previous.items():
+        now = patch.get(name)
+        if isinstance(before, Mapping) and isinstance(now, Mapping):
+            patch[name] = removals(now, before, top=False)
+        elif name not in patch and not top:
+            patch[name] = None
+    return patch

@@ -14,13 +14,13 @@ from lmcache_operator.api.lmcachecluster import KIND as CLUSTER_KIND
 from lmcache_operator.api.vllmdeployment import KIND as VLLM_KIND
 from lmcache_operator.builders.common import MANAGED_BY
 from lmcache_operator.controllers.children import ChildRepairer
-from lmcache_operator.controllers.cluster_config import every
 from lmcache_operator.controllers.cluster_events import (
     DAEMONSET_SELECTOR,
     POD_SELECTOR,
     ClusterObserver,
 )
 from lmcache_operator.controllers.common import Settings
+from lmcache_operator.controllers.credentials import every
 from lmcache_operator.controllers.gates import GateController
 from lmcache_operator.controllers.injection import REPORTED_POD_SELECTOR, InjectionReporter
 from lmcache_operator.controllers.lmcachecluster import ClusterController
@@ -55,8 +55,12 @@ class Runtime:
         self.children = ChildRepairer(
             repair, self.metrics, min_interval_s=self.settings.repair_interval_s
         )
-        self.clusters = ClusterController(self.client, self.views, self.metrics, self.children)
-        self.vllm = VLLMController(self.client, self.views, self.metrics, self.children)
+        self.clusters = ClusterController(
+            self.client, self.views, self.metrics, self.children, self.settings
+        )
+        self.vllm = VLLMController(
+            self.client, self.views, self.metrics, self.children, self.settings
+        )
         self.gates = GateController(self.client, self.views, self.metrics, self.settings)
         self.injection = InjectionReporter(self.client, self.metrics)
         self.cluster_observer = ClusterObserver(self.views, self.clusters.status.request)
@@ -74,12 +78,14 @@ class Runtime:
         """Label-selected list+watch loops of everything but the two CRDs (kopf's)."""
         restarted = self.metrics.watch_restarts
         namespaces: list[str | None] = list(self.settings.namespaces) or [None]
-        loops = [
-            WatchLoop(
-                self.client, "v1", "Node", self.cluster_observer.on_node,
-                on_restart=lambda kind: restarted.labels(kind=kind).inc(),
-            )
-        ]  # fmt: skip
+        loops = []
+        if not self.settings.namespaced:  # namespaced mode: Roles only, no Node access
+            loops.append(
+                WatchLoop(
+                    self.client, "v1", "Node", self.cluster_observer.on_node,
+                    on_restart=lambda kind: restarted.labels(kind=kind).inc(),
+                )
+            )  # fmt: skip
         watched: list[tuple[str, str, str, list[EventCallback]]] = [
             (
                 "apps/v1", "DaemonSet", DAEMONSET_SELECTOR,
@@ -88,7 +94,10 @@ class Runtime:
             ("v1", "Pod", POD_SELECTOR, [self.cluster_observer.on_pod]),
             (
                 "apps/v1", "Deployment", DEPLOYMENT_SELECTOR,
-                [self.vllm_observer.on_deployment, self.children.on_event],
+                [
+                    self.vllm_observer.on_deployment, self.children.on_event,
+                    self.clusters.credentials.on_consumer_deployment,
+                ],
             ),
             ("v1", "Pod", VLLM_POD_SELECTOR, [self.vllm_observer.on_vllm_pod]),
             ("v1", "Pod", CACHE_POD_SELECTOR, [self.vllm_observer.on_cache_pod]),
@@ -109,13 +118,19 @@ class Runtime:
         return loops
 
     def start_watches(self) -> None:
+        """The watch loops, and the periodic credentials pass (Secrets cannot be watched:
+        the operator may not read them; a POST answering 201 finds a deleted one)."""
         loop = asyncio.get_running_loop()
         for watch in self.watch_loops():
             self.watch_tasks.append(loop.create_task(watch.run(), name=repr(watch)))
         check = every(
+            self.settings.secret_check_s, self.clusters.credentials.check_all, "credentials check"
+        )
+        self.watch_tasks.append(loop.create_task(check, name="credentials check"))
+        config_check = every(
             self.settings.config_check_s, self.clusters.configs.check_all, "configFrom check"
         )
-        self.watch_tasks.append(loop.create_task(check, name="configFrom check"))
+        self.watch_tasks.append(loop.create_task(config_check, name="configFrom check"))
 
     async def close(self) -> None:
         for task in self.watch_tasks:
@@ -123,7 +138,8 @@ class Runtime:
         await asyncio.gather(*self.watch_tasks, return_exceptions=True)
         self.watch_tasks.clear()
         for queue in (
-            self.clusters.status, self.clusters.repairs, self.vllm.status,
+            self.clusters.status, self.clusters.repairs, self.clusters.credentials.rotations,
+            self.vllm.status,
             self.vllm.applies, self.vllm.repairs, self.gates.queue, self.injection.queue,
         ):  # fmt: skip
             await queue.close()

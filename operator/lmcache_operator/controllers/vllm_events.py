@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from lmcache_operator.builders.common import CLUSTER_LABEL, MANAGED_BY
+from lmcache_operator.builders.credentials import public_keys_from_status
 from lmcache_operator.builders.lmcachecluster import APP_NAME as CACHE_APP_NAME
 from lmcache_operator.builders.vllm_status import pod_summary, ready_cache_nodes
 from lmcache_operator.builders.vllmdeployment import APP_NAME, DEPLOYMENT_LABEL
@@ -148,14 +149,17 @@ class VLLMObserver:
         key: Key = (body["metadata"]["namespace"], body["metadata"]["name"])
         view = self.views.caches.setdefault(key, CacheView())
         if event == "DELETED":
-            view.body, view.generation = None, None
+            view.body, view.generation, view.keys = None, None, None
             changed = True
         else:
             generation = int(body["metadata"].get("generation", 0))
-            changed = view.body is None or view.generation != generation
+            keys = public_keys_from_status(body.get("status"))
+            rolled_to = (keys.consumer_key, keys.server_public) if keys else None
+            before = (view.keys.consumer_key, view.keys.server_public) if view.keys else None
+            changed = view.body is None or view.generation != generation or rolled_to != before
             if not changed:
                 return  # a status write or a kopf annotation: nothing a consumer uses
-            view.body, view.generation = cluster_snapshot(body), generation
+            view.body, view.generation, view.keys = cluster_snapshot(body), generation, keys
         for consumer in self.views.consumers(*key):
             if event != "DELETED":
                 self.controller.applies.request(consumer)  # new settings roll the pods

@@ -18,8 +18,10 @@ from pydantic import ValidationError
 
 from lmcache_operator.api.common import API_VERSION, FIELD_MANAGER
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
+from lmcache_operator.api.policy import PodPolicy
 from lmcache_operator.api.vllmdeployment import KIND, VLLMDeploymentSpec
 from lmcache_operator.builders.common import owner_reference
+from lmcache_operator.builders.credentials import public_keys_from_status
 from lmcache_operator.builders.lmcachecluster import name_problems as cluster_name_problems
 from lmcache_operator.builders.vllm_connector import CacheConnection, compatibility_problems
 from lmcache_operator.builders.vllm_status import VLLMObserved, compute_status
@@ -30,7 +32,7 @@ from lmcache_operator.builders.vllmdeployment import (
     service_url,
 )
 from lmcache_operator.controllers.children import ChildRepairer
-from lmcache_operator.controllers.common import InvalidSpec, RetryLater
+from lmcache_operator.controllers.common import InvalidSpec, RetryLater, Settings
 from lmcache_operator.controllers.queue import WorkQueue
 from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeClient, KubeError, forbidden_message
 from lmcache_operator.kube import transient as transient_error
@@ -45,18 +47,26 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     return copy.deepcopy({k: body[k] for k in ("metadata", "spec", "status") if k in body})
 
 
-def validate(name: str, spec: Mapping[str, Any]) -> tuple[VLLMDeploymentSpec | None, list[str]]:
-    """The spec model, or the problems that make it invalid (each names the field)."""
+def validate(
+    name: str, spec: Mapping[str, Any], policy: PodPolicy | None = None
+) -> tuple[VLLMDeploymentSpec | None, list[str]]:
+    """The spec model, or the problems that make it invalid under the chart's guard rails
+    ``policy`` (default: the chart's defaults); each names the field."""
     try:
         model = VLLMDeploymentSpec.model_validate(dict(spec))
     except ValidationError as exc:
         return None, describe_validation_error(exc, prefix="spec")
-    problems = name_problems(name)
+    problems = name_problems(name) + model.semantic_problems(policy)
     return (None if problems else model), problems
 
 
-def connection(view: CacheView | None, cluster: str) -> tuple[CacheConnection | None, str]:
-    """The cluster's connection settings, or why there are none ('' when it does not exist)."""
+def connection(
+    view: CacheView | None, key: Key, settings: Settings | None = None
+) -> tuple[CacheConnection | None, str]:
+    """The connection settings of LMCacheCluster ``key`` (namespace, name), or why there are
+    none ('' when it does not exist); its spec is held to the same guard rails."""
+    settings = Settings() if settings is None else settings
+    namespace, cluster = key
     if view is None or view.body is None:
         return None, ""
     try:
@@ -64,10 +74,13 @@ def connection(view: CacheView | None, cluster: str) -> tuple[CacheConnection | 
     except ValidationError as exc:
         problems = describe_validation_error(exc, prefix="spec")
         return None, f"LMCacheCluster {cluster!r} has an invalid spec: {'; '.join(problems)}"
-    problems = cluster_name_problems(cluster) + spec.semantic_problems()
+    problems = cluster_name_problems(cluster) + spec.semantic_problems(settings.policy)
     if problems:
         return None, f"LMCacheCluster {cluster!r} has an invalid spec: {'; '.join(problems)}"
-    return CacheConnection.from_cluster(cluster, spec), ""
+    conn = CacheConnection.from_cluster(
+        cluster, spec, namespace=namespace, images=settings.images, keys=view.keys
+    )
+    return conn, ""
 
 
 def replicas_scaled_by_others(deployment: Mapping[str, Any] | None) -> bool:
@@ -91,11 +104,13 @@ class VLLMController:
         views: Views,
         metrics: OperatorMetrics,
         children: ChildRepairer,
+        settings: Settings | None = None,
     ) -> None:
         self.client = client
         self.views = views
         self.metrics = metrics
         self.children = children
+        self.settings = Settings() if settings is None else settings
         depth = metrics.queue_depth
         self.status = WorkQueue("vllm-status", self.refresh_status, depth=depth)
         self.applies = WorkQueue("vllm-apply", self.apply_in_background, depth=depth)
@@ -155,6 +170,7 @@ class VLLMController:
         if body is not None and view.body is None:
             view.body = snapshot(body)
             view.generation = int(body["metadata"].get("generation", 0))
+            view.keys = public_keys_from_status(body.get("status"))
 
     async def apply_children(self, key: Key, *, repair: bool = False) -> None:
         """Build and apply the Service and Deployment from the current spec and cluster."""
@@ -164,7 +180,7 @@ class VLLMController:
         namespace, name = key
         meta = view.body["metadata"]
         generation = int(meta.get("generation", 0))
-        model, problems = validate(name, view.body.get("spec") or {})
+        model, problems = validate(name, view.body.get("spec") or {}, self.settings.policy)
         if model is None:
             self._record(key, VLLMApplied(generation=generation, problems=problems))
             raise InvalidSpec("; ".join(problems))
@@ -172,7 +188,9 @@ class VLLMController:
         if model.cache.enabled and model.cache.cluster_ref is not None:
             cluster = model.cache.cluster_ref.name
             await self._load_cluster(namespace, cluster)
-            conn, _ = connection(self.views.caches.get((namespace, cluster)), cluster)
+            conn, _ = connection(
+                self.views.caches.get((namespace, cluster)), (namespace, cluster), self.settings
+            )
             if conn is None:  # missing or invalid: keep what runs, follow replicas only
                 if view.deployment is not None:
                     try:
@@ -187,7 +205,7 @@ class VLLMController:
                     view.applied = VLLMApplied(generation=None)  # status says why
                 self.status.request(key)
                 return
-        children = build_children(name, namespace, model, conn)
+        children = build_children(name, namespace, model, conn, self.settings.policy)
         owner = {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(meta)}
         for child in children:
             child["metadata"]["ownerReferences"] = [owner_reference(owner)]
@@ -233,10 +251,12 @@ class VLLMController:
             return None  # not reconciled by this process yet: keep the status as it is
         namespace, name = key
         spec = body.get("spec") or {}
-        model, _ = validate(name, spec)
+        model, _ = validate(name, spec, self.settings.policy)
         cluster = cluster_ref(body)
         cache_view = self.views.caches.get((namespace, cluster)) if cluster else None
-        conn, cluster_problem = connection(cache_view, cluster) if cluster else (None, "")
+        conn, cluster_problem = (
+            connection(cache_view, (namespace, cluster), self.settings) if cluster else (None, "")
+        )
         compat = compatibility_problems(model, conn) if model is not None and conn else []
         applied = view.applied
         return VLLMObserved(

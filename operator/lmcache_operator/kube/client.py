@@ -116,7 +116,12 @@ class KubeClient:
         response = await self._send(method, path, body, content_type, params, self.timeout_s)
         async with response:
             text = await response.text()
-        payload: Any = json.loads(text) if text else None
+        try:
+            payload: Any = json.loads(text) if text else None
+        except ValueError:  # an error page that is not JSON (e.g. discovery's 404)
+            if response.status < 400:
+                raise
+            payload = text
         if response.status >= 400:
             self._failed(response.status, what)
             raise KubeError(response.status, method, path, payload)

@@ -43,8 +43,12 @@ class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
         return super().build(body=kopf.Body(cast(kopf.RawBody, lean)), extra_fields=extra_fields)
 
 
-def configure_settings(settings: kopf.OperatorSettings) -> None:
-    """Every kopf setting the operator depends on, explicit rather than kopf's defaults."""
+def configure_settings(settings: kopf.OperatorSettings, *, namespaced: bool = False) -> None:
+    """Every kopf setting the operator depends on, explicit rather than kopf's defaults.
+
+    ``namespaced`` (listed namespaces, Roles only): no cluster-wide scanning of CRDs and
+    namespaces, which the operator may not read there.
+    """
     # Progress and diff-base annotations under our own prefix (never kopf.zalando.org).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = LeanDiffBaseStorage(
@@ -67,6 +71,7 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     # One active replica at a time is the Lease's job (leader.py): no kopf peering objects.
     settings.peering.standalone = True
     settings.peering.mandatory = False
+    settings.scanning.disabled = namespaced
 
 
 def connection_info(credentials: Credentials, *, trust_env: bool = False) -> kopf.ConnectionInfo:
@@ -97,8 +102,9 @@ def connection_info(credentials: Credentials, *, trust_env: bool = False) -> kop
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    configure_settings(settings)
-    runtime_of(memo).start_watches()
+    runtime = runtime_of(memo)
+    configure_settings(settings, namespaced=runtime.settings.namespaced)
+    runtime.start_watches()
 
 
 @kopf.on.login()
