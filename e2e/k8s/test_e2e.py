@@ -3,7 +3,8 @@
 The tests run in file order and build on each other (one install, one cache cluster, one
 VLLMDeployment): install -> LMCacheCluster Ready -> cache pod serves on the node's IP ->
 VLLMDeployment Ready, the same prompt twice (the second served by the node cache) -> cache
-pod deleted and back (Degraded -> Ready, vLLM answers throughout and hits again) -> RBAC
+pod deleted and back (Degraded -> Ready, vLLM answers throughout and hits again) -> a plain
+Deployment of the vLLM image, wired by the operator's webhook, hits the same cache -> RBAC
 sufficient (all of that done by the operator) and minimal -> helm upgrade -> cleanup.
 The same module runs on a kind cluster (e2e/kind/run.sh); only the set-up differs.
 """
@@ -27,7 +28,7 @@ import pytest
 import zmq
 from lmcache_operator.api.policy import DEFAULT_ALLOWED_HOST_PATH_PREFIXES
 
-from e2e.k8s import vllm_deployment
+from e2e.k8s import plain_vllm, vllm_deployment
 from e2e.k8s.conftest import REPO, Settings
 from e2e.k8s.kube import Kube, Timings, http_get, wait_until
 from e2e.vllm.harness import Completion, prompt_text, retrieved_tokens_logged, stream_completion
@@ -563,6 +564,80 @@ def test_deleted_cache_pod_comes_back_and_status_follows(
         timings.record("cache back -> vLLM hits again", time.monotonic() - start)
 
 
+def test_a_plain_deployment_labelled_for_the_webhook_hits_its_nodes_cache(
+    kube: Kube, settings: Settings, timings: Timings, installed: None
+) -> None:
+    """Any vLLM: the stock vLLM CPU image in a plain Deployment (no VLLMDeployment), labelled
+    lmcache.dev/cluster, is wired by the operator's webhook and gets a hit on its second
+    request through its node's cache server."""
+    if settings.vllm_model_dir is None:
+        pytest.skip("E2E_VLLM_MODEL_DIR not set: no vLLM pod in this run")
+    ns = settings.cache_namespace
+    connection = kube.get("configmap", f"{CLUSTER}-connection", ns)
+    assert connection is not None, "the LMCacheCluster has no connection ConfigMap"
+    assert _status(kube, settings)["connection"]["configMap"] == f"{CLUSTER}-connection"
+    if kube.get("vllmdeployments.lmcache.dev", vllm_deployment.NAME, ns) is not None:
+        # one vLLM at a time on this node: the VLLMDeployment makes room (scale subresource)
+        kube.kubectl("scale", "vllmdeployments.lmcache.dev", vllm_deployment.NAME,
+                     "--replicas=0", "-n", ns)  # fmt: skip
+        wait_until("the VLLMDeployment's pod gone", lambda: not _vllm_pods(kube, settings),
+                   timeout=180)  # fmt: skip
+    start = time.monotonic()
+    for obj in plain_vllm.build(settings, settings.vllm_model_dir, CLUSTER):
+        kube.apply(obj)
+    try:
+        pod = wait_until(
+            "the plain vLLM pod Ready", lambda: plain_vllm.ready_pod(kube, settings),
+            timeout=600, interval=2,
+        )  # fmt: skip
+        timings.record("plain Deployment (webhook) apply -> Ready", time.monotonic() - start)
+        annotations = pod["metadata"].get("annotations") or {}
+        assert annotations.get("lmcache.dev/injection") == "injected", annotations
+        assert pod["spec"]["nodeName"] == settings.node
+        container = pod["spec"]["containers"][0]
+        args = container["args"]
+        kv = json.loads(args[args.index("--kv-transfer-config") + 1])
+        assert kv["kv_connector"] == "LMCacheNodeConnector"
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["LMCACHE_NODE_HOST"] == "tcp://$(HOST_IP)"
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["lmcache-client-credentials"]["secret"]["secretName"] == (
+            f"{CLUSTER}-client-credentials"
+        )
+        prompt = prompt_text(11, 4000)  # "[11] ...": no chunk in common with other prompts
+
+        def complete(url: str) -> tuple[Completion, Completion, float, float]:
+            before = _retrieved(kube, settings)
+            cold = stream_completion(url, plain_vllm.SERVED_MODEL, prompt)
+            after_cold = _retrieved(kube, settings)
+            warm = stream_completion(url, plain_vllm.SERVED_MODEL, prompt)
+            return cold, warm, after_cold - before, _retrieved(kube, settings) - after_cold
+
+        if settings.host_reaches_node:
+            service = kube.get("service", plain_vllm.NAME, ns)
+            assert service is not None
+            url = f"http://{service['spec']['clusterIP']}:{plain_vllm.PORT}"
+            cold, warm, cold_hits, warm_hits = complete(url)
+        else:
+            with kube.port_forward(ns, f"svc/{plain_vllm.NAME}", plain_vllm.PORT) as url:
+                cold, warm, cold_hits, warm_hits = complete(url)
+        expected = (cold.prompt_tokens - 1) // CHUNK * CHUNK
+        assert expected >= 2 * CHUNK, f"prompt too short: {cold.prompt_tokens} tokens"
+        assert cold_hits == 0, f"the first request was served {cold_hits} tokens from the cache"
+        assert warm.text == cold.text, "greedy output changed when the prefix came from the cache"
+        assert warm_hits == expected, f"the node cache served {warm_hits} tokens, not {expected}"
+        log = kube.kubectl("logs", pod["metadata"]["name"], "-n", ns).stdout
+        logged = [int(n) for n in LOADED_LOG.findall(log)] + retrieved_tokens_logged(log)
+        assert expected in logged, f"the connector logged no load of {expected} tokens: {logged}"
+        timings.record("plain vLLM TTFT cold", cold.ttft_s)
+        timings.record("plain vLLM TTFT warm (prefix from the node cache)", warm.ttft_s)
+    finally:
+        kube.kubectl("delete", "deployment,service", plain_vllm.NAME, "-n", ns,
+                     "--ignore-not-found", "--wait=false", check=False)  # fmt: skip
+        wait_until("the plain vLLM pod gone", lambda: not kube.items("pods", ns,
+                   f"app={plain_vllm.NAME}"), timeout=120)  # fmt: skip
+
+
 # What the operator must be allowed (it did all of the above with exactly this, and it
 # writes the per-cluster credential Secrets) ...
 NEEDED = [
@@ -589,6 +664,10 @@ NEEDED = [
     ("watch", "configmaps", "-A"),  # repair of children deleted or edited by hand
     ("watch", "services", "-A"),
     ("patch", "pods/status", "-A"),  # the CacheGate condition of a pod gated too long
+    ("get", "configmaps", "-A"),  # spec.configFrom; the webhook reads <cluster>-connection
+    ("get", "namespaces"),  # the webhook reads a namespace's lmcache.dev/cluster label
+    ("create", "persistentvolumeclaims", "-A"),  # VLLMDeployment model.cache.size
+    ("patch", "persistentvolumeclaims", "-A"),
 ]
 # ... and what it must not be: read Secrets, exec into pods, modify nodes, and more.
 FORBIDDEN = [
@@ -611,6 +690,10 @@ FORBIDDEN = [
     ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
     ("impersonate", "serviceaccounts", "-A"),
+    ("list", "namespaces"),
+    ("patch", "namespaces"),
+    ("delete", "persistentvolumeclaims", "-A"),
+    ("patch", "mutatingwebhookconfigurations.admissionregistration.k8s.io"),
     ("create", "serviceaccounts/token", "-A"),
 ]
 
@@ -716,14 +799,14 @@ def test_uninstall_and_deleting_the_resources_leaves_nothing(
     def leftovers() -> list[str]:
         found: list[str] = []
         for kind in ("deployments", "pods", "serviceaccounts", "roles", "rolebindings",
-                     "configmaps"):  # fmt: skip
+                     "configmaps", "services", "secrets"):  # fmt: skip
             found += [
                 f"{kind}/{o['metadata']['name']}"
                 for o in kube.items(kind, settings.operator_namespace)
                 if o["metadata"]["name"] != "kube-root-ca.crt"
                 and not o["metadata"]["name"].startswith("default")
             ]
-        for kind in ("clusterroles", "clusterrolebindings"):
+        for kind in ("clusterroles", "clusterrolebindings", "mutatingwebhookconfigurations"):
             found += [
                 f"{kind}/{o['metadata']['name']}"
                 for o in kube.items(kind, selector=f"app.kubernetes.io/instance={settings.release}")

@@ -476,6 +476,21 @@ class CredentialsStatus(ApiModel):
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
 
+class ConnectionStatus(ApiModel):
+    """How any vLLM pod uses this cache (docs/integrations.md, "Any vLLM")."""
+
+    config_map: str = Field(
+        "",
+        description="ConfigMap (same namespace) holding the connection contract: settings, "
+        "--kv-transfer-config, env, a pod template patch, production-stack values.",
+    )
+    pod_label: str = Field(
+        "",
+        description="Label (on a pod template or a namespace) that asks the operator's "
+        "webhook to wire pods to this cache.",
+    )
+
+
 class LMCacheClusterStatus(ApiModel):
     """Observed state, written by the operator through the status subresource."""
 
@@ -500,6 +515,9 @@ class LMCacheClusterStatus(ApiModel):
     )
     credentials: CredentialsStatus | None = Field(
         None, description="The cluster's CURVE keys, token and their Secrets."
+    )
+    connection: ConnectionStatus | None = Field(
+        None, description="The connection contract for vLLM pods not made by a VLLMDeployment."
     )
 
 

@@ -13,6 +13,7 @@ PLURALS = {
     "Lease": "leases",
     "DaemonSet": "daemonsets",
     "Deployment": "deployments",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
     "ServiceMonitor": "servicemonitors",
     "CustomResourceDefinition": "customresourcedefinitions",
     "LMCacheCluster": "lmcacheclusters",
