@@ -32,9 +32,7 @@ _PORTS = itertools.count(20000, 3)
 
 def manifest(name: str = "cache", cpu: str = "4Gi", port: int | None = None) -> str:
     port = next(_PORTS) if port is None else port
-    return CLUSTER.format(
-        name=name, cpu=cpu, port=port, http_port=port + 1, events_port=port + 2
-    )
+    return CLUSTER.format(name=name, cpu=cpu, port=port, http_port=port + 1, events_port=port + 2)
 
 
 def status(k8s: Cluster, ns: str, name: str = "cache") -> dict[str, Any]:
