@@ -32,9 +32,14 @@ run: setup ## Run the cache server in CPU mode (the embedded default)
 	$(VENV)/bin/lmcache-node serve --device cpu
 
 .PHONY: lint
-lint: setup lint-images ## ruff (lint + format check) and hadolint on the Dockerfiles
+lint: setup lint-code lint-images ## ruff (lint + format check), import contracts, hadolint
+	@true
+
+.PHONY: lint-code
+lint-code: setup ## ruff (lint + format check) and the import contracts (lint-imports)
 	$(VENV)/bin/ruff check node operator tests e2e scripts
 	$(VENV)/bin/ruff format --check node operator tests e2e scripts
+	PYTHONPATH=node:operator $(VENV)/bin/lint-imports
 
 .PHONY: fmt
 fmt: setup ## Format the code with ruff

@@ -50,7 +50,7 @@ def env_names(key: str, field: FieldInfo) -> list[str]:
 
 def serve_flags() -> dict[str, list[str]]:
     """Config key -> the ``lmcache-node serve`` flags that set it."""
-    from lmcache_node.server.cli import add_arguments  # noqa: PLC0415
+    from lmcache_node.serve import add_arguments  # noqa: PLC0415
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

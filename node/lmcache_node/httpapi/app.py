@@ -17,7 +17,6 @@ import json
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -25,9 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lmcache_node.config import NodeConfig
 from lmcache_node.httpapi.auth import TokenFile, bearer_token, is_loopback
-
-if TYPE_CHECKING:
-    from lmcache_node.server.node_server import NodeServer
+from lmcache_node.httpapi.view import NodeView
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +121,7 @@ def body_limit(max_body_bytes: int) -> Middleware:
 
 
 def build_app(
-    server: NodeServer,
+    server: NodeView,
     *,
     token: TokenFile | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -198,7 +195,7 @@ class HttpApi:
 
     def __init__(
         self,
-        server: NodeServer,
+        server: NodeView,
         hosts: str | Sequence[str],
         port: int,
         *,
@@ -219,7 +216,7 @@ class HttpApi:
         )
 
     @classmethod
-    def from_config(cls, server: NodeServer, config: NodeConfig) -> HttpApi:
+    def from_config(cls, server: NodeView, config: NodeConfig) -> HttpApi:
         """The API ``config`` describes; TokenFileError/ValueError when it cannot be served."""
         token = TokenFile.from_file(config.http_token_file) if config.http_token_file else None
         return cls(

@@ -187,7 +187,7 @@ def test_busy_port_and_bad_config_exit_with_clear_errors(
 def test_cli_flags_map_to_config_keys() -> None:
     import argparse
 
-    from lmcache_node.server.cli import add_arguments, config_from_args
+    from lmcache_node.serve import add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -209,7 +209,7 @@ def test_cli_flags_map_to_config_keys() -> None:
 def test_lmcache_server_flags_exist(flag: str) -> None:
     import argparse
 
-    from lmcache_node.server.cli import add_arguments
+    from lmcache_node.serve import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
