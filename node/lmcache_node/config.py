@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from lmcache_node.dtypes import BufferDtype
 from lmcache_node.kvspec import (
     KVSpecError,
     LayerGroup,
@@ -33,7 +34,7 @@ CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 SECRET_KEYS = frozenset({"remote_url"})
 
 Device = Literal["cpu", "cuda", "xpu", "auto"]
-KVDtype = Literal["float16", "float32", "bfloat16", "uint8"]
+KVDtype = BufferDtype  # lmcache_node.dtypes: the one dtype table
 
 
 class ConfigError(ValueError):

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from lmcache_node.dtypes import BUFFER_DTYPES, element_bytes, torch_dtype
 
-KV_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "uint8": torch.uint8,
-}
+if TYPE_CHECKING:  # torch is imported where a tensor dtype is needed: validating a config
+    import torch  # stays torch-free
+
+KV_DTYPES = BUFFER_DTYPES  # the dtypes a shape spec may name (lmcache_node.dtypes)
 
 SPEC_FORMAT = "(shape):dtype:layer_count;..."
 SPEC_EXAMPLE = "(2,2,256,4,16):float16:2;(3,2,256,4,4):float32:3"
@@ -38,14 +37,14 @@ class LayerGroup:
 
     @property
     def dtype(self) -> torch.dtype:
-        return KV_DTYPES[self.dtype_name]
+        return torch_dtype(self.dtype_name)
 
     @property
     def bytes_per_layer(self) -> int:
         count = 1
         for dim in self.shape:
             count *= dim
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count * element_bytes(self.dtype_name)
 
     def describe(self) -> str:
         shape = ",".join(str(d) for d in self.shape)
