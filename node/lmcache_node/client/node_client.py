@@ -37,6 +37,7 @@ from lmcache_node.keys import HASH_ALGORITHM, KeyNamespace
 from lmcache_node.protocol import messages as m
 from lmcache_node.protocol.codec import decode_payload
 from lmcache_node.protocol.credentials import ClientCredentials
+from lmcache_node.retry import RetryPolicy
 from lmcache_node.transfer import cuda_ipc, shm
 from lmcache_node.transfer.export import ExportedKV, export_kv_caches, layout_tag, local_geometry
 from lmcache_node.transfer.layout import KVGeometry
@@ -45,6 +46,8 @@ from lmcache_node.transfer.streams import copy_stream
 log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=msgspec.Struct)
+# After a disconnect: try at once, then back off to 2 s between tries until the server is back.
+RECONNECT = RetryPolicy.forever(base_s=0.05, cap_s=2.0)
 _INCOMPATIBLE = {m.ErrorCode.INCOMPATIBLE.value, m.ErrorCode.BAD_VERSION.value}
 
 
@@ -91,7 +94,7 @@ class NodeClient:
         timeout_s: float = 5.0,
         expected_chunk_size: int | None = None,
         heartbeat_interval_s: float | None = None,
-        max_backoff_s: float = 2.0,
+        reconnect: RetryPolicy | None = None,
         async_workers: int = 4,
         credentials: ClientCredentials | None = None,
     ) -> None:
@@ -100,7 +103,7 @@ class NodeClient:
         self.expected_chunk_size = expected_chunk_size
         self.info: HandshakeInfo | None = None
         self._heartbeat_interval = heartbeat_interval_s
-        self._max_backoff = max_backoff_s
+        self._reconnect = reconnect or RECONNECT
         self._registrations: list[Registration] = []
         self._shm_dir: shm.ShmDirectory | None = None  # attached on first use
         self._mutex = threading.Lock()
@@ -201,19 +204,19 @@ class NodeClient:
 
     def _background_loop(self) -> None:
         """Keep the session alive (pings when idle) and restore it after a disconnect."""
-        backoff = 0.05
+        failures = 0
         while not self._closed.is_set():
             interval = self._heartbeat_interval or (
                 self.info.heartbeat_timeout_s / 3 if self.info else 5.0
             )
             wanted = self._recover_wanted.wait(
-                backoff if not self.available else min(interval, 1.0)
+                self._reconnect.delay(failures) if not self.available else min(interval, 1.0)
             )
             if self._closed.is_set():
                 return
             if wanted or not self.available:
                 self._recover_wanted.clear()
-                backoff = 0.05 if self._recover() else min(backoff * 2, self._max_backoff)
+                failures = 0 if self._recover() else failures + 1
                 continue
             if time.monotonic() - self._last_call >= interval:
                 try:

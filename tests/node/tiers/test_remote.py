@@ -10,11 +10,12 @@ import pytest
 import torch
 from lmcache_node.config import load_config
 from lmcache_node.engine import CacheEngine, build_engine
+from lmcache_node.retry import RetryPolicy
 from lmcache_node.tiers.disk import DiskTier
 from lmcache_node.tiers.frame import Codec, build_frame
 from lmcache_node.tiers.manager import TieredStore
 from lmcache_node.tiers.remote import RemoteTier
-from lmcache_node.tiers.resilience import BreakerState, CircuitBreaker, RetryPolicy
+from lmcache_node.tiers.resilience import BreakerState, CircuitBreaker
 
 from tests.node.tiers.conftest import RedisServer, make_keys, payload_for
 
@@ -28,7 +29,7 @@ def remote(server: RedisServer, **kwargs: object) -> RemoteTier:
     options: dict[str, object] = {
         "secret": SECRET,
         "timeout_secs": 1.0,  # the whole operation: generous for a loaded machine
-        "retry": RetryPolicy(attempts=2, base_secs=0.01, deadline_secs=1.0),
+        "retry": RetryPolicy(attempts=2, base_s=0.01, deadline_s=1.0),
         "breaker": CircuitBreaker(threshold=2, cooldown_secs=0.5),
     }
     options.update(kwargs)

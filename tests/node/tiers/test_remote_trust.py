@@ -16,6 +16,7 @@ import torch
 import zstandard
 from lmcache_node.config import load_config
 from lmcache_node.engine import CacheEngine, build_engine
+from lmcache_node.retry import RetryPolicy
 from lmcache_node.tiers.frame import (
     HEADER_BYTES,
     Codec,
@@ -28,7 +29,7 @@ from lmcache_node.tiers.manager import TieredStore
 from lmcache_node.tiers.metrics import TierCollector
 from lmcache_node.tiers.remote import RemoteTier
 from lmcache_node.tiers.remote_values import MAC_BYTES, RemoteSecretError
-from lmcache_node.tiers.resilience import CircuitBreaker, RetryPolicy
+from lmcache_node.tiers.resilience import CircuitBreaker
 from prometheus_client import CollectorRegistry
 
 from tests.node.tiers.conftest import RedisServer, make_keys, payload_for
@@ -45,7 +46,7 @@ def tier_for(
         "secret": secret,
         "key_prefix": prefix,
         "timeout_secs": 2.0,  # the whole operation: generous for a loaded machine
-        "retry": RetryPolicy(attempts=2, base_secs=0.01),
+        "retry": RetryPolicy(attempts=2, base_s=0.01),
         "breaker": CircuitBreaker(threshold=100, cooldown_secs=0.5),
     }
     options.update(kwargs)
