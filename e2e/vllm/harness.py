@@ -254,6 +254,19 @@ def metric(http_url: str, name: str, labels: str = "") -> float:
     return float(match.group(2)) if match else 0.0
 
 
+def vllm_counter(base_url: str, name: str, **labels: str) -> float:
+    """The sum of a counter on vLLM's /metrics over the series whose labels include
+    ``labels`` (vLLM adds its own: engine, model_name)."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    total = 0.0
+    for match in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}}\s+(\S+)$", text, re.M):
+        present = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if all(present.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
 def retrieved_tokens_logged(log_text: str) -> list[int]:
     return [int(n) for n in re.findall(r"Retrieved (\d+) tokens", log_text)]
 

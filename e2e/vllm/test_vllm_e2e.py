@@ -26,6 +26,7 @@ from e2e.vllm.harness import (
     post_json,
     prompt_text,
     retrieved_tokens_logged,
+    vllm_counter,
     wait_until,
 )
 
@@ -141,6 +142,95 @@ def test_disaggregated_prefill_through_a_proxy(deployment: Deployment) -> None:
     assert retrieved_metric(dep) - retrieved_before == expected
     assert f"loaded {expected} tokens from the node server" in dep.consumer.log_text()
     assert "from the node server" not in dep.producer.log_text()  # a producer never loads
+
+
+VERIFY = "vllm:lmcache_node_verify_chunks_total"
+
+
+def verify_counts(dep: Deployment) -> dict[str, float]:
+    return {
+        outcome: vllm_counter(dep.a.url, VERIFY, outcome=outcome)
+        for outcome in ("saved", "matched", "mismatched", "unknown")
+    }
+
+
+def all_at_once(dep: Deployment, prompts: list[str]) -> list[str]:
+    """Send every prompt to A at the same moment; the answers in prompt order."""
+    answers: list[str | BaseException] = [""] * len(prompts)
+    start = threading.Barrier(len(prompts))
+
+    def ask(index: int) -> None:
+        start.wait()
+        try:
+            answers[index] = dep.a.complete(prompts[index]).text
+        except BaseException as exc:  # re-raised below, in the test's thread
+            answers[index] = exc
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    failed = [a for a in answers if isinstance(a, BaseException)]
+    assert not failed, failed
+    return [str(a) for a in answers]
+
+
+def test_verify_mode_concurrent_loads_are_byte_exact(deployment: Deployment) -> None:
+    """A runs with LMCACHE_NODE_VERIFY=1. Four requests sharing a prefix, at once: computed
+    and saved; the same four at once again: every whole chunk is loaded and its bytes equal
+    the bytes saved (no mismatch, nothing unknown, every expected chunk matched)."""
+    dep = deployment
+    shared = prompt_text(60, 1500)
+    prompts = [shared + prompt_text(61 + i, 2000) for i in range(4)]
+    tokens = [
+        len(post_json(dep.a.url + "/tokenize", {"model": str(dep.a.model), "prompt": p})["tokens"])
+        for p in prompts
+    ]
+    expected_chunks = sum((n - 1) // CHUNK for n in tokens)
+    assert expected_chunks >= 4 * 3, tokens
+    before = verify_counts(dep)
+
+    first = all_at_once(dep, prompts)
+    wait_until(lambda: verify_counts(dep)["saved"] > before["saved"], 60, "saved digests")
+    # the first wave may already load the shared prefix one of its requests saved
+    between = verify_counts(dep)
+    retrieved_before = retrieved_metric(dep)
+    second = all_at_once(dep, prompts)
+
+    assert second == first
+    wait_until(
+        lambda: verify_counts(dep)["matched"] - between["matched"] >= expected_chunks,
+        60,
+        f"{expected_chunks} matched chunks in vLLM's metrics (now {verify_counts(dep)})",
+    )
+    after = verify_counts(dep)
+    assert after["mismatched"] == before["mismatched"] == 0
+    assert after["unknown"] == before["unknown"]
+    assert after["matched"] - between["matched"] == expected_chunks
+    assert retrieved_metric(dep) - retrieved_before == expected_chunks * CHUNK
+    assert "verify mode on" in dep.a.log_text()
+    assert "verify: request" not in dep.a.log_text()  # the first-mismatch ERROR
+
+
+def test_verify_mode_sequential_output_through_the_cache(deployment: Deployment) -> None:
+    """One request alone: computed by vLLM (a miss), then loaded through the cache with
+    every chunk verified; the greedy output is the same."""
+    dep = deployment
+    prompt = prompt_text(70, PROMPT_CHARS)
+    before = verify_counts(dep)
+
+    computed = dep.a.complete(prompt, max_tokens=32)
+    through_cache = dep.a.complete(prompt, max_tokens=32)
+
+    chunks = (computed.prompt_tokens - 1) // CHUNK
+    assert through_cache.text == computed.text
+    wait_until(
+        lambda: verify_counts(dep)["matched"] - before["matched"] >= chunks,
+        60,
+        f"{chunks} matched chunks",
+    )
+    assert verify_counts(dep)["mismatched"] == 0
 
 
 def _up(url: str) -> bool:

@@ -38,10 +38,13 @@ from lmcache_node.keys import KeyNamespace, chunk_keys
 from lmcache_node.vllm.link import NodeLink
 from lmcache_node.vllm.planner import Planner, StepPlan, TransferOp
 from lmcache_node.vllm.settings import ConnectorSettings, load_settings
+from lmcache_node.vllm.stats import NodeConnectorPromMetrics, NodeConnectorStats
 from lmcache_node.vllm.transfers import WorkerTransfers, register
+from lmcache_node.vllm.verify import KVVerifier
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -192,10 +195,17 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 blocks_per_chunk=self.planner.blocks_per_chunk,
                 registration=lambda: self._registration,
                 fail_on_load_error=self.fail_on_load_error,
+                verifier=(
+                    KVVerifier(
+                        lambda: (self._kv_caches, self._block_dim), self.planner.blocks_per_chunk
+                    )
+                    if self.settings.verify
+                    else None
+                ),
             )
         log.info(
             "LMCacheNodeConnector (%s, %s): server %s (%s), chunk %d tokens, transfer mode %s, "
-            "kv_load_failure_policy %s (%s), namespace %s",
+            "kv_load_failure_policy %s (%s), namespace %s%s",
             role.name.lower(),
             transfer.kv_role,
             self.settings.url,
@@ -207,6 +217,7 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
             if self.fail_on_load_error
             else "a failed load is recomputed",
             self._namespace_base.label(),
+            ", verify mode on" if self.settings.verify else "",
         )
         if role == KVConnectorRole.SCHEDULER:
             self.link.start()
@@ -291,7 +302,33 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.transfers.take_invalid_blocks()
 
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        verifier = getattr(getattr(self, "transfers", None), "verifier", None)
+        if verifier is None:
+            return None
+        stats = NodeConnectorStats.from_verify_counts(verifier.take_counts())
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
+        return NodeConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> NodeConnectorPromMetrics:
+        return NodeConnectorPromMetrics(
+            vllm_config, metric_types, labelnames, per_engine_labelvalues
+        )
+
     def shutdown(self) -> None:
+        verifier = getattr(getattr(self, "transfers", None), "verifier", None)
+        if verifier is not None:
+            log.info("verify: chunks by outcome over this worker's life: %s", verifier.totals)
         self.link.close()
 
     # ============================== scheduler side ==============================
