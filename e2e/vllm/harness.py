@@ -285,12 +285,3 @@ def prompt_text(seed: int, approx_chars: int) -> str:
         index += 7
     offset = (seed * 997) % 1000
     return f"[{seed}] " + text[offset : offset + approx_chars]
-
-
-def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

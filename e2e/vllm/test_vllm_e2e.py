@@ -27,8 +27,8 @@ from e2e.vllm.harness import (
     prompt_text,
     retrieved_tokens_logged,
     vllm_counter,
-    wait_until,
 )
+from tests.support import wait_until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 # These run in .venv-vllm (make e2e-vllm); anywhere else they are skipped, not failed.

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from lmcache_operator.kube import KubeClient, KubeError
 
-from tests.operator.kubectl import Cluster, wait_for
+from tests.operator.kubectl import Cluster
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -79,7 +80,7 @@ def _revoke(k8s: Cluster, namespace: str, secret: str, token: str, tmp_path: Pat
         )
         return "Unauthorized" in result.stderr or "must be logged in" in result.stderr
 
-    wait_for(f"the token bound to {secret} refused", refused, timeout=60, interval=0.5)
+    wait_until(refused, 60, f"the token bound to {secret} refused", interval=0.5)
 
 
 async def _list_twice(kubeconfig: Path, rotate: Any, namespace: str) -> tuple[list[str], list[str]]:
