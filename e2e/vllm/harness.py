@@ -21,6 +21,8 @@ from typing import Any
 
 from lmcache_node.server.process import free_port
 
+from tests.support import WaitTimeoutError, wait_until
+
 CONNECTOR_CLASS = "LMCacheNodeConnector"
 CONNECTOR_MODULE = "lmcache_node.vllm.connector"
 SERVER_PYTHON_ENV = "LMCACHE_E2E_SERVER_PYTHON"
@@ -145,20 +147,20 @@ class VLLMProcess:
         return self
 
     def wait_ready(self, timeout_s: float = 400.0) -> VLLMProcess:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(
                     f"vLLM {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
                 )
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"vLLM {self.name} not ready in {timeout_s} s:\n{self.log_tail()}")
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                return bool(response.status == 200)
+
+        try:
+            wait_until(healthy, timeout_s, f"vLLM {self.name} /health", interval=0.5,
+                       ignore=(OSError,))  # fmt: skip
+        except WaitTimeoutError as exc:
+            raise RuntimeError(f"{exc}:\n{self.log_tail()}") from None
+        return self
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""

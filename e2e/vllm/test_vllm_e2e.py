@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 from pathlib import Path
 
@@ -299,7 +298,7 @@ def test_corrupted_disk_chunk_is_detected_and_recomputed(deployment: Deployment)
     assert "kv_load_failure_policy is 'fail', so vLLM fails the request" in consumer_log
     assert "Failing 1 request(s) due to KV load failure" in consumer_log
     server_log = dep.server.log_text()
-    assert "bad chunk file" in server_log or "corrupt" in server_log.lower()
+    assert f"dropped bad chunk file {victim}" in server_log
     assert chunk_file(dep.server.disk_dir, keys[2]) is None  # the bad file was dropped
 
     # A runs with "recompute": same prompt, chunks 0 and 1 loaded, the rest recomputed.
@@ -307,10 +306,8 @@ def test_corrupted_disk_chunk_is_detected_and_recomputed(deployment: Deployment)
 
     assert again.text == first.text
     new_a_log = dep.a.log_text()[a_log_before:]
-    assert (
-        f"loaded {2 * CHUNK} of " in new_a_log
-        or f"loaded {2 * CHUNK} tokens from the node server" in new_a_log
-    ), new_a_log[-3000:]
+    # chunk 2 left the server with the consumer's failed load: A's lookup stops before it
+    assert f"loaded {2 * CHUNK} tokens from the node server" in new_a_log, new_a_log[-3000:]
 
     # A stored the chunks it recomputed: chunk 2 is on disk again, with the right bytes
     def stored_again() -> bool:
@@ -363,16 +360,16 @@ def test_server_killed_mid_run_then_back(deployment: Deployment) -> None:
 
     worker = threading.Thread(target=traffic)
     worker.start()
-    time.sleep(2.0)
+    wait_until(lambda: answers or errors, 300, "the first answer through the cache")
     dep.server.kill()  # SIGKILL while requests are in flight
-    time.sleep(4.0)
-    answered_during_outage = len(answers)
-    time.sleep(4.0)
+    killed_at = len(answers)
+    wait_until(
+        lambda: len(answers) >= killed_at + 3 or errors, 300, "answers while the server is down"
+    )
     stop.set()
     worker.join(120)
 
     assert not errors, errors
-    assert len(answers) > answered_during_outage > 0
     assert all(text == references[p] for p, text in answers)
 
     # A new prompt while the server is down: computed, not stored.

@@ -125,15 +125,15 @@ def test_namespace_label() -> None:
     assert KeyNamespace(model_name="m", layout="vllm").label() == "vllm@m@1@0@float16"
 
 
-def test_client_refuses_a_server_that_keys_differently(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_refuses_a_server_that_keys_differently() -> None:
     """A server of another version (here: the xxh3 keys of 0.1) is refused by name."""
-    monkeypatch.setattr("lmcache_node.server.handlers.HASH_ALGORITHM", "xxh3_128-chain-v1")
     config = load_config(
         {"host": "127.0.0.1", "port": free_port(), "max_local_cpu_size": 0.01, "http_port": 0},
         environ={},
     )
     server = NodeServer(config)
     server.start()
+    server.handler.hash_algorithm = "xxh3_128-chain-v1"
     try:
         client = NodeClient(server.endpoint, timeout_s=10)
         with client, pytest.raises(IncompatibleServerError) as info:

@@ -164,7 +164,6 @@ def test_in_cluster_login_by_service_host_follows_the_rotated_token(
     second = _token(k8s_cluster, namespace, "pod-2")
     (sa_dir / "token").write_text(first)
     server = urlsplit(admin["server"])
-    monkeypatch.setattr("lmcache_operator.kube.login.SA_DIR", sa_dir)
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", str(server.hostname))
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port))
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
@@ -174,7 +173,7 @@ def test_in_cluster_login_by_service_host_follows_the_rotated_token(
         (sa_dir / "token").write_text(second)
 
     async def run() -> tuple[list[str], list[str], str | None]:
-        client = await KubeClient.connect()
+        client = await KubeClient.connect(sa_dir=sa_dir)
         try:
             assert client.credentials.namespace == namespace
             before = await client.list("v1", "ConfigMap", namespace)

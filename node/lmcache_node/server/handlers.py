@@ -75,6 +75,7 @@ class RequestHandler:
         self.metrics = metrics
         self.is_stopping = is_stopping
         self.authenticated = authenticated
+        self.hash_algorithm = HASH_ALGORITHM  # named in the handshake; clients check it
         self._ops: dict[m.Op, Callable[[Session | None, bytes, Any], msgspec.Struct]] = {
             m.Op.REGISTER: self._register,
             m.Op.UNREGISTER: self._unregister,
@@ -194,7 +195,7 @@ class RequestHandler:
             server_version=__version__,
             protocol_version=m.PROTOCOL_VERSION,
             chunk_size=self.config.chunk_size,
-            hash_algorithm=HASH_ALGORITHM,
+            hash_algorithm=self.hash_algorithm,
             transfer_modes=list(m.TRANSFER_MODES),
             device=self.config.device,
             heartbeat_timeout_s=self.config.heartbeat_timeout_secs,

@@ -58,6 +58,7 @@ class DiskTier:
         workers: int = 2,
         max_pending: int = 32,
         lock_wait_secs: float = 10.0,
+        direct_io: DirectIO | None = None,
     ) -> None:
         self.root = Path(root)
         self.capacity_bytes = capacity_bytes
@@ -73,7 +74,7 @@ class DiskTier:
         self._stats = TierStats(name=self.name, capacity_bytes=capacity_bytes)
         self._warn = RateLimitedLog(log)
         self._lock_fd: int | None = None
-        self.direct = DirectIO(use_odirect)
+        self.direct = direct_io or DirectIO(use_odirect)
         self.rebuild_seconds = 0.0
         self.available = self._open(lock_wait_secs)
 

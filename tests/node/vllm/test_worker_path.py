@@ -4,7 +4,6 @@ store, retrieve into other blocks, failures reported as blocks to recompute, rec
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from lmcache_node.vllm.planner import TransferOp
 from lmcache_node.vllm.settings import load_settings
 from lmcache_node.vllm.transfers import WorkerTransfers, register
 from lmcache_node.vllm.verify import KVVerifier
+
+from tests.support import wait_until
 
 CHUNK, BLOCK, BLOCKS = 64, 16, 32  # 4 blocks per chunk
 NS = KeyNamespace(model_name="tiny", kv_dtype="bfloat16", layout="test-cpu-blocks16")
@@ -259,14 +260,13 @@ def test_server_down_then_up(ports: tuple[int, int], tmp_path: Path,
         # a server restart: the client reconnects and re-registers by itself
         proc.kill()
         proc = start_server(*ports, tmp_path / "server2.log")
-        stored = 0
-        for _ in range(100):
+
+        def stored_again() -> bool:
             w.transfers.store([op("r", tokens, 0, 2, list(range(8)))])
-            stored = w.transfers.stats.stored_tokens
-            if stored > 2 * CHUNK:
-                break
-            time.sleep(0.1)
-        assert stored == 4 * CHUNK
+            return w.transfers.stats.stored_tokens > 2 * CHUNK
+
+        wait_until(stored_again, 10, "a store through the restarted server")
+        assert w.transfers.stats.stored_tokens == 4 * CHUNK
         assert any("reachable again" in r.getMessage() for r in caplog.records)
     finally:
         w.link.close()
