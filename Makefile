@@ -129,6 +129,12 @@ e2e-vllm: setup vllm-venv ## End-to-end tests: the real vLLM (CPU) with our conn
 	LMCACHE_E2E_MODEL_DIR=$(E2E_MODEL_DIR) $(VLLM_VENV)/bin/python -m pytest e2e/vllm \
 		-p no:cacheprovider --timeout=900 -m vllm $(PYTEST_ARGS)
 
+.PHONY: bench-router
+bench-router: setup vllm-venv ## Routing policies on a multi-tenant chat trace: 4 node servers, vLLM-measured prefill; JSON on the last line
+	@$(VLLM_VENV)/bin/python -m e2e.vllm.make_model --size tiny --out $(E2E_MODEL_DIR) >/dev/null
+	$(PY) -m lmcache_node.bench.router --vllm-python $(VLLM_VENV)/bin/python \
+		--model-dir $(E2E_MODEL_DIR)
+
 .PHONY: demo
 demo: setup vllm-venv ## Query twice: cold vs warm TTFT of an 8k-token prompt through the node server
 	$(VLLM_VENV)/bin/python -m e2e.vllm.demo

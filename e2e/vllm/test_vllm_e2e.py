@@ -50,16 +50,19 @@ def hit_metric(dep: Deployment) -> float:
 
 
 def test_kv_segments_live_in_the_servers_shm_directory(deployment: Deployment) -> None:
-    """The connectors learn the directory from the handshake: every vLLM's KV cache is a
-    segment there, 0660 in the directory's group (2770), nothing for other users."""
+    """The connectors learn the directory from the handshake: the KV cache of every vLLM in
+    shared mode is a segment there, and B's (engine mode) a staging area the server made
+    there; all 0660 in the directory's group (2770), nothing for other users."""
     shm_dir = deployment.server.shm_dir
+    shared = [i for i in deployment.instances if i is not deployment.b]
 
-    def kv_segments() -> list[str]:
-        return [n for n in os.listdir(shm_dir) if n.startswith("lmcache-node-kv-")]
+    def segments(kind: str) -> list[str]:
+        return [n for n in os.listdir(shm_dir) if n.startswith(f"lmcache-node-{kind}-")]
 
-    wait_until(lambda: len(kv_segments()) >= len(deployment.instances), 120, "KV segments")
+    wait_until(lambda: len(segments("kv")) >= len(shared), 120, "KV segments")
+    wait_until(lambda: len(segments("staging")) >= 1, 120, "B's staging segment")
     assert stat.S_IMODE(shm_dir.stat().st_mode) == 0o2770
-    for name in kv_segments():
+    for name in segments("kv") + segments("staging"):
         info = (shm_dir / name).stat()
         assert stat.S_IMODE(info.st_mode) == 0o660, name
         assert info.st_gid == shm_dir.stat().st_gid and info.st_nlink == 1

@@ -1,4 +1,5 @@
-"""`lmcache-node`: the cache node's command line (serve, standalone, bench, keys)."""
+"""`lmcache-node`: the cache node's command line (serve, standalone, bench, keys, vllm,
+router)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "standalone": ("lmcache_node.standalone", "start the engine without vLLM or a GPU"),
     "bench": ("lmcache_node.bench.runner", "measure the engine against memcpy"),
     "keys": ("lmcache_node.keygen", "generate CURVE keys for the server and its clients"),
+    "vllm": (
+        "lmcache_node.vllm.launcher",
+        "start `vllm serve ARGS`, with the cache when ENABLE_LMCACHE=1 (Dynamo style)",
+    ),
+    "router": (
+        "lmcache_node.router.cli",
+        "route OpenAI requests to the vLLM replica whose node cache holds their prefix",
+    ),
 }
+# Commands that take everything after their name as their own arguments: dispatched before
+# the parser is built, so they need none of the other commands' dependencies (the launcher
+# runs in vLLM images, which lack the server's).
+PASS_THROUGH = ("vllm",)
 
 
 def _load(module: str) -> _Command:
@@ -46,9 +59,13 @@ def build_parser(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given and given[0] in PASS_THROUGH:  # the launcher: vLLM's own arguments, untouched
+        module, _ = COMMANDS[given[0]]
+        return _load(module).run(argparse.Namespace(vllm_args=given[1:]))
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(given)
         if args.command is None:
             parser.print_help()
             return 2

@@ -2,7 +2,9 @@
 
 Precedence: CLI > config file (``--config`` or ``LMCACHE_CONFIG_FILE``, YAML) >
 ``LMCACHE_*`` environment variables > defaults. Errors name the key, the value, what is
-allowed and where the value came from.
+allowed and where the value came from. Every LMCache 0.5.6 key is accepted in the file and the
+environment (:mod:`lmcache_node.lmcache_compat`): mapped onto ours, or ignored with a warning
+(``NodeConfig.compat_warnings``); an unknown key is an error with a did-you-mean.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlparse
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from lmcache_node.dtypes import BufferDtype
@@ -26,6 +28,15 @@ from lmcache_node.kvspec import (
     check_mla,
     groups_from_kv_shape,
     parse_shape_spec,
+)
+from lmcache_node.lmcache_compat import (
+    KEYS_PAGE,
+    LMCACHE_VERSION,
+    MappingCheck,
+    Translation,
+    translate,
+    translate_env,
+    unknown_key_message,
 )
 from lmcache_node.sizes import SizeError, size_to_bytes, size_to_gb
 
@@ -255,6 +266,38 @@ class NodeConfig(BaseSettings):
         le=1024**3,
         description="Largest ZMQ message accepted (ZMQ_MAXMSGSIZE); a bigger one drops the peer.",
     )
+    # --- routing: what the node holds, published to routers (docs/routing.md) ---
+    events_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description=(
+            "Port of the events socket (ZMQ PUB on host, CURVE like the request port): "
+            "batches of stored/evicted/cleared chunk keys per tier for cache-aware routers. "
+            "0 disables events and snapshots."
+        ),
+    )
+    events_flush_secs: float = Field(
+        0.02, gt=0, le=10, description="Longest an event waits before its batch is published."
+    )
+    events_max_pending_keys: int = Field(
+        65536,
+        ge=64,
+        le=1 << 24,
+        description=(
+            "Key events buffered between batches; beyond it they are dropped and subscribers "
+            "resynchronise from a snapshot (the server never waits for them)."
+        ),
+    )
+    events_snapshot_max_keys: int = Field(
+        1 << 20,
+        ge=1,
+        le=1 << 24,
+        description=(
+            "Most keys per tier in one snapshot (8 bytes each); a larger tier is cut to its "
+            "most recently used keys."
+        ),
+    )
     # --- standalone starter / worker identity ---
     model_name: str = Field("default", min_length=1, description="Model name (key namespace).")
     worker_id: int = Field(0, ge=0, description="Worker rank (key namespace).")
@@ -268,6 +311,14 @@ class NodeConfig(BaseSettings):
     )
     use_mla: bool = Field(False, description="MLA layout (one latent vector per token).")
     fmt: Literal["vllm"] = Field("vllm", description="KV layout family.")
+
+    _compat_warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def compat_warnings(self) -> list[str]:
+        """One line per LMCache key or value this config accepted but ignores or converts
+        (the commands log them at start)."""
+        return list(self._compat_warnings)
 
     @field_validator(
         "max_local_cpu_size", "max_local_disk_size", "max_staging_bytes_per_session", mode="before"
@@ -417,8 +468,16 @@ def config_keys() -> list[str]:
     return list(NodeConfig.model_fields)
 
 
+def _known_keys_hint() -> str:
+    return (
+        f"known keys: {', '.join(config_keys())}, plus the LMCache {LMCACHE_VERSION} keys "
+        f"({KEYS_PAGE})"
+    )
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML config file into a mapping, with errors that name the file."""
+    """Read a YAML config file into a mapping (our keys and LMCache's, as written), with
+    errors that name the file."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(
@@ -436,13 +495,20 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"Config file {str(file)!r} must hold a mapping of keys to values, "
             f"not a {type(data).__name__}"
         )
-    unknown = sorted(str(k) for k in data if str(k) not in NodeConfig.model_fields)
-    if unknown:
-        raise ConfigError(
-            f"Config file {str(file)!r} has unknown key(s) {', '.join(unknown)}; "
-            f"known keys: {', '.join(config_keys())}"
-        )
     return {str(k): v for k, v in data.items()}
+
+
+def _file_values(file_name: str | os.PathLike[str]) -> Translation:
+    found = translate(
+        read_config_file(file_name),
+        our_keys=NodeConfig.model_fields,
+        origin=f"config file {file_name}",
+    )
+    if found.unknown:
+        raise ConfigError(
+            f"Config file {str(file_name)!r} has {'; '.join(found.unknown)}; {_known_keys_hint()}"
+        )
+    return found
 
 
 def load_config(
@@ -454,33 +520,37 @@ def load_config(
 ) -> NodeConfig:
     """Build the effective config: CLI > config file > LMCACHE_* environment > defaults.
 
-    ``cli`` holds only the options the user gave (None values are ignored).
+    ``cli`` holds only the options the user gave (None values are ignored). LMCache keys in
+    the file and the environment are translated (``NodeConfig.compat_warnings`` says what was
+    ignored or converted).
     """
     env = os.environ if environ is None else environ
     cli_values = {k: v for k, v in (cli or {}).items() if v is not None}
-    unknown = sorted(k for k in cli_values if k not in NodeConfig.model_fields)
+    unknown = [k for k in cli_values if k not in NodeConfig.model_fields]
     if unknown:
-        raise ConfigError(
-            f"Unknown setting(s) {', '.join(unknown)}; known keys: {', '.join(config_keys())}"
-        )
+        messages = "; ".join(unknown_key_message(k, NodeConfig.model_fields) for k in unknown)
+        raise ConfigError(f"Unknown setting(s): {messages}; {_known_keys_hint()}")
     file_name = config_file or env.get(CONFIG_FILE_ENV) or None
     if file_name is None and require_file:
         raise ConfigError(
             f"No config file specified: pass --config FILE or set {CONFIG_FILE_ENV}=FILE"
         )
-    file_values = read_config_file(file_name) if file_name else {}
-    origins = {k: f"config file {file_name}" for k in file_values}
+    from_file = _file_values(file_name) if file_name else Translation()
+    from_env = translate_env(env, our_keys=NodeConfig.model_fields)
+    origins = dict(from_env.origins)
+    origins.update({k: f"config file {file_name}" for k in from_file.values})
     origins.update({k: "the command line" for k in cli_values})
-    merged = {**file_values, **cli_values}
+    merged = {**from_env.values, **from_file.values, **cli_values}
+    visible = {k: v for k, v in env.items() if k not in from_env.hidden}
     saved_env: dict[str, str] | None = None
-    if environ is not None:  # pydantic-settings reads os.environ: swap it in for the call
+    if environ is not None or from_env.hidden:  # pydantic-settings reads os.environ: swap
         saved_env = dict(os.environ)
         os.environ.clear()
-        os.environ.update(environ)
+        os.environ.update(visible)
     try:
-        return NodeConfig(**merged)
+        config = NodeConfig(**merged)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, origins, env)) from None
+        raise ConfigError(_explain(exc, origins, visible)) from None
     except SettingsError as exc:
         raise ConfigError(
             f"An {ENV_PREFIX}* environment variable could not be parsed: {exc}"
@@ -489,6 +559,49 @@ def load_config(
         if saved_env is not None:
             os.environ.clear()
             os.environ.update(saved_env)
+    config._compat_warnings = from_env.warnings + from_file.warnings
+    return config
+
+
+class _WithoutEnvironment(NodeConfig):
+    """NodeConfig from its arguments alone (no environment variables read)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def check_mapping(mapping: Mapping[Any, Any], *, origin: str) -> MappingCheck:
+    """Validate ``mapping`` (LMCache and our keys) as the config file it would become; the
+    environment is neither read nor changed (safe in a multi-threaded process)."""
+    found = translate(mapping, our_keys=NodeConfig.model_fields, origin=origin)
+    problems = [f"{origin}: {message}" for message in found.unknown]
+    values: dict[str, Any] = {}
+    try:
+        config = _WithoutEnvironment(**found.values)
+    except ValidationError as exc:
+        origins = {key: origin for key in found.values}
+        problems += _problems(exc, origins, {}, found.sources)
+    else:
+        values = {key: getattr(config, key) for key in found.values}
+    defaults = {
+        key: NodeConfig.model_fields[key].get_default(call_default_factory=True)
+        for key in found.values
+    }
+    return MappingCheck(
+        problems=problems,
+        warnings=found.warnings,
+        values=values,
+        sources=found.sources,
+        defaults=defaults,
+    )
 
 
 def _origin(key: str, origins: Mapping[str, str], env: Mapping[str, str]) -> str:
@@ -507,15 +620,32 @@ def _value_of(key: str, given: Mapping[str, Any]) -> Any:
 
 
 def _explain(exc: ValidationError, origins: Mapping[str, str], env: Mapping[str, str]) -> str:
-    lines = ["Invalid configuration:"]
+    lines = [f"  - {problem}" for problem in _problems(exc, origins, env)]
+    return "\n".join(["Invalid configuration:", *lines])
+
+
+def _problems(
+    exc: ValidationError,
+    origins: Mapping[str, str],
+    env: Mapping[str, str],
+    written_as: Mapping[str, str] | None = None,
+) -> list[str]:
+    """One line per error: key (as written, when an LMCache name set it), value, origin."""
+    names = written_as or {}
+
+    def shown(key: str) -> str:
+        written = names.get(key, key)
+        return key if written == key else f"{written} ({key})"
+
+    lines = []
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
         key = loc[0] if loc else "(whole config)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             lines.append(
-                f"  - unknown key {key!r} (from {_origin(key, origins, env)}); "
-                f"known keys: {', '.join(config_keys())}"
+                f"{unknown_key_message(key, NodeConfig.model_fields)} "
+                f"(from {_origin(key, origins, env)}); {_known_keys_hint()}"
             )
             continue
         ctx = error.get("ctx") or {}
@@ -524,14 +654,16 @@ def _explain(exc: ValidationError, origins: Mapping[str, str], env: Mapping[str,
             values = error.get("input")
             given = values if isinstance(values, dict) else {}
             details = "; ".join(
-                f"{k} = {_value_of(k, given)!r} (from {_origin(k, origins, env)})" for k in involved
+                f"{shown(k)} = {_value_of(k, given)!r} (from {_origin(k, origins, env)})"
+                for k in involved
             )
-            lines.append(f"  - {details}: {message}" if details else f"  - {message}")
+            lines.append(f"{details}: {message}" if details else message)
             continue
         allowed = ""
         if "expected" in ctx:
             allowed = f"; allowed: {ctx['expected']}"
         where = _origin(key, origins, env)
         value = error.get("input")
-        lines.append(f"  - {'.'.join(loc)} = {value!r} (from {where}): {message}{allowed}")
-    return "\n".join(lines)
+        path = ".".join([shown(key), *loc[1:]])
+        lines.append(f"{path} = {value!r} (from {where}): {message}{allowed}")
+    return lines

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from lmcache_node.dtypes import BUFFER_DTYPES, element_bytes, torch_dtype
 
 if TYPE_CHECKING:  # torch is imported where a tensor dtype is needed: validating a config
-    import torch  # stays torch-free
+    import torch  # (the operator does it with lmcache_node.lmcache_compat) stays torch-free
 
 KV_DTYPES = BUFFER_DTYPES  # the dtypes a shape spec may name (lmcache_node.dtypes)
 

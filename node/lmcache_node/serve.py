@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"lmcache-node serve: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
+    for warning in config.compat_warnings:  # LMCache keys and values this node ignores
+        log.warning("config: %s", warning)
     try:  # before torch and the engine are loaded: a refusal is immediate
         transport = Transport.from_config(config)
     except TransportSecurityError as exc:

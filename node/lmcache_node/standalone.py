@@ -220,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         setup_logging(config.log_level if "LMCACHE_LOG_LEVEL" not in os.environ else None)
+        for warning in config.compat_warnings:  # LMCache keys and values this node ignores
+            log.warning("config: %s", warning)
         node = start(config)
         moved = node.self_test()
     except (ConfigError, StartupError) as exc:

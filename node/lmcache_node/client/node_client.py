@@ -350,10 +350,14 @@ class NodeClient:
             if namespace
             else layout_tag(tensors, block_dim=block_dim, block_size=block_size)
         )
+        # Published by the server so routers compute the same keys (docs/routing.md).
+        model_name = namespace.model_name if namespace else ""
+        key_seed = namespace.seed() if namespace else b""
         try:
             return self._register(
                 tensors, mode, block_dim=block_dim, block_size=block_size,
                 worker_id=wid, layout=lay, staging_chunks=staging_chunks,
+                model_name=model_name, key_seed=key_seed,
             )  # fmt: skip
         except RemoteError as exc:
             if (
@@ -367,6 +371,7 @@ class NodeClient:
                 return self._register(
                     tensors, "engine", block_dim=block_dim, block_size=block_size,
                     worker_id=wid, layout=lay, staging_chunks=staging_chunks,
+                    model_name=model_name, key_seed=key_seed,
                 )  # fmt: skip
             raise
 
@@ -380,6 +385,8 @@ class NodeClient:
         worker_id: int,
         layout: str,
         staging_chunks: int,
+        model_name: str = "",
+        key_seed: bytes = b"",
     ) -> Registration:
         shared_cpu = mode == "shared" and tensors[0].device.type == "cpu"
         exported = export_kv_caches(
@@ -404,6 +411,8 @@ class NodeClient:
             device=exported.device,
             staging_chunks=staging_chunks,
             event_handle=event_handle,
+            model_name=model_name,
+            key_seed=key_seed,
         )
         registration = Registration(
             registration_id=0,

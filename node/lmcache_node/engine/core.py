@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 EvictListener = Callable[[ChunkKey, PageSpan], None]
 CommitListener = Callable[[ChunkKey, PageSpan], None]
+ClearListener = Callable[[], None]
 _VISIBLE = (EntryState.READY, EntryState.PROMOTING)  # what a lookup counts as a hit
 
 
@@ -155,6 +156,7 @@ class CacheEngine:
         )
         self.evict_listeners: list[EvictListener] = []
         self.commit_listeners: list[CommitListener] = []
+        self.clear_listeners: list[ClearListener] = []  # after clear() (e.g. routing events)
         # Lower tiers (disk, remote) attach here; pin waits this long for a promotion.
         self.lower_tiers: LowerTiers | None = None
         self.promotion_wait_secs = 10.0
@@ -494,7 +496,10 @@ class CacheEngine:
                 self._remove_locked(entry)
             for lock_id in list(self._locks):
                 self._release_lock_locked(lock_id)
-            return len(entries)
+            listeners = list(self.clear_listeners)
+        for listener in listeners:
+            listener()
+        return len(entries)
 
     def stats(self) -> EngineStats:
         with self._mutex:

@@ -14,6 +14,8 @@ from typing import Any
 
 import msgspec
 
+from lmcache_node.protocol.events import NamespaceInfo
+
 MAGIC = b"LMCN"
 PROTOCOL_VERSION = 2  # 2: CURVE transport, session ownership, bounds, shm_dir
 TRANSFER_MODES = ("shared", "engine")
@@ -31,6 +33,7 @@ class Op(enum.IntEnum):
     CLEAR = 9
     PING = 10
     STATS = 11
+    SNAPSHOT = 12  # the keys each tier holds, for a subscriber of the events socket
 
 
 class Status(enum.IntEnum):
@@ -132,6 +135,9 @@ class RegisterRequest(_Msg):
     device: str = "cpu"
     staging_chunks: int = 8  # engine mode: chunks per staging area
     event_handle: bytes = b""  # CUDA: interprocess event the worker records before a store
+    # The worker's key namespace (published to routers, which compute the same keys)
+    model_name: str = ""
+    key_seed: bytes = b""  # keys.KeyNamespace.seed() of this worker
 
 
 class RegisterReply(_Msg):
@@ -227,6 +233,25 @@ class StatsReply(_Msg):
     stats: dict[str, Any]
 
 
+# ----- routing -----
+class SnapshotRequest(_Msg):
+    tiers: list[str] = msgspec.field(default_factory=list)  # empty: every tier
+    with_keys: bool = True  # False: only the numbers, the events port and the namespaces
+
+
+class SnapshotReply(_Msg):
+    """The keys each tier held after event batch ``seq`` of ``epoch`` (digests, see
+    ``protocol.events``); a tier above the server's bound is cut to its most recent keys."""
+
+    epoch: int
+    seq: int
+    events_port: int
+    chunk_size: int
+    tiers: dict[str, bytes]
+    truncated: list[str] = msgspec.field(default_factory=list)
+    namespaces: list[NamespaceInfo] = msgspec.field(default_factory=list)
+
+
 REQUEST_TYPES: dict[Op, type[msgspec.Struct]] = {
     Op.HANDSHAKE: HandshakeRequest,
     Op.REGISTER: RegisterRequest,
@@ -239,6 +264,7 @@ REQUEST_TYPES: dict[Op, type[msgspec.Struct]] = {
     Op.CLEAR: ClearRequest,
     Op.PING: PingRequest,
     Op.STATS: StatsRequest,
+    Op.SNAPSHOT: SnapshotRequest,
 }
 
 REPLY_TYPES: dict[Op, type[msgspec.Struct]] = {
@@ -253,4 +279,5 @@ REPLY_TYPES: dict[Op, type[msgspec.Struct]] = {
     Op.CLEAR: ClearReply,
     Op.PING: PingReply,
     Op.STATS: StatsReply,
+    Op.SNAPSHOT: SnapshotReply,
 }

@@ -37,6 +37,8 @@ from lmcache_node.protocol.codec import (
     encode_reply,
     op_of,
 )
+from lmcache_node.protocol.events import TIERS
+from lmcache_node.server.events import EventPublisher
 from lmcache_node.server.state import IdentityMismatch, Registration, Session, SessionTable
 from lmcache_node.transfer import cuda_ipc, shm
 from lmcache_node.transfer.layout import KVGeometry, LayerGeometry, LayoutError
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 _ERROR_HEADER = m.Header(m.MAGIC, m.PROTOCOL_VERSION, 0, 0)
 _MAX_SEGMENT_BYTES = 1 << 48  # 256 TiB: above any real KV allocation, far below int64
 _MAX_LAYOUT_CHARS = 256
+_MAX_MODEL_NAME_CHARS = 1024
+_MAX_KEY_SEED_BYTES = 64
 _DEVICES = ("cpu", "cuda", "xpu")
 
 
@@ -87,7 +91,9 @@ class RequestHandler:
             m.Op.CLEAR: self._clear,
             m.Op.PING: self._ping,
             m.Op.STATS: self._stats,
+            m.Op.SNAPSHOT: self._snapshot,
         }
+        self.events: EventPublisher | None = None  # set by the server when events are on
 
     # ----- entry point -----
     def handle(self, routing_id: bytes, frames: list[bytes], *, identity: str = "") -> list[bytes]:
@@ -294,6 +300,8 @@ class RequestHandler:
             staging_lock_fd=staging_fd,
             event=event,
             shm_dir=self.shm_dir,
+            model_name=req.model_name,
+            key_seed=req.key_seed,
         )
         log.info(
             "Registered KV cache for worker %d (client %s, pid %d): %d layers, %d blocks of "
@@ -347,6 +355,12 @@ class RequestHandler:
             )
         if not 0 <= req.worker_id < 1 << 31 or not 0 <= req.block_dim < 64:
             raise RequestError(m.ErrorCode.BAD_REQUEST, "worker_id or block_dim is out of range")
+        if len(req.model_name) > _MAX_MODEL_NAME_CHARS or len(req.key_seed) > _MAX_KEY_SEED_BYTES:
+            raise RequestError(
+                m.ErrorCode.BAD_REQUEST,
+                f"model_name is at most {_MAX_MODEL_NAME_CHARS} characters and key_seed at "
+                f"most {_MAX_KEY_SEED_BYTES} bytes",
+            )
 
     def _check_staging(self, session: Session, chunks: int, chunk_bytes: int) -> None:
         c = self.config
@@ -640,6 +654,24 @@ class RequestHandler:
         self, session: Session | None, routing_id: bytes, req: m.StatsRequest
     ) -> m.StatsReply:
         return m.StatsReply(stats=self.snapshot())
+
+    def _snapshot(
+        self, session: Session | None, routing_id: bytes, req: m.SnapshotRequest
+    ) -> m.SnapshotReply:
+        if self.events is None:
+            raise RequestError(
+                m.ErrorCode.INCOMPATIBLE,
+                "this server publishes no events (events_port is 0): start it with "
+                "--events-port PORT to serve cache-aware routers",
+            )
+        unknown = [t for t in req.tiers if t not in TIERS]
+        if unknown or len(req.tiers) > len(TIERS):
+            raise RequestError(
+                m.ErrorCode.BAD_REQUEST,
+                f"unknown or repeated tier(s) {unknown or req.tiers}; the tiers are "
+                f"{', '.join(TIERS)} (an empty list asks for all)",
+            )
+        return self.events.snapshot(list(dict.fromkeys(req.tiers)), with_keys=req.with_keys)
 
     # ----- shared with the server -----
     def snapshot(self) -> dict[str, Any]:

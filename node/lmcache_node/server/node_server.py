@@ -34,6 +34,7 @@ from lmcache_node.engine.core import CacheEngine
 from lmcache_node.metrics import NodeMetrics
 from lmcache_node.protocol import messages as m
 from lmcache_node.protocol.codec import FrameError, decode_header, encode_reply
+from lmcache_node.server.events import EventPublisher
 from lmcache_node.server.handlers import RequestHandler
 from lmcache_node.server.state import SessionTable
 from lmcache_node.server.transport import Transport
@@ -116,6 +117,7 @@ class NodeServer:
         self._bind_error: BaseException | None = None
         self._threads: list[threading.Thread] = []
         self._inflight = 0
+        self.events: EventPublisher | None = None  # the events socket (events_port)
 
     # ----- lifecycle -----
     @property
@@ -174,6 +176,8 @@ class NodeServer:
             shm_dir=self._shm_dir,
             authenticated=self.transport.authenticated,
         )
+        if self.config.events_port:
+            self._start_events(self._engine)
         self._engine_ready.set()
         for index in range(self.config.max_workers):
             worker = threading.Thread(
@@ -189,6 +193,29 @@ class NodeServer:
             self.endpoint, self.transport.describe(), self.config.chunk_size,
             self.config.max_workers, self.config.device,
         )  # fmt: skip
+
+    def _start_events(self, engine: CacheEngine) -> None:
+        config = self.config
+        publisher = EventPublisher(
+            host=config.host,
+            port=config.events_port,
+            transport=self.transport,
+            sessions=self.sessions,
+            registry=self.metrics.registry,
+            flush_secs=config.events_flush_secs,
+            max_pending_keys=config.events_max_pending_keys,
+            snapshot_max_keys=config.events_snapshot_max_keys,
+            chunk_size=config.chunk_size,
+        )
+        publisher.attach(engine)
+        try:
+            publisher.start()
+        except OSError:
+            self._stopping.set()
+            self._engine_ready.set()
+            raise
+        self.events = publisher
+        self.handler.events = publisher
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (safe from signal handlers and any thread)."""
@@ -344,6 +371,8 @@ class NodeServer:
         if self._handler is not None:
             for session in self.sessions.sessions():
                 self._handler.drop_session(session, reason="shutdown", unlink=False)
+            if self.events is not None:
+                self.events.close()
             self.engine.close()  # finish queued write-downs (bounded), release the disk lock
         self._waker.close()
         log.info("server stopped")

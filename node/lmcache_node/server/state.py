@@ -40,6 +40,8 @@ class Registration:
     shm_dir: ShmDirectory | None = field(default=None, repr=False)  # where shm_names live
     active: int = 0  # requests using it right now
     closed: bool = False
+    model_name: str = ""  # the worker's key namespace, published to routers
+    key_seed: bytes = b""
 
     def release(self, *, unlink_worker_segments: bool) -> None:
         """Drop the mappings; remove the staging area and, for a dead worker, its segments."""

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -40,7 +40,10 @@ from lmcache_node.tiers.workers import TaskPool
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiskTier", "file_bytes_for"]
+__all__ = ["DiskTier", "KeyListener", "file_bytes_for"]
+
+# (event, key) with event "stored" or "evicted"; called under the tier's lock: be quick
+KeyListener = Callable[[str, ChunkKey], None]
 
 
 class DiskTier:
@@ -74,6 +77,7 @@ class DiskTier:
         self._stats = TierStats(name=self.name, capacity_bytes=capacity_bytes)
         self._warn = RateLimitedLog(log)
         self._lock_fd: int | None = None
+        self.key_listeners: list[KeyListener] = []  # index changes (routing events)
         self.direct = direct_io or DirectIO(use_odirect)
         self.rebuild_seconds = 0.0
         self.available = self._open(lock_wait_secs)
@@ -154,7 +158,12 @@ class DiskTier:
             self._stats.evictions += 1
             self._stats.evicted_bytes += size
             victims.append((self.path_for(key), size))
+            self._notify("evicted", key)
         return victims
+
+    def _notify(self, event: str, key: ChunkKey) -> None:
+        for listener in self.key_listeners:
+            listener(event, key)
 
     def _charged(self) -> int:
         return self._used + self._reserved + self._deleting
@@ -229,6 +238,7 @@ class DiskTier:
             self._used += size
             self._stats.stores += 1
             self._stats.stored_bytes += nbytes
+            self._notify("stored", key)
         return True
 
     def _write_file(
@@ -292,6 +302,7 @@ class DiskTier:
             nbytes = self._index.pop(key, None)
             if nbytes is not None:
                 self._used -= file_bytes_for(nbytes)
+                self._notify("evicted", key)
         if delete:
             unlink_quiet(str(self.path_for(key)))
 

@@ -76,6 +76,15 @@ class ServerSpec(ApiModel):
     http_port: int = Field(
         8080, ge=1, le=65535, description="HTTP port: /healthz, /readyz, /metrics."
     )
+    events_port: int = Field(
+        5556,
+        ge=0,
+        le=65535,
+        description=(
+            "Port of the events socket routers subscribe to (what each node caches; CURVE like "
+            "the ZMQ port); 0 turns events off (VLLMDeployment routers then route by load)."
+        ),
+    )
     chunk_size: int = Field(
         256, gt=0, le=1 << 20, description="Tokens per chunk; must match the vLLM side."
     )
@@ -187,6 +196,28 @@ class CacheSpec(ApiModel):
     remote: RemoteTier | None = Field(None, description="Optional remote tier (L3).")
 
 
+MAX_CONFIG_KEYS = 256
+DEFAULT_CONFIG_FROM_KEY = "lmcache.yaml"
+
+
+class ConfigFromSpec(ApiModel):
+    """A ConfigMap key holding an LMCache (or lmcache-node) YAML config."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="ConfigMap in the LMCacheCluster's namespace.",
+    )
+    key: str = Field(
+        DEFAULT_CONFIG_FROM_KEY,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="Key of the ConfigMap holding the YAML mapping.",
+    )
+
+
 class UpdateStrategy(ApiModel):
     """How a spec change rolls the cache pods (DaemonSet updateStrategy)."""
 
@@ -273,6 +304,26 @@ class LMCacheClusterSpec(ApiModel):
     update_strategy: UpdateStrategy = nested_default(UpdateStrategy, "DaemonSet update strategy.")
     monitoring: MonitoringSpec = nested_default(MonitoringSpec, "Metrics scraping.")
     pod: PodOverrides = nested_default(PodOverrides, "Escape hatches for the pod template.")
+    config: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        max_length=MAX_CONFIG_KEYS,
+        description=(
+            "Cache server settings: LMCache 0.5.6 keys (an LMCache config works unchanged; keys "
+            "that do not apply are ignored with a warning) and lmcache-node keys "
+            "(docs/reference/configuration.md). Keys the spec sets (port, chunk_size, "
+            "max_local_cpu_size, ...) may only repeat the spec's value; keys the operator sets "
+            "(host, shm_dir, credentials, ...) are refused; a bad or unknown key sets "
+            "ConfigValid=False naming it. Applied over configFrom."
+        ),
+        json_schema_extra={"additionalProperties": True},
+    )
+    config_from: ConfigFromSpec | None = Field(
+        None,
+        description=(
+            "A ConfigMap key holding an LMCache YAML config (e.g. the lmcache.yaml of an "
+            "LMCache deployment), validated like config; a change rolls the cache pods."
+        ),
+    )
 
     @model_validator(mode="after")
     def _cross_field(self) -> LMCacheClusterSpec:

@@ -20,6 +20,7 @@ from lmcache_operator.api.common import (
 )
 from lmcache_operator.api.k8s_types import K8S_TYPE_KEY, k8s_list, k8s_object
 from lmcache_operator.api.policy import PodPolicy, pass_through_problems, volume_problems
+from lmcache_operator.api.router import RouterSpec
 
 KIND = "VLLMDeployment"
 PLURAL = "vllmdeployments"
@@ -282,6 +283,7 @@ class VLLMDeploymentSpec(ApiModel):
     probes: ProbeSpec = nested_default(ProbeSpec)
     strategy: StrategySpec = nested_default(StrategySpec)
     pod: PodOverrides = nested_default(PodOverrides)
+    router: RouterSpec = nested_default(RouterSpec)
 
     @model_validator(mode="after")
     def _cross_field(self) -> VLLMDeploymentSpec:
@@ -291,6 +293,11 @@ class VLLMDeploymentSpec(ApiModel):
             raise ValueError(
                 f"resources.gpus ({gpus}) must be at least parallelism.tensor "
                 f"x parallelism.pipeline ({needed}) unless engine.device is cpu"
+            )
+        if self.router.enabled and not self.cache.enabled and self.router.image is None:
+            raise ValueError(
+                "router.image is required while cache.enabled is false: the router runs from "
+                "the cache cluster's node image by default"
             )
         if self.cache.enabled and any(
             arg.split("=", 1)[0].split(".", 1)[0] in KV_TRANSFER_FLAGS
@@ -378,6 +385,13 @@ SPEC_RULES: tuple[dict[str, str], ...] = (
         "is true: the operator writes it; set cache.enabled: false to wire vLLM yourself",
     },
     {
+        "rule": "!has(self.router) || !has(self.router.enabled) || !self.router.enabled"
+        " || has(self.router.image) || !has(self.cache) || !has(self.cache.enabled)"
+        " || self.cache.enabled",
+        "message": "router.image is required while cache.enabled is false: the router runs "
+        "from the cache cluster's node image by default",
+    },
+    {
         "rule": "!has(self.replicas) || self.replicas >= 0",
         "message": "replicas must be 0 or more",
     },
@@ -411,6 +425,9 @@ class VLLMDeploymentStatus(ApiModel):
     updated_replicas: int = Field(0, description="Pods running the current spec.")
     selector: str = Field("", description="Label selector of the pods (scale subresource).")
     url: str = Field("", description="In-cluster URL of the OpenAI API.")
+    router_url: str = Field(
+        "", description="In-cluster URL of the router's OpenAI API (spec.router.enabled)."
+    )
     cache: CacheStatus = Field(
         default_factory=lambda: CacheStatus.model_validate({}), description="Cache wiring."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -26,6 +27,7 @@ from lmcache_operator.builders.common import (
 )
 from lmcache_operator.builders.node_image import NodeImageDefaults
 from lmcache_operator.builders.podsecurity import confine_host_paths
+from lmcache_operator.builders.user_config import merge_into
 from lmcache_operator.quantity import GIB, format_mebibytes, parse_bytes, to_gib
 
 APP_NAME = "lmcache-node"
@@ -87,8 +89,16 @@ def effective_device(spec: LMCacheClusterSpec) -> str:
     return "cuda" if on_gpu_nodes else "cpu"
 
 
-def node_config(name: str, namespace: str, spec: LMCacheClusterSpec) -> dict[str, Any]:
-    """The node's config file, in the node's own keys (``lmcache-node serve --config``)."""
+def node_config(
+    name: str,
+    namespace: str,
+    spec: LMCacheClusterSpec,
+    user_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The node's config file (``lmcache-node serve --config``): the operator's keys over the
+    cluster's own settings (``user_config``: ``spec.config`` over ``spec.configFrom``, checked
+    with ``user_config.check_user_config`` first; LMCache keys stay as written, the node maps
+    them)."""
     cache = spec.cache
     config: dict[str, Any] = {
         "chunk_size": spec.server.chunk_size,
@@ -98,6 +108,7 @@ def node_config(name: str, namespace: str, spec: LMCacheClusterSpec) -> dict[str
         "host": "0.0.0.0",  # noqa: S104 - vLLM pods reach the server at their node's IP
         "port": spec.server.port,
         "http_port": spec.server.http_port,
+        "events_port": spec.server.events_port,
         "max_workers": spec.server.max_workers,
         "device": effective_device(spec),
         "log_level": spec.server.log_level,
@@ -111,11 +122,16 @@ def node_config(name: str, namespace: str, spec: LMCacheClusterSpec) -> dict[str
         if cache.remote.url is not None:  # the Secret form arrives as LMCACHE_REMOTE_URL
             config["remote_url"] = cache.remote.url
         config["remote_serde"] = cache.remote.serde
-    return config
+    return merge_into(config, user_config or {})
 
 
-def build_configmap(name: str, namespace: str, spec: LMCacheClusterSpec) -> dict[str, Any]:
-    text = yaml.safe_dump(node_config(name, namespace, spec), sort_keys=False)
+def build_configmap(
+    name: str,
+    namespace: str,
+    spec: LMCacheClusterSpec,
+    user_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    text = yaml.safe_dump(node_config(name, namespace, spec, user_config), sort_keys=False)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -212,6 +228,11 @@ def build_daemonset(
         "ports": [
             {"name": "zmq", "containerPort": server.port, "protocol": "TCP"},
             {"name": "http", "containerPort": server.http_port, "protocol": "TCP"},
+            *(
+                [{"name": "events", "containerPort": server.events_port, "protocol": "TCP"}]
+                if server.events_port
+                else []
+            ),
         ],
         "env": _env(spec),
         "resources": container_resources(spec),
@@ -350,15 +371,18 @@ def build_children(
     service_monitor: bool,
     policy: PodPolicy | None = None,
     images: NodeImageDefaults = node_image.DEFAULTS,
+    user_config: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Every child object, in apply order (ConfigMap before the pods that mount it).
 
     ``policy`` is the chart's guard rails (default: the chart's defaults): the host paths of
     the pod are confined to its allowed prefixes. ``images`` fills the image a spec leaves
     unset (the CUDA variant and the nvidia RuntimeClass where the cluster serves CUDA).
-    Validate with ``spec.semantic_problems(policy)`` first.
+    ``user_config`` is the cluster's own settings (``spec.config`` over ``spec.configFrom``),
+    merged under the operator's keys. Validate with ``spec.semantic_problems(policy)`` and
+    ``user_config.check_user_config`` first.
     """
-    configmap = build_configmap(name, namespace, spec)
+    configmap = build_configmap(name, namespace, spec, user_config)
     config_hash = content_hash({"data": configmap["data"], "env": _env(spec)})
     children = [
         configmap,
