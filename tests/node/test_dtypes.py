@@ -45,6 +45,7 @@ def test_layer_bytes_come_from_the_table() -> None:
     assert group.dtype is torch.bfloat16
 
 
+@pytest.mark.integration
 def test_config_validation_does_not_import_torch() -> None:
     code = (
         "import sys\n"

@@ -13,6 +13,8 @@ import pytest
 
 from tests.support import wait_until
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 STARTER = [sys.executable, "-m", "lmcache_node.standalone"]
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import lmcache_operator
+import pytest
 import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
@@ -15,6 +16,7 @@ PACKAGE = Path(lmcache_operator.__file__).parent
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
+@pytest.mark.integration
 def test_import_contracts_hold() -> None:
     """Every contract of pyproject.toml (operator and node) is checked and kept."""
     contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]

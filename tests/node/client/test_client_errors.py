@@ -22,6 +22,8 @@ from lmcache_node.server.process import ServerProcess, free_port
 
 from tests.support import wait_until
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 
 def layers() -> list[torch.Tensor]:
     return [torch.randn(16, 2, 16, 16, dtype=torch.float16) for _ in range(2)]

@@ -15,6 +15,8 @@ from lmcache_node.keys import KeyNamespace, chunk_keys
 
 from tests.support import wait_until
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 BLOCK = 16
 NUM_BLOCKS = 24
 

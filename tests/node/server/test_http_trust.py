@@ -22,6 +22,8 @@ from lmcache_node.server.process import ServerProcess
 
 from tests.support import wait_until
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 TOKEN = "t0ken-" + "x" * 26
 
 

@@ -21,6 +21,8 @@ from lmcache_node.server.process import ServerProcess, free_port
 
 from tests.support import sample, wait_until
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 
 def http(method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
     request = urllib.request.Request(url, data=body, method=method)

@@ -14,6 +14,8 @@ import torch
 from lmcache_node.client import NodeClient
 from lmcache_node.server.process import ServerProcess, free_port
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 CLUSTER_GID = 54323
 
 

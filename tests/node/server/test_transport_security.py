@@ -26,7 +26,7 @@ from lmcache_node.server.process import ServerProcess, free_port
 from tests.node.server.wire import curve_dealer, exchange, maybe_exchange
 from tests.support import wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def make_keys(directory: Path) -> Path:

@@ -73,6 +73,8 @@ ZYGOTE = textwrap.dedent(
     """
 )
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 
 def chunk_bytes_on_disk(root: Path) -> int:
     return sum(p.stat().st_size for p in root.glob("*/*.lmc"))

@@ -19,7 +19,7 @@ from lmcache_node.tiers.resilience import BreakerState, CircuitBreaker
 from tests.node.tiers.conftest import RedisServer, make_keys, payload_for
 from tests.support import wait_until
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.integration, pytest.mark.redis]
 
 CHUNK = 50_000
 SECRET = b"tests-remote-secret-0123456789"

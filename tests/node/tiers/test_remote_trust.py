@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 
 from tests.node.tiers.conftest import RedisServer, make_keys, payload_for
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.integration, pytest.mark.redis]
 
 CHUNK = 50_000
 

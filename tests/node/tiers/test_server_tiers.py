@@ -14,6 +14,8 @@ from lmcache_node.server.process import ServerProcess
 from tests.node.tiers.conftest import RedisServer
 from tests.support import wait_until
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 CHUNK = 64  # tokens: 4 blocks of 16
 BLOCK = 16
 NUM_BLOCKS = 24

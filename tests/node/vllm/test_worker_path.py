@@ -19,6 +19,8 @@ from lmcache_node.vllm.verify import KVVerifier
 
 from tests.support import wait_until
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 CHUNK, BLOCK, BLOCKS = 64, 16, 32  # 4 blocks per chunk
 NS = KeyNamespace(model_name="tiny", kv_dtype="bfloat16", layout="test-cpu-blocks16")
 
