@@ -16,7 +16,7 @@ modules=("$@")
 # The focused tests: the unit tests that exercise these modules (mutmut runs, per mutant, only
 # the tests that reached the mutated function).
 tests=(
-  tests/node/test_keys.py tests/node/test_engine.py tests/node/vllm/test_planner.py
+  tests/node/test_keys.py tests/node/test_engine.py tests/node/test_memory.py tests/node/vllm/test_planner.py
   tests/node/server/test_protocol_codec.py tests/node/tiers/test_frame.py
   tests/node/tiers/test_disk.py tests/node/tiers/test_workers.py
 )

@@ -1,3 +1,5 @@
+# Long on purpose: one NodeConfig field per config key, each with its description, bounds and
+# validator (docs/reference/configuration.md is generated from them), then the loader.
 """The node's configuration: one pydantic-settings model, keys named as in LMCache.
 
 Precedence: CLI > config file (``--config`` or ``LMCACHE_CONFIG_FILE``, YAML) >

@@ -41,6 +41,12 @@ from lmcache_node.vllm.settings import ConnectorSettings, load_settings
 from lmcache_node.vllm.stats import NodeConnectorPromMetrics, NodeConnectorStats
 from lmcache_node.vllm.transfers import WorkerTransfers, register
 from lmcache_node.vllm.verify import KVVerifier
+from lmcache_node.vllm.vllm_facts import (
+    check_kv_cache_groups,
+    kv_dtype,
+    kv_layout,
+    request_salt,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -80,57 +86,6 @@ class NodeConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
     plan: StepPlan = field(default_factory=StepPlan)
 
 
-def kv_layout(device: str, block_size: int, use_mla: bool) -> str:
-    """The key namespace's layout: device kind, block size and (CPU) the kernel's packing."""
-    parts = ["vllm", device, f"blocks{block_size}"]
-    if device == "cpu":
-        amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-        parts.append("amx" if amx else torch.backends.cpu.get_cpu_capability().lower())
-    if use_mla:
-        parts.append("mla")
-    return "-".join(parts)
-
-
-def _kv_dtype(vllm_config: VllmConfig) -> str:
-    cache_dtype = str(vllm_config.cache_config.cache_dtype)
-    if cache_dtype != "auto":
-        return cache_dtype
-    return str(vllm_config.model_config.dtype).removeprefix("torch.")
-
-
-def check_kv_cache_groups(kv_cache_config: KVCacheConfig) -> None:
-    """Refuse a model whose KV cache has no group or several (hybrid models).
-
-    The connector moves the blocks of one block table; caching one group of several would
-    hand vLLM partial KV, so such a model is refused at start instead.
-    """
-    groups = list(kv_cache_config.kv_cache_groups)
-    if len(groups) == 1:
-        return
-    described = "; ".join(
-        f"group {i}: {type(g.kv_cache_spec).__name__} ({len(g.layer_names)} layers)"
-        for i, g in enumerate(groups)
-    )
-    raise ValueError(
-        f"LMCacheNodeConnector caches models whose KV cache is one group of layers; this model "
-        f"has {len(groups)} KV cache groups ({described or 'no KV cache'}). Caching only some "
-        "of them would be wrong, so vLLM does not start: serve this model without "
-        "--kv-transfer-config (or with a connector that supports vLLM's hybrid KV cache "
-        "manager)"
-    )
-
-
-def _request_salt(request: Request) -> str:
-    parts = []
-    cache_salt = getattr(request, "cache_salt", None)
-    if cache_salt:
-        parts.append(f"salt:{cache_salt}")
-    lora = getattr(request, "lora_request", None)
-    if lora is not None:
-        parts.append(f"lora:{getattr(lora, 'lora_name', lora)}")
-    return "|".join(parts)
-
-
 class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
     """KV connector to a ``lmcache-node`` server (no dependency on the ``lmcache`` package)."""
 
@@ -165,7 +120,7 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
             model_name=self.settings.model_name or str(model_config.model),
             world_size=int(vllm_config.parallel_config.world_size),
             worker_id=0,
-            kv_dtype=_kv_dtype(vllm_config),
+            kv_dtype=kv_dtype(vllm_config),
             layout=kv_layout(str(current_platform.device_type), self.block_size, use_mla),
             tenant_salt=self.settings.tenant_salt,
         )
@@ -338,7 +293,7 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         prompt = request.prompt_token_ids
         if prompt is None or getattr(request, "mm_features", None):
             return 0, False  # embeddings / multimodal inputs: tokens do not identify the KV
-        tracker = self.planner.track(request.request_id, list(prompt), _request_salt(request))
+        tracker = self.planner.track(request.request_id, list(prompt), request_salt(request))
         self._free_lock(tracker.req_id)
         n_chunks = self.planner.lookup_chunks(tracker, int(request.num_tokens))
         if n_chunks == 0:
@@ -419,4 +374,10 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self.link.call("free_lock", lambda c: c.free_lock(lock_id), None)
 
 
-__all__ = ["LMCacheNodeConnector", "NodeConnectorMetadata", "TransferOp"]
+__all__ = [
+    "LMCacheNodeConnector",
+    "NodeConnectorMetadata",
+    "TransferOp",
+    "check_kv_cache_groups",
+    "kv_layout",
+]
