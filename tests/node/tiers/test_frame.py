@@ -149,3 +149,14 @@ def test_a_checksum_mismatch_is_named() -> None:
     frame[-1] ^= 1
     with pytest.raises(FrameError, match=r"^payload checksum mismatch$"):
         parse_frame(bytes(frame), KEY)
+
+
+def test_zstd_frames_after_the_first_count() -> None:
+    """A zstd stream may hold several frames: all are decoded and capped together; bytes
+    hidden in a second frame are never ignored."""
+    first, second = os.urandom(100) + bytes(900), bytes(500)
+    one = bytes(encode_payload(Codec.ZSTD, first))
+    two = bytes(encode_payload(Codec.ZSTD, second))
+    assert bytes(decode_payload(Codec.ZSTD, one + two, len(first) + len(second))) == first + second
+    with pytest.raises(DecompressionLimitError):
+        decode_payload(Codec.ZSTD, one + two, len(first))
