@@ -30,8 +30,9 @@ from lmcache_operator.api.policy import DEFAULT_ALLOWED_HOST_PATH_PREFIXES
 
 from e2e.k8s import plain_vllm, vllm_deployment
 from e2e.k8s.conftest import REPO, Settings
-from e2e.k8s.kube import Kube, Timings, http_get, wait_until
+from e2e.k8s.kube import Kube, Timings, http_get
 from e2e.vllm.harness import Completion, prompt_text, retrieved_tokens_logged, stream_completion
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -199,7 +200,7 @@ def test_cache_cluster_becomes_ready_on_the_real_node(
 ) -> None:
     start = time.monotonic()
     kube.apply(_cache_cluster(settings))
-    status = wait_until("LMCacheCluster Ready", lambda: _ready(kube, settings), timeout=180)
+    status = wait_until(lambda: _ready(kube, settings), 180, "LMCacheCluster Ready", interval=0.5)
     timings.record("LMCacheCluster apply -> Ready", time.monotonic() - start)
     endpoint = _real_endpoint(status, settings.node)
     assert endpoint is not None, f"no ready endpoint on {settings.node}: {status.get('endpoints')}"
@@ -324,14 +325,15 @@ def _probe_from_a_pod(kube: Kube, settings: Settings, host_ip: str) -> dict[str,
     kube.apply(pod)
     try:
         wait_until(
-            "probe pod finished",
             lambda: (
                 (kube.get("pod", name, settings.cache_namespace) or {})
                 .get("status", {})
                 .get("phase")
                 in ("Succeeded", "Failed")
             ),
-            timeout=120,
+            120,
+            "probe pod finished",
+            interval=0.5,
         )
         phase = kube.get("pod", name, settings.cache_namespace)["status"]["phase"]  # type: ignore[index]
         logs = kube.kubectl("logs", name, "-n", settings.cache_namespace).stdout
@@ -404,9 +406,9 @@ def vllm(
     start = time.monotonic()
     kube.apply(vllm_deployment.build(settings, settings.vllm_model_dir, CLUSTER))
     status = wait_until(
-        "VLLMDeployment Ready (CacheReady, CacheCompatible)",
         lambda: _vllm_ready(kube, settings),
-        timeout=600,
+        600,
+        "VLLMDeployment Ready (CacheReady, CacheCompatible)",
         interval=2,
     )
     timings.record("VLLMDeployment apply -> Ready", time.monotonic() - start)
@@ -421,9 +423,10 @@ def vllm(
     transfer = json.loads(container["args"][container["args"].index("--kv-transfer-config") + 1])
     assert transfer["kv_connector_extra_config"]["lmcache.node.host"] == "tcp://$(HOST_IP)"
     wait_until(
-        "the LMCacheCluster's status.consumers to list the VLLMDeployment",
         lambda: vllm_deployment.NAME in (_status(kube, settings).get("consumers") or []),
-        timeout=30,
+        30,
+        "the LMCacheCluster's status.consumers to list the VLLMDeployment",
+        interval=0.5,
     )
     prompt = prompt_text(3, 4000)
     if settings.host_reaches_node:
@@ -527,13 +530,14 @@ def test_deleted_cache_pod_comes_back_and_status_follows(
                 return status
             return None
 
-        wait_until("cache pod replaced and cluster Ready", back_ready, timeout=180, interval=0.2)
+        wait_until(back_ready, 180, "cache pod replaced and cluster Ready", interval=0.2)
         timings.record("cache pod deleted -> Ready again", time.monotonic() - start)
         if vllm is not None:
             wait_until(
-                "VLLMDeployment CacheReady=True again",
                 lambda: _condition(_vllm_status(kube, settings), "CacheReady") == "True",
-                timeout=60,
+                60,
+                "VLLMDeployment CacheReady=True again",
+                interval=0.5,
             )
         phases, cache_ready = list(phases), list(cache_ready)
     assert phases[0] == "Ready" and "Degraded" in phases, f"status never showed the loss: {phases}"
@@ -560,7 +564,7 @@ def test_deleted_cache_pod_comes_back_and_status_follows(
             return _retrieved(kube, settings) - before > 0
 
         start = time.monotonic()
-        wait_until("a hit on the new cache server", hit_again, timeout=120, interval=2)
+        wait_until(hit_again, 120, "a hit on the new cache server", interval=2)
         timings.record("cache back -> vLLM hits again", time.monotonic() - start)
 
 
@@ -739,18 +743,19 @@ def test_helm_upgrade_rolls_the_operator_and_leaves_the_caches_alone(
     )
     timings.record("helm upgrade --wait", time.monotonic() - start)
     after = wait_until(
-        "the new operator pod Ready",
         lambda: (
             (p := _operator_pod(kube, settings))
             and p["metadata"]["uid"] != before["metadata"]["uid"]
             and _pod_ready(p)
             and p
         ),
-        timeout=120,
+        120,
+        "the new operator pod Ready",
+        interval=0.5,
     )
     assert "--log-level=DEBUG" in after["spec"]["containers"][0]["args"]
     # the new operator resumed the cluster without touching its pods
-    ready = wait_until("cluster still Ready", lambda: _ready(kube, settings), timeout=60)
+    ready = wait_until(lambda: _ready(kube, settings), 60, "cluster still Ready", interval=0.5)
     assert _real_endpoint(ready, settings.node) is not None
     now = kube.get("daemonset", f"{CLUSTER}-cache", settings.cache_namespace)
     assert now is not None
@@ -788,11 +793,12 @@ def test_uninstall_and_deleting_the_resources_leaves_nothing(
         ]
         return None if left else ["gone"]
 
-    wait_until("the resources' children garbage-collected", children_gone, timeout=60)
+    wait_until(children_gone, 60, "the resources' children garbage-collected", interval=0.5)
     wait_until(
-        "cache and vLLM pods gone",
         lambda: not any(kube.items("pods", settings.cache_namespace, s) for s in selectors),
-        timeout=120,
+        120,
+        "cache and vLLM pods gone",
+        interval=0.5,
     )
     kube.helm("uninstall", settings.release, "-n", settings.operator_namespace, "--wait")
 
@@ -821,7 +827,7 @@ def test_uninstall_and_deleting_the_resources_leaves_nothing(
         return not left
 
     try:
-        wait_until("everything of the release gone", nothing_left, timeout=90)
+        wait_until(nothing_left, 90, "everything of the release gone", interval=0.5)
     except AssertionError:
         raise AssertionError(f"left behind: {left}") from None
     timings.record("delete cluster + helm uninstall -> nothing left", time.monotonic() - start)

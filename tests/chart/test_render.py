@@ -16,6 +16,8 @@ from lmcache_operator.controllers.lmcachecluster import validate
 
 from tests.chart.conftest import CHART, REPO, HelmError, Render, by_kind, one, run_helm
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 MONITORING_API = "monitoring.coreos.com/v1"
 
 

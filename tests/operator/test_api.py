@@ -140,6 +140,7 @@ def test_committed_crds_are_up_to_date() -> None:
     assert stale == [], f"crds/ is stale ({stale}): run `make crds` and commit the result"
 
 
+@pytest.mark.integration
 def test_crds_command_writes_and_checks(tmp_path: Path) -> None:
     assert cli_main(["crds", "--output-dir", str(tmp_path), "--check"]) == 1  # empty: stale
     assert cli_main(["crds", "--output-dir", str(tmp_path)]) == 0

@@ -12,7 +12,8 @@ import yaml
 from lmcache_node.config import load_config
 
 from tests.operator.conftest import OperatorProcess
-from tests.operator.kubectl import Cluster, StatusRecorder, wait_for
+from tests.operator.kubectl import Cluster, StatusRecorder
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -52,7 +53,7 @@ def wait_ready(
         )
         return st if ok else None
 
-    return wait_for(f"{ns}/{name} Ready on {nodes} nodes at generation {generation}", ready)
+    return wait_until(ready, 30, f"{ns}/{name} Ready on {nodes} nodes at generation {generation}")
 
 
 def condition(st: dict[str, Any], ctype: str) -> dict[str, Any]:
@@ -205,14 +206,14 @@ def test_nodes_joining_and_leaving_follow_in_status(
     finally:
         k8s_cluster.kubectl("delete", "node", node, "--wait=false", check=False)
     # Kubernetes itself only drops the pod ~40 s later (pod GC); the status says it at once.
-    st = wait_for(
-        "Degraded naming the deleted node",
+    st = wait_until(
         lambda: (
             (s := status(k8s_cluster, namespace)).get("phase") == "Degraded"
             and f"{node} (node deleted)" in condition(s, "Degraded")["message"]
             and s
         ),
-        timeout=10,
+        10,
+        "Degraded naming the deleted node",
     )
     assert [e["ready"] for e in st["endpoints"] if e["node"] == node] == [False]
 
@@ -252,10 +253,10 @@ def test_node_not_ready_shows_degraded_with_the_node_then_ready(
             "-p",
             json.dumps(NOT_READY),
         )
-        st = wait_for(
-            "Degraded naming the NotReady node",
+        st = wait_until(
             lambda: (s := status(k8s_cluster, namespace)).get("phase") == "Degraded" and s,
-            timeout=10,
+            10,
+            "Degraded naming the NotReady node",
         )
         assert f"{node} (node NotReady)" in condition(st, "Degraded")["message"]
     finally:
@@ -356,7 +357,7 @@ def test_deleting_the_cluster_removes_children_even_with_the_operator_stopped(
             ]
         )
 
-    wait_for("garbage collection of the children", children_gone, timeout=60)
+    wait_until(children_gone, 60, "garbage collection of the children")
 
 
 def test_invalid_spec_sets_config_valid_false_and_an_event_then_recovers(
@@ -364,9 +365,10 @@ def test_invalid_spec_sets_config_valid_false_and_an_event_then_recovers(
 ) -> None:
     doc = manifest(cpu="8Gi", port=7200) + "  resources: {limits: {memory: 4Gi}}\n"
     k8s_cluster.apply(doc, namespace)
-    st = wait_for(
-        "ConfigValid=False",
+    st = wait_until(
         lambda: (s := status(k8s_cluster, namespace)).get("phase") == "Failed" and s,
+        30,
+        "ConfigValid=False",
     )
     valid = condition(st, "ConfigValid")
     assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
@@ -381,7 +383,7 @@ def test_invalid_spec_sets_config_valid_false_and_an_event_then_recovers(
             if e.get("reason") == "InvalidSpec" and "below cache.cpuSize" in e["message"]
         ]
 
-    events = wait_for("an InvalidSpec Event", warning_event)
+    events = wait_until(warning_event, 30, "an InvalidSpec Event")
     assert sum(e.get("count", 1) for e in events) <= 3  # no retry storm
     k8s_cluster.apply(manifest(cpu="8Gi", port=7200), namespace)  # drops the bad resources
     st = wait_ready(k8s_cluster, namespace, generation=2)

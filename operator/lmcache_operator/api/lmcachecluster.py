@@ -1,3 +1,5 @@
+# Long on purpose: the LMCacheCluster CRD's pydantic models, every field with its description,
+# bounds and CEL rules in one place (crds/ and the CRD reference are generated from them).
 """The LMCacheCluster kind: one cache server per selected node (a DaemonSet)."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Long on purpose: the VLLMDeployment CRD's pydantic models, every field with its description,
+# bounds and CEL rules in one place (crds/ and the CRD reference are generated from them).
 """The VLLMDeployment kind: vLLM replicas (a Deployment) wired to their node's cache server."""
 
 from __future__ import annotations
