@@ -416,10 +416,13 @@ def test_operator_restart_mid_reconcile_creates_no_duplicates_and_keeps_status(
         assert set(recorder.phases()) == {"Ready"}  # the ready one never regressed
     daemonsets = k8s_cluster.items("daemonsets", namespace)
     assert sorted(d["metadata"]["name"] for d in daemonsets) == sorted(f"{n}-cache" for n in names)
-    # a config and a public-key ConfigMap, two credential Secrets per cluster (a cluster
-    # killed between creating its Secrets and recording their keys gets a new pair)
+    # a config, a public-key and a connection ConfigMap, two credential Secrets per cluster
+    # (a cluster killed between creating its Secrets and recording their keys gets a new pair)
     selector = "app.kubernetes.io/name=lmcache-node"
-    assert len(k8s_cluster.items("configmaps", namespace, selector)) == 10
+    configmaps = k8s_cluster.items("configmaps", namespace, selector)
+    assert sorted(c["metadata"]["name"] for c in configmaps) == sorted(
+        f"{n}-{kind}" for n in names for kind in ("cache-config", "cache-keys", "connection")
+    )
     assert len(k8s_cluster.items("secrets", namespace, selector)) == 10
     assert len(k8s_cluster.items("services", namespace)) == 10
     pods = k8s_cluster.items("pods", namespace, "app.kubernetes.io/name=lmcache-node")
