@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from tests.operator.conftest import OperatorProcess
-from tests.operator.kubectl import Cluster, wait_for
+from tests.operator.kubectl import Cluster
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -101,7 +102,7 @@ def webhook_operator(
             return sock.connect_ex(("127.0.0.1", port)) == 0
 
     try:
-        wait_for("the webhook server", listening, timeout=30, interval=0.2)
+        wait_until(listening, 30, "the webhook server", interval=0.2)
         yield process, port
     finally:
         process.stop()
@@ -172,7 +173,7 @@ def pod_of(k8s: Cluster, ns: str, app: str) -> dict[str, Any]:
         pods = k8s.items("pods", ns, f"app={app}")
         return pods[0] if pods else None
 
-    return wait_for(f"a pod of {app}", created, timeout=60)
+    return wait_until(created, 60, f"a pod of {app}")
 
 
 def bare_pod(name: str, labels: dict[str, str]) -> str:
@@ -206,7 +207,7 @@ def connection_ready(k8s: Cluster, ns: str, name: str = "cache") -> dict[str, An
         connected = status(k8s, ns, name).get("connection")
         return configmap if configmap and connected else None
 
-    return wait_for(f"{name}-connection and status.connection", ready, timeout=60)
+    return wait_until(ready, 60, f"{name}-connection and status.connection")
 
 
 def test_the_webhook_wires_labelled_pods_and_reports_the_rest(
@@ -249,19 +250,19 @@ def test_the_webhook_wires_labelled_pods_and_reports_the_rest(
         "no LMCacheCluster 'nope'"
         in lost["metadata"]["annotations"]["lmcache.dev/injection-message"]
     )
-    event = wait_for(
-        "the LMCacheInjectionFailed Event",
+    event = wait_until(
         lambda: event_with(k8s, ns, "lost", "LMCacheInjectionFailed"),
-        timeout=30,
+        30,
+        "the LMCacheInjectionFailed Event",
     )
     assert event["type"] == "Warning" and "nope" in event["message"]
-    wait_for(
-        "the pod marked as reported",
+    wait_until(
         lambda: (
             "lmcache.dev/injection-reported"
             in ((k8s.get("pod", "lost", ns) or {}).get("metadata", {}).get("annotations") or {})
         ),
-        timeout=30,
+        30,
+        "the pod marked as reported",
     )
 
     # the namespace opts in: an unlabelled pod is wired, and labelled for the reporter
@@ -296,10 +297,10 @@ def test_a_webhook_that_is_down_never_blocks_a_pod_and_is_reported(
     assert pod is not None and "lmcache.dev/injection" not in (
         pod["metadata"].get("annotations") or {}
     )
-    event = wait_for(
-        "the LMCacheNotInjected Event",
+    event = wait_until(
         lambda: event_with(k8s, ns, "unwired", "LMCacheNotInjected"),
-        timeout=30,
+        30,
+        "the LMCacheNotInjected Event",
     )
     assert "did not see it" in event["message"]
 
@@ -321,13 +322,13 @@ def test_the_connection_configmap_is_kept_and_its_patch_wires_a_deployment(
     # deleted by hand: the operator puts it back
     uid = online["metadata"]["uid"]
     k8s.kubectl("delete", "configmap", "cache-connection", "-n", ns)
-    wait_for(
-        "cache-connection re-created",
+    wait_until(
         lambda: (
             (k8s.get("configmap", "cache-connection", ns) or {}).get("metadata", {}).get("uid")
             not in (None, uid)
         ),
-        timeout=60,
+        60,
+        "cache-connection re-created",
     )
     # the patch, applied by kubectl (strategic merge) to a Deployment with its own /dev/shm
     k8s.apply(
@@ -358,10 +359,10 @@ def test_config_from_a_configmap_is_checked_applied_and_followed(
 ) -> None:
     k8s, ns = k8s_cluster, namespace
     k8s.apply(cluster_manifest(extra="  configFrom: {name: lmcache-config}\n"), ns)
-    missing = wait_for(
-        "ConfigValid=False for the missing ConfigMap",
+    missing = wait_until(
         lambda: (c := config_valid(k8s, ns)).get("status") == "False" and c,
-        timeout=60,
+        60,
+        "ConfigValid=False for the missing ConfigMap",
     )
     assert "ConfigMap 'lmcache-config', key 'lmcache.yaml' does not exist" in missing["message"]
     assert k8s.get("daemonset", "cache-cache", ns) is None
@@ -370,18 +371,16 @@ def test_config_from_a_configmap_is_checked_applied_and_followed(
         "create", "configmap", "lmcache-config", "-n", ns,
         "--from-literal=lmcache.yaml=lock_ttl_secs: 20\nuse_layerwise: true\n",
     )  # fmt: skip
-    wait_for("ConfigValid=True", lambda: config_valid(k8s, ns).get("status") == "True", timeout=60)
+    wait_until(lambda: config_valid(k8s, ns).get("status") == "True", 60, "ConfigValid=True")
     node_config = yaml.safe_load(
         (k8s.get("configmap", "cache-cache-config", ns) or {})["data"]["config.yaml"]
     )
     assert node_config["lock_ttl_secs"] == 20 and node_config["use_layerwise"] is True
-    event = wait_for(
-        "the ConfigWarnings Event",
-        lambda: event_with(k8s, ns, "cache", "ConfigWarnings"),
-        timeout=30,
+    event = wait_until(
+        lambda: event_with(k8s, ns, "cache", "ConfigWarnings"), 30, "the ConfigWarnings Event"
     )
     assert "use_layerwise" in event["message"]
-    before = wait_for("the DaemonSet", lambda: k8s.get("daemonset", "cache-cache", ns), timeout=60)
+    before = wait_until(lambda: k8s.get("daemonset", "cache-cache", ns), 60, "the DaemonSet")
     hash_key = "lmcache.dev/config-hash"
     old = before["spec"]["template"]["metadata"]["annotations"][hash_key]
     changed = k8s.kubectl(
@@ -389,22 +388,22 @@ def test_config_from_a_configmap_is_checked_applied_and_followed(
         "--from-literal=lmcache.yaml=lock_ttl_secs: 25\n",
     ).stdout  # fmt: skip
     k8s.kubectl("apply", "-f", "-", stdin=changed)
-    wait_for(
-        "the cache pods rolled by the changed ConfigMap",
+    wait_until(
         lambda: (
             (k8s.get("daemonset", "cache-cache", ns) or {})["spec"]["template"]["metadata"][
                 "annotations"
             ][hash_key]
             != old
         ),
-        timeout=60,
+        60,
+        "the cache pods rolled by the changed ConfigMap",
     )
     bad = changed.replace("lock_ttl_secs: 25", "chunk_sizes: 1")
     k8s.kubectl("apply", "-f", "-", stdin=bad)
-    refused = wait_for(
-        "ConfigValid=False for the unknown key",
+    refused = wait_until(
         lambda: (c := config_valid(k8s, ns)).get("status") == "False" and c,
-        timeout=60,
+        60,
+        "ConfigValid=False for the unknown key",
     )
     assert "did you mean 'chunk_size'" in refused["message"]
 
@@ -426,11 +425,11 @@ def test_the_model_cache_pvc_belongs_to_the_deployment(
     refused = k8s.apply(VLLMD.format(cache="{claimName: a, size: 1Gi}"), ns, check=False)
     assert refused.returncode != 0 and "exactly one of claimName" in refused.stderr
     k8s.apply(VLLMD.format(cache="{size: 5Gi, storageClassName: standard}"), ns)
-    pvc = wait_for("the model cache PVC", lambda: k8s.get("pvc", "llm-model-cache", ns), 60)
+    pvc = wait_until(lambda: k8s.get("pvc", "llm-model-cache", ns), 60, "the model cache PVC")
     assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
     assert pvc["spec"]["storageClassName"] == "standard"
     assert pvc["metadata"]["ownerReferences"][0]["kind"] == "VLLMDeployment"
-    deployment = wait_for("the Deployment", lambda: k8s.get("deployment", "llm", ns), 60)
+    deployment = wait_until(lambda: k8s.get("deployment", "llm", ns), 60, "the Deployment")
     pod = deployment["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "llm-model-cache"
