@@ -48,10 +48,10 @@ def test_connector_closure_is_inside_vllms_requirements() -> None:
 
 def test_the_check_names_a_server_module_and_its_dependency() -> None:
     """The same check on a server module fails, naming the layer and the foreign import."""
-    code, report = closure_report("--module", "lmcache_node.engine.factory")
+    code, report = closure_report("--module", "lmcache_node.assembly")
     problems = "\n".join(report["problems"])
     assert code == 1
-    layer = "lmcache_node.engine.factory is reached from the connector but belongs to the server"
+    layer = "lmcache_node.assembly is reached from the connector but belongs to the server"
     assert layer in problems
     assert "lmcache_node.config imports 'pydantic_settings'" in problems
 

@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from e2e.vllm.harness import (
     node_shm_dir,
     post_json,
     prompt_text,
+    server_python,
     stream_completion,
     wait_until,
 )
@@ -47,11 +47,13 @@ class Node:
 
 
 class RouterProcess:
+    """`lmcache-node router` as the node image runs it: with the node extra's libraries."""
+
     def __init__(self, work_dir: Path, endpoints: str, model: Path) -> None:
         self.port = free_port()
         self.log_file = work_dir / "router.log"
         self.args = [
-            sys.executable, "-m", "lmcache_node.cli", "router", "--host", "127.0.0.1",
+            server_python(), "-m", "lmcache_node.cli", "router", "--host", "127.0.0.1",
             "--port", str(self.port), "--endpoints", endpoints, "--tokenizer", str(model),
             "--model-name", str(model), "--metrics-interval-secs", "0.5",
         ]  # fmt: skip
@@ -98,6 +100,7 @@ def routed(
                 "--chunk-size", str(CHUNK), "--max-local-cpu-size", "0.5", "--shm-dir",
                 str(shm), "--events-port", str(free_port()), "--log-level", "INFO",
                 log_file=work / f"node-{name}.log", startup_timeout_s=300,
+                python=server_python(),
             ).start()  # fmt: skip
             vllm = VLLMProcess(name, tiny_model, work_dir=work, kv_role="kv_both",
                                node_port=server.port)  # fmt: skip

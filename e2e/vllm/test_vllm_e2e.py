@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from lmcache_node.server.process import free_port
+from lmcache_node.transfer.shm_pool import POOL_NAME
 
 from e2e.vllm.conftest import Deployment
 from e2e.vllm.harness import (
@@ -288,7 +289,10 @@ def test_corrupted_disk_chunk_is_detected_and_recomputed(deployment: Deployment)
         60,
         "the prompt's chunks to reach the disk tier",
     )
-    dep.server.stop()  # L1 is gone; the disk tier survives the restart
+    dep.server.stop()
+    # drop the L1 pool the stopped server leaves (a restarted server would adopt it and serve
+    # the prompt from memory): the disk tier alone survives this restart
+    (dep.server.shm_dir / POOL_NAME).unlink()
     victim = chunk_file(dep.server.disk_dir, keys[2])
     assert victim is not None
     data = bytearray(victim.read_bytes())
