@@ -20,3 +20,12 @@ def test_a_span_over_scattered_pages_reads_back_its_bytes() -> None:
     out = torch.zeros(10, dtype=torch.uint8)
     assert span.read_into([out]) == 10
     assert bytes(out.numpy()) == data
+
+
+def test_claimed_pages_are_never_handed_out_again() -> None:
+    """Adoption claims the pages a previous server's entries hold: alloc skips exactly those."""
+    pool = MemoryPool(6 * 4, 4, pin_memory=False)
+    pool.claim(iter([1, 4]))  # any iterable, as the adopted entries' pages come
+    assert pool.free_pages == 4
+    assert pool.alloc(4) == [0, 2, 3, 5]
+    assert pool.alloc(1) is None
