@@ -4,9 +4,9 @@ connector's link.
 A policy says how long to wait after the n-th consecutive failure (exponential from
 ``base_s`` by ``factor``, capped at ``cap_s``, optionally with full jitter), how many tries
 there are in all (``attempts``; ``None``: until the caller stops) and how long all of them
-may take (``deadline_s``). It holds no state: callers count their failures. The operator has
-a copy of the same shape (``lmcache_operator.retry``): it must not import the node.
-Standard library only (this module is in the connector's closure).
+may take (``deadline_s``). It holds no state: callers count their failures. The operator's
+watch loops and work queues use it too (``lmcache_operator.retry``). Standard library only:
+this module is in the connector's closure and in the operator image.
 """
 
 from __future__ import annotations
