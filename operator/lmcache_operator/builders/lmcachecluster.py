@@ -45,7 +45,12 @@ CONFIG_KEY = "config.yaml"
 CONFIG_DIR = "/etc/lmcache"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 TMP_SIZE_LIMIT = "256Mi"  # /tmp (HOME): the root filesystem is read-only
-MEMORY_OVERHEAD_BYTES = 2 * GIB
+MEMORY_OVERHEAD_BYTES = 2 * GIB  # the server process beside its pool
+POOL_PAGE_BYTES = 1 << 20  # the node's l1_page_size default
+POOL_HEADER_BYTES = 4096
+POOL_INDEX_BYTES_PER_PAGE = 68  # a 64-byte slot and a 4-byte chain entry per page
+POOL_DATA_ALIGN = 2 << 20  # the data pages start on a 2 MiB boundary
+TEMPLATE_HASH_ANNOTATION = "lmcache.dev/template-hash"  # which spec a cache pod runs
 REMOTE_URL_ENV = "LMCACHE_REMOTE_URL"
 HTTP_HOST_ENV = "LMCACHE_HTTP_HOST"  # not in the config file: it needs the pod's own IP
 METRICS_LABEL = "lmcache.dev/metrics"
@@ -121,6 +126,7 @@ def node_config(
         "max_workers": spec.server.max_workers,
         "device": effective_device(spec),
         "log_level": spec.server.log_level,
+        "l1_persistent": cache.persistent,
         "shm_dir": shm_dir(namespace, name),
         "shm_group": spec.group(namespace, name),
         **node_credential_config(name, namespace, remote=cache.remote is not None),
@@ -150,10 +156,19 @@ def build_configmap(
     }
 
 
+def pool_bytes(spec: LMCacheClusterSpec) -> int:
+    """Size of a node's L1 pool file (docs/tiers.md, "Layout"): a header and a 68-byte index
+    entry per page, rounded up to 2 MiB, then the pages of cache.cpuSize (1 MiB each)."""
+    pages = parse_bytes(spec.cache.cpu_size) // POOL_PAGE_BYTES
+    index = POOL_HEADER_BYTES + pages * POOL_INDEX_BYTES_PER_PAGE
+    return -(-index // POOL_DATA_ALIGN) * POOL_DATA_ALIGN + pages * POOL_PAGE_BYTES
+
+
 def container_resources(spec: LMCacheClusterSpec) -> dict[str, Any]:
-    """Requests/limits: memory = L1 size + overhead, limit above it, unless given."""
-    cpu_bytes = parse_bytes(spec.cache.cpu_size)
-    request = cpu_bytes + MEMORY_OVERHEAD_BYTES
+    """Requests/limits: memory = the L1 pool (cache.cpuSize and its index) + the server's
+    overhead, limit above it, unless given. The pool is tmpfs memory charged to the pod that
+    created it (also across container restarts), so the request reserves it on the node."""
+    request = pool_bytes(spec) + MEMORY_OVERHEAD_BYTES
     limit = request + max(MEMORY_OVERHEAD_BYTES, request // 4)
     requests: dict[str, str] = {"memory": format_mebibytes(request)}
     limits: dict[str, str] = {"memory": format_mebibytes(limit)}
@@ -304,26 +319,39 @@ def build_daemonset(
         pod_spec["initContainers"] = [disk_init]
     pod_spec.update({key: value for key, value in optional.items() if value is not None})
     confine_host_paths(pod_spec, PodPolicy() if policy is None else policy)
-    strategy = spec.update_strategy
-    update: dict[str, Any] = {"type": strategy.type}
-    if strategy.type == "RollingUpdate":
-        rolling: dict[str, Any] = {"maxUnavailable": strategy.max_unavailable}
-        if strategy.max_surge is not None:
-            rolling["maxSurge"] = strategy.max_surge
-        update["rollingUpdate"] = rolling
+    template: dict[str, Any] = {
+        "metadata": {"labels": pod_labels, "annotations": pod_annotations},
+        "spec": pod_spec,
+    }
+    pod_annotations[TEMPLATE_HASH_ANNOTATION] = content_hash(template)
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
         "metadata": {"name": daemonset_name(name), "namespace": namespace, "labels": labels(name)},
         "spec": {
             "selector": {"matchLabels": selector_labels(name)},
-            "updateStrategy": update,
-            "template": {
-                "metadata": {"labels": pod_labels, "annotations": pod_annotations},
-                "spec": pod_spec,
-            },
+            "updateStrategy": daemonset_update_strategy(spec),
+            "template": template,
         },
     }
+
+
+def daemonset_update_strategy(spec: LMCacheClusterSpec) -> dict[str, Any]:
+    """OnDelete: the operator replaces the pods itself, node by node, waiting for each new
+    server to adopt its pool (controllers/rollout.py). With maxSurge (no host network) the
+    DaemonSet controller rolls instead, as it always did."""
+    strategy = spec.update_strategy
+    if strategy.type == "RollingUpdate" and strategy.max_surge is not None:
+        rolling = {"maxUnavailable": strategy.max_unavailable, "maxSurge": strategy.max_surge}
+        return {"type": "RollingUpdate", "rollingUpdate": rolling}
+    return {"type": "OnDelete"}
+
+
+def operator_rolls(spec: LMCacheClusterSpec) -> bool:
+    """Whether the operator replaces the cache pods of a new spec (controllers/rollout.py)."""
+    return daemonset_update_strategy(spec)["type"] == "OnDelete" and (
+        spec.update_strategy.type == "RollingUpdate"
+    )
 
 
 def build_node_service(name: str, namespace: str, spec: LMCacheClusterSpec) -> dict[str, Any]:
