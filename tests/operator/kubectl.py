@@ -141,3 +141,46 @@ class StatusRecorder:
             return next((s for s in reversed(self.seen) if predicate(s)), None)
 
         return wait_for(what, probe, timeout)
+
+
+@dataclass
+class PodRecorder:
+    """Every watch event of the pods matching ``selector``: (type, name, node, Ready,
+    terminating, the cache-rollout annotation), in order."""
+
+    cluster: Cluster
+    namespace: str
+    selector: str
+    seen: list[tuple[str, str, str, bool, bool, str]] = field(default_factory=list)
+    _proc: subprocess.Popen[str] | None = None
+    _thread: threading.Thread | None = None
+
+    TEMPLATE = (
+        '{.type}{"\\t"}{.object.metadata.name}{"\\t"}{.object.spec.nodeName}{"\\t"}'
+        '{.object.status.conditions[?(@.type=="Ready")].status}{"\\t"}'
+        '{.object.metadata.deletionTimestamp}{"\\t"}'
+        '{.object.metadata.annotations.lmcache\\.dev/cache-rollout}{"\\n"}'
+    )
+
+    def __enter__(self) -> PodRecorder:
+        self._proc = subprocess.Popen(
+            ["kubectl", "get", "pods", "-n", self.namespace, "-l", self.selector, "-w",
+             "--output-watch-events", "-o", f"jsonpath={self.TEMPLATE}"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.cluster.env,
+        )  # fmt: skip
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            parts = raw.rstrip("\n").split("\t")
+            if len(parts) == 6:
+                kind, name, node, ready, deleting, mark = parts
+                self.seen.append((kind, name, node, ready == "True", bool(deleting), mark))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)

@@ -23,16 +23,20 @@ metadata:
   name: {name}
 spec:
   image: {{repository: lmcache.local/node, tag: dev, pullPolicy: Never}}
-  cache: {{cpuSize: {cpu}}}
+  cache: {{cpuSize: {cpu}, persistent: {persistent}}}
   server: {{port: {port}, httpPort: {http_port}}}
 """
 # hostNetwork pods claim their ports on the node: every cluster in the session gets its own.
 _PORTS = itertools.count(20000, 2)
 
 
-def manifest(name: str = "cache", cpu: str = "4Gi", port: int | None = None) -> str:
+def manifest(
+    name: str = "cache", cpu: str = "4Gi", port: int | None = None, *, persistent: bool = True
+) -> str:
     port = next(_PORTS) if port is None else port
-    return CLUSTER.format(name=name, cpu=cpu, port=port, http_port=port + 1)
+    return CLUSTER.format(
+        name=name, cpu=cpu, port=port, http_port=port + 1, persistent=str(persistent).lower()
+    )
 
 
 def status(k8s: Cluster, ns: str, name: str = "cache") -> dict[str, Any]:
@@ -323,7 +327,7 @@ def test_spec_change_rolls_the_daemonset_and_status_follows(
         after["spec"]["template"]["metadata"]["annotations"]["lmcache.dev/config-hash"] != old_hash
     )
     container = after["spec"]["template"]["spec"]["containers"][0]
-    assert container["resources"]["requests"]["memory"] == "8Gi"
+    assert container["resources"]["requests"]["memory"] == "8194Mi"  # the 6 GiB pool + 2 GiB
     assert container["ports"][0]["containerPort"] == 7100
     cm = k8s_cluster.get("configmap", "cache-cache-config", namespace)
     assert cm is not None
@@ -339,8 +343,12 @@ def test_spec_change_rolls_the_daemonset_and_status_follows(
 def test_deleting_the_cluster_removes_children_even_with_the_operator_stopped(
     k8s_cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
-    k8s_cluster.apply(manifest(), namespace)
+    # without a persistent pool nothing outlives the pods: no finalizer (a persistent
+    # cluster waits for the operator to clean its nodes: test_pools.py)
+    k8s_cluster.apply(manifest(persistent=False), namespace)
     wait_ready(k8s_cluster, namespace)
+    body = k8s_cluster.get("lmcc", "cache", namespace)
+    assert body is not None and not body["metadata"].get("finalizers")
     operator.stop()
     k8s_cluster.kubectl("delete", "lmcc", "cache", "-n", namespace, "--timeout=30s")
 
