@@ -32,9 +32,14 @@ run: setup ## Run the cache server in CPU mode (the embedded default)
 	$(VENV)/bin/lmcache-node serve --device cpu
 
 .PHONY: lint
-lint: setup lint-images ## ruff (lint + format check) and hadolint on the Dockerfiles
+lint: setup lint-code lint-images ## ruff (lint + format check), import contracts, hadolint
+	@true
+
+.PHONY: lint-code
+lint-code: setup ## ruff (lint + format check) and the import contracts (lint-imports)
 	$(VENV)/bin/ruff check node operator tests e2e scripts
 	$(VENV)/bin/ruff format --check node operator tests e2e scripts
+	PYTHONPATH=node:operator $(VENV)/bin/lint-imports
 
 .PHONY: fmt
 fmt: setup ## Format the code with ruff
@@ -53,6 +58,18 @@ pytest: setup ## Unit + integration tests (real redis-server, real server proces
 .PHONY: test
 test: setup lint typecheck vllm-venv pytest e2e-vllm ## Everything CI runs: setup, lint, type check, all tests, real-vLLM e2e
 	@echo "make test: all green"
+
+FAST_MARKERS := not integration and not slow and not redis and not k8s and not vllm and not gpu
+
+.PHONY: test-fast
+test-fast: setup lint-code ## The inner loop (< 1 min): ruff, import contracts, unit tests in parallel
+	@rc=0; $(VENV)/bin/pytest -q -p no:cacheprovider -n auto -m "$(FAST_MARKERS)" \
+		--timeout=60 $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+.PHONY: mutation
+mutation: setup ## Mutation testing (mutmut) of keys, engine/memory, protocol/codec, tiers/frame; slow, not in CI
+	PYTHON=$(PY) scripts/mutation.sh
 
 .PHONY: bench
 bench: setup ## Benchmarks: one JSON object with ratios against memcpy measured in the same run

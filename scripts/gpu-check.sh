@@ -44,7 +44,7 @@ info = {
     "cuda_available": torch.cuda.is_available(),
     "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
 }
-import lmcache_node.server.cli, lmcache_node.client  # noqa: E401,F401 - imports work (no vLLM there)
+import lmcache_node.serve, lmcache_node.client  # noqa: E401,F401 - imports work (no vLLM there)
 from lmcache_node.devices import cuda_problem
 info["cuda_problem"] = cuda_problem()
 json.dump(info, open(sys.argv[1], "w"), indent=2)

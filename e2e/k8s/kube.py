@@ -7,37 +7,15 @@ import os
 import socket
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
-
-
-class WaitTimeoutError(AssertionError):
-    """A bounded wait ran out; the message says what was awaited and the last value seen."""
-
-
-def wait_until(
-    what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.5
-) -> T:
-    """Call ``probe`` until it returns something truthy, for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        last = probe()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise WaitTimeoutError(
-                f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}"
-            )
-        time.sleep(interval)
+from tests.support import wait_until
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
@@ -156,7 +134,7 @@ class Kube:
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         try:
-            wait_until(f"the first {kind}/{name} event", lambda: bool(values), timeout=30)
+            wait_until(lambda: bool(values), 30, f"the first {kind}/{name} event", interval=0.5)
             yield values
         finally:
             process.terminate()
@@ -186,7 +164,7 @@ class Kube:
                     return False
                 return True
 
-            wait_until(f"kubectl port-forward {target} {local}:{port}", listening, timeout=30)
+            wait_until(listening, 30, f"kubectl port-forward {target} {local}:{port}", interval=0.5)
             yield f"http://127.0.0.1:{local}"
         finally:
             process.terminate()

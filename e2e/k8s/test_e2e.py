@@ -3,7 +3,8 @@
 The tests run in file order and build on each other (one install, one cache cluster, one
 VLLMDeployment): install -> LMCacheCluster Ready -> cache pod serves on the node's IP ->
 VLLMDeployment Ready, the same prompt twice (the second served by the node cache) -> cache
-pod deleted and back (Degraded -> Ready, vLLM answers throughout and hits again) -> RBAC
+pod deleted and back (Degraded -> Ready, vLLM answers throughout and hits again) -> a plain
+Deployment of the vLLM image, wired by the operator's webhook, hits the same cache -> RBAC
 sufficient (all of that done by the operator) and minimal -> helm upgrade -> cleanup.
 The same module runs on a kind cluster (e2e/kind/run.sh); only the set-up differs.
 """
@@ -27,10 +28,11 @@ import pytest
 import zmq
 from lmcache_operator.api.policy import DEFAULT_ALLOWED_HOST_PATH_PREFIXES
 
-from e2e.k8s import vllm_deployment
+from e2e.k8s import plain_vllm, vllm_deployment
 from e2e.k8s.conftest import REPO, Settings
-from e2e.k8s.kube import Kube, Timings, http_get, wait_until
+from e2e.k8s.kube import Kube, Timings, http_get
 from e2e.vllm.harness import Completion, prompt_text, retrieved_tokens_logged, stream_completion
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -198,7 +200,7 @@ def test_cache_cluster_becomes_ready_on_the_real_node(
 ) -> None:
     start = time.monotonic()
     kube.apply(_cache_cluster(settings))
-    status = wait_until("LMCacheCluster Ready", lambda: _ready(kube, settings), timeout=180)
+    status = wait_until(lambda: _ready(kube, settings), 180, "LMCacheCluster Ready", interval=0.5)
     timings.record("LMCacheCluster apply -> Ready", time.monotonic() - start)
     endpoint = _real_endpoint(status, settings.node)
     assert endpoint is not None, f"no ready endpoint on {settings.node}: {status.get('endpoints')}"
@@ -323,14 +325,15 @@ def _probe_from_a_pod(kube: Kube, settings: Settings, host_ip: str) -> dict[str,
     kube.apply(pod)
     try:
         wait_until(
-            "probe pod finished",
             lambda: (
                 (kube.get("pod", name, settings.cache_namespace) or {})
                 .get("status", {})
                 .get("phase")
                 in ("Succeeded", "Failed")
             ),
-            timeout=120,
+            120,
+            "probe pod finished",
+            interval=0.5,
         )
         phase = kube.get("pod", name, settings.cache_namespace)["status"]["phase"]  # type: ignore[index]
         logs = kube.kubectl("logs", name, "-n", settings.cache_namespace).stdout
@@ -403,9 +406,9 @@ def vllm(
     start = time.monotonic()
     kube.apply(vllm_deployment.build(settings, settings.vllm_model_dir, CLUSTER))
     status = wait_until(
-        "VLLMDeployment Ready (CacheReady, CacheCompatible)",
         lambda: _vllm_ready(kube, settings),
-        timeout=600,
+        600,
+        "VLLMDeployment Ready (CacheReady, CacheCompatible)",
         interval=2,
     )
     timings.record("VLLMDeployment apply -> Ready", time.monotonic() - start)
@@ -420,9 +423,10 @@ def vllm(
     transfer = json.loads(container["args"][container["args"].index("--kv-transfer-config") + 1])
     assert transfer["kv_connector_extra_config"]["lmcache.node.host"] == "tcp://$(HOST_IP)"
     wait_until(
-        "the LMCacheCluster's status.consumers to list the VLLMDeployment",
         lambda: vllm_deployment.NAME in (_status(kube, settings).get("consumers") or []),
-        timeout=30,
+        30,
+        "the LMCacheCluster's status.consumers to list the VLLMDeployment",
+        interval=0.5,
     )
     prompt = prompt_text(3, 4000)
     if settings.host_reaches_node:
@@ -526,13 +530,14 @@ def test_deleted_cache_pod_comes_back_and_status_follows(
                 return status
             return None
 
-        wait_until("cache pod replaced and cluster Ready", back_ready, timeout=180, interval=0.2)
+        wait_until(back_ready, 180, "cache pod replaced and cluster Ready", interval=0.2)
         timings.record("cache pod deleted -> Ready again", time.monotonic() - start)
         if vllm is not None:
             wait_until(
-                "VLLMDeployment CacheReady=True again",
                 lambda: _condition(_vllm_status(kube, settings), "CacheReady") == "True",
-                timeout=60,
+                60,
+                "VLLMDeployment CacheReady=True again",
+                interval=0.5,
             )
         phases, cache_ready = list(phases), list(cache_ready)
     assert phases[0] == "Ready" and "Degraded" in phases, f"status never showed the loss: {phases}"
@@ -559,8 +564,82 @@ def test_deleted_cache_pod_comes_back_and_status_follows(
             return _retrieved(kube, settings) - before > 0
 
         start = time.monotonic()
-        wait_until("a hit on the new cache server", hit_again, timeout=120, interval=2)
+        wait_until(hit_again, 120, "a hit on the new cache server", interval=2)
         timings.record("cache back -> vLLM hits again", time.monotonic() - start)
+
+
+def test_a_plain_deployment_labelled_for_the_webhook_hits_its_nodes_cache(
+    kube: Kube, settings: Settings, timings: Timings, installed: None
+) -> None:
+    """Any vLLM: the stock vLLM CPU image in a plain Deployment (no VLLMDeployment), labelled
+    lmcache.dev/cluster, is wired by the operator's webhook and gets a hit on its second
+    request through its node's cache server."""
+    if settings.vllm_model_dir is None:
+        pytest.skip("E2E_VLLM_MODEL_DIR not set: no vLLM pod in this run")
+    ns = settings.cache_namespace
+    connection = kube.get("configmap", f"{CLUSTER}-connection", ns)
+    assert connection is not None, "the LMCacheCluster has no connection ConfigMap"
+    assert _status(kube, settings)["connection"]["configMap"] == f"{CLUSTER}-connection"
+    if kube.get("vllmdeployments.lmcache.dev", vllm_deployment.NAME, ns) is not None:
+        # one vLLM at a time on this node: the VLLMDeployment makes room (scale subresource)
+        kube.kubectl("scale", "vllmdeployments.lmcache.dev", vllm_deployment.NAME,
+                     "--replicas=0", "-n", ns)  # fmt: skip
+        wait_until("the VLLMDeployment's pod gone", lambda: not _vllm_pods(kube, settings),
+                   timeout=180)  # fmt: skip
+    start = time.monotonic()
+    for obj in plain_vllm.build(settings, settings.vllm_model_dir, CLUSTER):
+        kube.apply(obj)
+    try:
+        pod = wait_until(
+            "the plain vLLM pod Ready", lambda: plain_vllm.ready_pod(kube, settings),
+            timeout=600, interval=2,
+        )  # fmt: skip
+        timings.record("plain Deployment (webhook) apply -> Ready", time.monotonic() - start)
+        annotations = pod["metadata"].get("annotations") or {}
+        assert annotations.get("lmcache.dev/injection") == "injected", annotations
+        assert pod["spec"]["nodeName"] == settings.node
+        container = pod["spec"]["containers"][0]
+        args = container["args"]
+        kv = json.loads(args[args.index("--kv-transfer-config") + 1])
+        assert kv["kv_connector"] == "LMCacheNodeConnector"
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["LMCACHE_NODE_HOST"] == "tcp://$(HOST_IP)"
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["lmcache-client-credentials"]["secret"]["secretName"] == (
+            f"{CLUSTER}-client-credentials"
+        )
+        prompt = prompt_text(11, 4000)  # "[11] ...": no chunk in common with other prompts
+
+        def complete(url: str) -> tuple[Completion, Completion, float, float]:
+            before = _retrieved(kube, settings)
+            cold = stream_completion(url, plain_vllm.SERVED_MODEL, prompt)
+            after_cold = _retrieved(kube, settings)
+            warm = stream_completion(url, plain_vllm.SERVED_MODEL, prompt)
+            return cold, warm, after_cold - before, _retrieved(kube, settings) - after_cold
+
+        if settings.host_reaches_node:
+            service = kube.get("service", plain_vllm.NAME, ns)
+            assert service is not None
+            url = f"http://{service['spec']['clusterIP']}:{plain_vllm.PORT}"
+            cold, warm, cold_hits, warm_hits = complete(url)
+        else:
+            with kube.port_forward(ns, f"svc/{plain_vllm.NAME}", plain_vllm.PORT) as url:
+                cold, warm, cold_hits, warm_hits = complete(url)
+        expected = (cold.prompt_tokens - 1) // CHUNK * CHUNK
+        assert expected >= 2 * CHUNK, f"prompt too short: {cold.prompt_tokens} tokens"
+        assert cold_hits == 0, f"the first request was served {cold_hits} tokens from the cache"
+        assert warm.text == cold.text, "greedy output changed when the prefix came from the cache"
+        assert warm_hits == expected, f"the node cache served {warm_hits} tokens, not {expected}"
+        log = kube.kubectl("logs", pod["metadata"]["name"], "-n", ns).stdout
+        logged = [int(n) for n in LOADED_LOG.findall(log)] + retrieved_tokens_logged(log)
+        assert expected in logged, f"the connector logged no load of {expected} tokens: {logged}"
+        timings.record("plain vLLM TTFT cold", cold.ttft_s)
+        timings.record("plain vLLM TTFT warm (prefix from the node cache)", warm.ttft_s)
+    finally:
+        kube.kubectl("delete", "deployment,service", plain_vllm.NAME, "-n", ns,
+                     "--ignore-not-found", "--wait=false", check=False)  # fmt: skip
+        wait_until("the plain vLLM pod gone", lambda: not kube.items("pods", ns,
+                   f"app={plain_vllm.NAME}"), timeout=120)  # fmt: skip
 
 
 # What the operator must be allowed (it did all of the above with exactly this, and it
@@ -589,6 +668,10 @@ NEEDED = [
     ("watch", "configmaps", "-A"),  # repair of children deleted or edited by hand
     ("watch", "services", "-A"),
     ("patch", "pods/status", "-A"),  # the CacheGate condition of a pod gated too long
+    ("get", "configmaps", "-A"),  # spec.configFrom; the webhook reads <cluster>-connection
+    ("get", "namespaces"),  # the webhook reads a namespace's lmcache.dev/cluster label
+    ("create", "persistentvolumeclaims", "-A"),  # VLLMDeployment model.cache.size
+    ("patch", "persistentvolumeclaims", "-A"),
 ]
 # ... and what it must not be: read Secrets, exec into pods, modify nodes, and more.
 FORBIDDEN = [
@@ -611,6 +694,10 @@ FORBIDDEN = [
     ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
     ("impersonate", "serviceaccounts", "-A"),
+    ("list", "namespaces"),
+    ("patch", "namespaces"),
+    ("delete", "persistentvolumeclaims", "-A"),
+    ("patch", "mutatingwebhookconfigurations.admissionregistration.k8s.io"),
     ("create", "serviceaccounts/token", "-A"),
 ]
 
@@ -656,18 +743,19 @@ def test_helm_upgrade_rolls_the_operator_and_leaves_the_caches_alone(
     )
     timings.record("helm upgrade --wait", time.monotonic() - start)
     after = wait_until(
-        "the new operator pod Ready",
         lambda: (
             (p := _operator_pod(kube, settings))
             and p["metadata"]["uid"] != before["metadata"]["uid"]
             and _pod_ready(p)
             and p
         ),
-        timeout=120,
+        120,
+        "the new operator pod Ready",
+        interval=0.5,
     )
     assert "--log-level=DEBUG" in after["spec"]["containers"][0]["args"]
     # the new operator resumed the cluster without touching its pods
-    ready = wait_until("cluster still Ready", lambda: _ready(kube, settings), timeout=60)
+    ready = wait_until(lambda: _ready(kube, settings), 60, "cluster still Ready", interval=0.5)
     assert _real_endpoint(ready, settings.node) is not None
     now = kube.get("daemonset", f"{CLUSTER}-cache", settings.cache_namespace)
     assert now is not None
@@ -705,25 +793,26 @@ def test_uninstall_and_deleting_the_resources_leaves_nothing(
         ]
         return None if left else ["gone"]
 
-    wait_until("the resources' children garbage-collected", children_gone, timeout=60)
+    wait_until(children_gone, 60, "the resources' children garbage-collected", interval=0.5)
     wait_until(
-        "cache and vLLM pods gone",
         lambda: not any(kube.items("pods", settings.cache_namespace, s) for s in selectors),
-        timeout=120,
+        120,
+        "cache and vLLM pods gone",
+        interval=0.5,
     )
     kube.helm("uninstall", settings.release, "-n", settings.operator_namespace, "--wait")
 
     def leftovers() -> list[str]:
         found: list[str] = []
         for kind in ("deployments", "pods", "serviceaccounts", "roles", "rolebindings",
-                     "configmaps"):  # fmt: skip
+                     "configmaps", "services", "secrets"):  # fmt: skip
             found += [
                 f"{kind}/{o['metadata']['name']}"
                 for o in kube.items(kind, settings.operator_namespace)
                 if o["metadata"]["name"] != "kube-root-ca.crt"
                 and not o["metadata"]["name"].startswith("default")
             ]
-        for kind in ("clusterroles", "clusterrolebindings"):
+        for kind in ("clusterroles", "clusterrolebindings", "mutatingwebhookconfigurations"):
             found += [
                 f"{kind}/{o['metadata']['name']}"
                 for o in kube.items(kind, selector=f"app.kubernetes.io/instance={settings.release}")
@@ -738,7 +827,7 @@ def test_uninstall_and_deleting_the_resources_leaves_nothing(
         return not left
 
     try:
-        wait_until("everything of the release gone", nothing_left, timeout=90)
+        wait_until(nothing_left, 90, "everything of the release gone", interval=0.5)
     except AssertionError:
         raise AssertionError(f"left behind: {left}") from None
     timings.record("delete cluster + helm uninstall -> nothing left", time.monotonic() - start)

@@ -9,8 +9,9 @@ any problem):
   library, vLLM itself or a distribution vLLM requires directly (markers evaluated here);
 - static: every ``lmcache_node`` module the connector reaches, also through imports inside
   functions (code paths that run later), is parsed; its imports obey the same rule, and the
-  reached modules stay in the connector's layers (keys, protocol, transfer, client, vllm), so
-  the server's modules (engine, tiers, config, server, ...) never come along.
+  reached modules stay in the connector's layers (keys, protocol, dtypes, retry, transfer,
+  client, vllm), so the server's modules (engine, tiers, config, server, ...) never come
+  along.
 
 vLLM's requirements come from ``importlib.metadata`` of the vLLM installed here, so the check
 follows the vLLM we test with.
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 CONNECTOR = "lmcache_node.vllm.connector"
-CONNECTOR_LAYERS = ("keys", "protocol", "transfer", "client", "vllm")
+CONNECTOR_LAYERS = ("keys", "protocol", "dtypes", "retry", "transfer", "client", "vllm")
 OURS = "lmcache_node"
 
 

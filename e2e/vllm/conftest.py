@@ -1,8 +1,9 @@
 """Fixtures: one node server and four vLLM instances (started together) per session.
 
-A and B are ``kv_both`` instances (cases 1, 2, 4, 5), P is a ``kv_producer`` and C a
-``kv_consumer`` (cases 3, 5). B registers in engine mode (``LMCACHE_NODE_TRANSFER_MODE``), C
-runs with ``kv_load_failure_policy: fail``. The model is generated locally (tiny, seeded). Logs
+A and B are ``kv_both`` instances (cases 1, 2, 4, 5, 6), P is a ``kv_producer`` and C a
+``kv_consumer`` (cases 3, 5). A runs in verify mode (``LMCACHE_NODE_VERIFY=1``), B registers
+in engine mode (``LMCACHE_NODE_TRANSFER_MODE``), C runs with ``kv_load_failure_policy:
+fail``. The model is generated locally (tiny, seeded). Logs
 of every process stay in the session's work directory (printed on failure).
 """
 
@@ -104,7 +105,8 @@ def deployment(work_dir: Path, tiny_model: Path) -> Iterator[Deployment]:
 
     dep = Deployment(
         server=server,
-        a=make("a", "kv_both"),
+        # A checks every chunk it loads against the digest saved with it (verify mode)
+        a=make("a", "kv_both", env={"LMCACHE_NODE_VERIFY": "1"}),
         # B moves KV bytes through the server's staging area (the operator's transferMode)
         b=make("b", "kv_both", env={"LMCACHE_NODE_TRANSFER_MODE": "engine"}),
         producer=make("producer", "kv_producer"),

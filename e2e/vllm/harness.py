@@ -21,6 +21,8 @@ from typing import Any
 
 from lmcache_node.server.process import free_port
 
+from tests.support import WaitTimeoutError, wait_until
+
 CONNECTOR_CLASS = "LMCacheNodeConnector"
 CONNECTOR_MODULE = "lmcache_node.vllm.connector"
 SERVER_PYTHON_ENV = "LMCACHE_E2E_SERVER_PYTHON"
@@ -145,20 +147,20 @@ class VLLMProcess:
         return self
 
     def wait_ready(self, timeout_s: float = 400.0) -> VLLMProcess:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(
                     f"vLLM {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
                 )
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"vLLM {self.name} not ready in {timeout_s} s:\n{self.log_tail()}")
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                return bool(response.status == 200)
+
+        try:
+            wait_until(healthy, timeout_s, f"vLLM {self.name} /health", interval=0.5,
+                       ignore=(OSError,))  # fmt: skip
+        except WaitTimeoutError as exc:
+            raise RuntimeError(f"{exc}:\n{self.log_tail()}") from None
+        return self
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
@@ -254,6 +256,19 @@ def metric(http_url: str, name: str, labels: str = "") -> float:
     return float(match.group(2)) if match else 0.0
 
 
+def vllm_counter(base_url: str, name: str, **labels: str) -> float:
+    """The sum of a counter on vLLM's /metrics over the series whose labels include
+    ``labels`` (vLLM adds its own: engine, model_name)."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    total = 0.0
+    for match in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}}\s+(\S+)$", text, re.M):
+        present = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if all(present.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
 def retrieved_tokens_logged(log_text: str) -> list[int]:
     return [int(n) for n in re.findall(r"Retrieved (\d+) tokens", log_text)]
 
@@ -272,12 +287,3 @@ def prompt_text(seed: int, approx_chars: int) -> str:
         index += 7
     offset = (seed * 997) % 1000
     return f"[{seed}] " + text[offset : offset + approx_chars]
-
-
-def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

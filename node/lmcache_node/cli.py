@@ -19,7 +19,7 @@ class _Command(Protocol):
 
 # subcommand -> (module providing add_arguments/run, help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("lmcache_node.server.cli", "run the cache server (ZMQ + HTTP)"),
+    "serve": ("lmcache_node.serve", "run the cache server (ZMQ + HTTP)"),
     "standalone": ("lmcache_node.standalone", "start the engine without vLLM or a GPU"),
     "bench": ("lmcache_node.bench.runner", "measure the engine against memcpy"),
     "keys": ("lmcache_node.keygen", "generate CURVE keys for the server and its clients"),

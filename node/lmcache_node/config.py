@@ -1,3 +1,5 @@
+# Long on purpose: one NodeConfig field per config key, each with its description, bounds and
+# validator (docs/reference/configuration.md is generated from them), then the loader.
 """The node's configuration: one pydantic-settings model, keys named as in LMCache.
 
 Precedence: CLI > config file (``--config`` or ``LMCACHE_CONFIG_FILE``, YAML) >
@@ -21,6 +23,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from lmcache_node.dtypes import BufferDtype
 from lmcache_node.kvspec import (
     KVSpecError,
     LayerGroup,
@@ -44,7 +47,7 @@ CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 SECRET_KEYS = frozenset({"remote_url"})
 
 Device = Literal["cpu", "cuda", "xpu", "auto"]
-KVDtype = Literal["float16", "float32", "bfloat16", "uint8"]
+KVDtype = BufferDtype  # lmcache_node.dtypes: the one dtype table
 
 
 class ConfigError(ValueError):

@@ -11,11 +11,12 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lmcache_node.dtypes import BUFFER_DTYPES, element_bytes, torch_dtype
+
 if TYPE_CHECKING:  # torch is imported where a tensor dtype is needed: validating a config
     import torch  # (the operator does it with lmcache_node.lmcache_compat) stays torch-free
 
-# dtype name -> bytes per element
-KV_DTYPES: dict[str, int] = {"float16": 2, "float32": 4, "bfloat16": 2, "uint8": 1}
+KV_DTYPES = BUFFER_DTYPES  # the dtypes a shape spec may name (lmcache_node.dtypes)
 
 SPEC_FORMAT = "(shape):dtype:layer_count;..."
 SPEC_EXAMPLE = "(2,2,256,4,16):float16:2;(3,2,256,4,4):float32:3"
@@ -36,17 +37,14 @@ class LayerGroup:
 
     @property
     def dtype(self) -> torch.dtype:
-        import torch  # noqa: PLC0415 - see the import at the top
-
-        dtype: torch.dtype = getattr(torch, self.dtype_name)
-        return dtype
+        return torch_dtype(self.dtype_name)
 
     @property
     def bytes_per_layer(self) -> int:
         count = 1
         for dim in self.shape:
             count *= dim
-        return count * KV_DTYPES[self.dtype_name]
+        return count * element_bytes(self.dtype_name)
 
     def describe(self) -> str:
         shape = ",".join(str(d) for d in self.shape)

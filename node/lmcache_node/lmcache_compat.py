@@ -1,3 +1,5 @@
+# Long on purpose: one rule per LMCache 0.5.6 key (108 of them), each saying what this node
+# does with it (docs/reference/lmcache-keys.md is generated from the table).
 """LMCache 0.5.6 configuration keys, accepted by the node's config loader.
 
 Every key LMCache 0.5.6 defines (its YAML keys and their ``LMCACHE_<KEY>`` variables) is known

@@ -1,3 +1,5 @@
+# Long on purpose: one benchmark run end to end (cluster, operator, workloads, the JSON
+# report) that `make bench-operator` runs as a whole; nothing else imports it.
 """Operator benchmark on a local cluster (``make bench-operator``); JSON on the last line.
 
 Method (the one used for LMCache's Go operator in notes/operators.md): the operator runs out

@@ -160,6 +160,68 @@ def build_parser() -> argparse.ArgumentParser:
         "nodes left; default 300)",
     )
 
+    run.add_argument(
+        "--config-check-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how often the ConfigMaps named by LMCacheClusters' spec.configFrom are read; a "
+        "change re-applies the cluster (default 30)",
+    )
+    run.add_argument(
+        "--webhook-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve the injection webhook (HTTPS) on this port, on every replica; unset: no "
+        "webhook server (the chart sets 9443)",
+    )
+    run.add_argument(
+        "--webhook-cert-dir",
+        default="/var/run/lmcache/webhook",
+        metavar="DIR",
+        help="directory with the webhook's tls.crt and tls.key, re-read when they change "
+        "(default /var/run/lmcache/webhook)",
+    )
+    run.add_argument(
+        "--webhook-address",
+        default="0.0.0.0",  # noqa: S104 - the webhook Service reaches the pod on its IP
+        metavar="ADDRESS",
+        help="address the webhook server binds (default 0.0.0.0)",
+    )
+
+    connection = commands.add_parser(
+        "connection",
+        help="print the connection contract of LMCacheClusters (offline; what the operator "
+        "keeps in <cluster>-connection)",
+    )
+    connection.add_argument("-f", "--filename", required=True, help="YAML file ('-' for stdin)")
+    connection.add_argument(
+        "-o",
+        "--output",
+        choices=["yaml", "json", "patch", "helm-values"],
+        default="yaml",
+        help="yaml/json: the ConfigMap; patch: a strategic-merge patch of a pod template "
+        "(kubectl patch deployment NAME --patch-file FILE); helm-values: values for vLLM "
+        "production-stack's chart (default yaml)",
+    )
+    connection.add_argument(
+        "-n",
+        "--namespace",
+        default=None,
+        help="namespace of a cluster whose metadata names none (default: default)",
+    )
+    connection.add_argument(
+        "--container", default="vllm", help="the vLLM container the patch wires (default vllm)"
+    )
+    connection.add_argument(
+        "--no-install-connector",
+        action="store_true",
+        help="the vLLM image has the lmcache_node package: no init container copies it",
+    )
+    _add_policy_flags(connection)
+    _add_image_flags(connection)
+
     render = commands.add_parser("render", help="print the objects for a resource file")
     render.add_argument("-f", "--filename", required=True, help="YAML file ('-' for stdin)")
     _add_policy_flags(render)
@@ -200,12 +262,40 @@ def _render(filename: str, policy: PodPolicy, images: NodeImageDefaults) -> int:
     return 0
 
 
+def _connection(args: argparse.Namespace, policy: PodPolicy) -> int:
+    from lmcache_operator.connection_render import render_connection  # noqa: PLC0415
+    from lmcache_operator.validation import RenderError  # noqa: PLC0415
+
+    filename = args.filename
+    try:
+        text = sys.stdin.read() if filename == "-" else Path(filename).read_text("utf-8")
+    except OSError as exc:
+        print(f"cannot read {filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        sys.stdout.write(
+            render_connection(
+                text,
+                args.output,
+                namespace=args.namespace,
+                container=args.container,
+                install_connector=not args.no_install_connector,
+                policy=policy,
+                images=node_images(args),
+            )
+        )
+    except RenderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "crds":
         return _crds(args.output_dir, args.check)
-    if args.command in ("render", "run"):
+    if args.command in ("render", "run", "connection"):
         try:
             policy = pod_policy(args)
         except ValueError as exc:
@@ -213,8 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if args.command == "render":
         return _render(args.filename, policy, node_images(args))
+    if args.command == "connection":
+        return _connection(args, policy)
     if args.command == "run":
         from lmcache_operator.runner import RunOptions, run  # noqa: PLC0415
+        from lmcache_operator.wiring.admission import WebhookOptions  # noqa: PLC0415
 
         if args.gate_timeout <= 0:
             parser.error("--gate-timeout must be greater than zero (seconds)")
@@ -226,6 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--pool-probe-timeout must be zero or more (seconds)")
         if args.pool_cleanup_timeout <= 0:
             parser.error("--pool-cleanup-timeout must be greater than zero (seconds)")
+        if args.config_check_interval <= 0:
+            parser.error("--config-check-interval must be greater than zero (seconds)")
+        webhook = None
+        if args.webhook_port is not None:
+            if not 1 <= args.webhook_port <= 65535:
+                parser.error("--webhook-port must be between 1 and 65535")
+            webhook = WebhookOptions(args.webhook_port, args.webhook_cert_dir, args.webhook_address)
         return run(
             RunOptions(
                 namespaces=tuple(args.namespace),
@@ -242,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 key_propagation_s=args.key_propagation_delay,
                 pool_probe_timeout_s=args.pool_probe_timeout,
                 pool_cleanup_timeout_s=args.pool_cleanup_timeout,
+                config_check_s=args.config_check_interval,
+                webhook=webhook,
             )
         )
     parser.print_help()

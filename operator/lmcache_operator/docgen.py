@@ -8,10 +8,13 @@ differs.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import jinja2
 
 from lmcache_operator.api import ALL_KINDS
 from lmcache_operator.api.k8s_types import K8S_TYPE_KEY, kubernetes_version
@@ -137,99 +140,61 @@ def rule_rows(schema: dict[str, Any], root: str) -> list[RuleRow]:
     ]
 
 
-def _fields_table(rows: list[FieldRow]) -> list[str]:
-    lines = [
-        "| Field | Type | Default | Constraints | Description |",
-        "|---|---|---|---|---|",
-    ]
-    for row in rows:
-        default = code(row.default) if row.default else ""
-        lines.append(
-            f"| {cell(code(row.path))} | {cell(row.type)} | {cell(default)} "
-            f"| {cell(row.constraints)} | {cell(row.description)} |"
-        )
-    return lines
-
-
-def render_kind(crd: dict[str, Any]) -> list[str]:
+def kind_context(crd: dict[str, Any]) -> dict[str, Any]:
+    """What the page shows of one CRD (``templates/crds.md.j2`` lays it out)."""
     spec = crd["spec"]
     names = spec["names"]
     version = spec["versions"][0]
     root = version["schema"]["openAPIV3Schema"]
-    kind = names["kind"]
-    subresources = ", ".join(sorted(version.get("subresources", {}))) or "none"
-    lines = [
-        f"## {kind}",
-        "",
-        cell(str(root.get("description", ""))),
-        "",
-        "| | |",
-        "|---|---|",
-        f"| Group | {code(spec['group'])} |",
-        f"| Version | {code(version['name'])} |",
-        f"| apiVersion | {code(spec['group'] + '/' + version['name'])} |",
-        f"| Kind | {code(kind)} |",
-        f"| CRD | {code(crd['metadata']['name'])} |",
-        f"| Plural / singular | {code(names['plural'])} / {code(names['singular'])} |",
-        f"| Short names | {', '.join(code(n) for n in names.get('shortNames', [])) or 'none'} |",
-        f"| Categories | {', '.join(code(n) for n in names.get('categories', [])) or 'none'} |",
-        f"| Scope | {spec['scope']} |",
-        f"| Subresources | {subresources} |",
-        "",
-        "### Printer columns (`kubectl get`)",
-        "",
-        "| Name | Type | JSON path | Description |",
-        "|---|---|---|---|",
-    ]
-    for column in version.get("additionalPrinterColumns", []):
-        lines.append(
-            f"| {cell(column['name'])} | {cell(column['type'])} | {cell(code(column['jsonPath']))} "
-            f"| {cell(column.get('description', ''))} |"
-        )
-    for part in ("spec", "status"):
-        schema = root["properties"][part]
-        required = part in root.get("required", [])
-        title = f"### `{part}`"
-        lines += ["", title, ""]
-        if required:
-            lines += [f"`{part}` is required.", ""]
-        lines += _fields_table(field_rows(schema, part))
-    rules = [
-        row for part in ("spec", "status") for row in rule_rows(root["properties"][part], part)
-    ]
-    lines += ["", "### Validation rules (CEL, checked by the API server)", ""]
-    if rules:
-        lines += ["| Field | Message | Rule |", "|---|---|---|"]
-        lines += [
-            f"| {cell(code(r.path))} | {cell(r.message)} | {cell(code(r.rule))} |" for r in rules
-        ]
-    else:
-        lines.append("None.")
-    return lines
+    parts = ("spec", "status")
+    return {
+        "name": names["kind"],
+        "description": str(root.get("description", "")),
+        "group": spec["group"],
+        "version": version["name"],
+        "crd": crd["metadata"]["name"],
+        "plural": names["plural"],
+        "singular": names["singular"],
+        "short_names": names.get("shortNames", []),
+        "categories": names.get("categories", []),
+        "scope": spec["scope"],
+        "subresources": ", ".join(sorted(version.get("subresources", {}))) or "none",
+        "columns": version.get("additionalPrinterColumns", []),
+        "parts": [
+            {
+                "name": part,
+                "required": part in root.get("required", []),
+                "rows": field_rows(root["properties"][part], part),
+            }
+            for part in parts
+        ],
+        "rules": [row for part in parts for row in rule_rows(root["properties"][part], part)],
+    }
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    """The page templates beside this module (``templates/*.md.j2``)."""
+    env = jinja2.Environment(  # noqa: S701 - Markdown, not HTML: nothing to escape
+        loader=jinja2.PackageLoader("lmcache_operator", "templates"),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["cell"] = cell
+    env.filters["code"] = code
+    return env
 
 
 def render() -> str:
     """The whole ``crds.md`` page."""
     crds = [build_crd(kind, k8s_types=False) for kind in ALL_KINDS]
-    lines = [
-        "<!-- Generated by `make docs` (scripts/docgen.py) from the CRD schemas; do not edit. -->",
-        "",
-        "# CRD reference",
-        "",
-        "The custom resources of lmcache-k8s, generated from the same schemas as `crds/` "
-        "(the operator's pydantic API models). Field paths use the wire (camelCase) names; "
-        "`[]` steps into array items and `<key>` into map values. Defaults are applied by the "
-        "API server; constraints and rules are enforced by it on create and update. "
-        f"A `core/v1 ...` type is the Kubernetes {kubernetes_version()} schema of that type "
-        "(see the Kubernetes API reference): the API server rejects unknown fields in it; a "
-        "`hostPath.path` in it is at most 1024 characters without `..`, `//` or a trailing `/`.",
-        "",
-    ]
-    kinds = [str(crd["spec"]["names"]["kind"]) for crd in crds]
-    lines += [f"- [{kind}](#{kind.lower()})" for kind in kinds]
-    for crd in crds:
-        lines += ["", *render_kind(crd)]
-    return "\n".join(lines) + "\n"
+    return (
+        _templates()
+        .get_template(FILE_NAME + ".j2")
+        .render(kinds=[kind_context(crd) for crd in crds], kubernetes_version=kubernetes_version())
+    )
 
 
 def files() -> dict[str, str]:

@@ -61,6 +61,13 @@ class OperatorMetrics:
             "vLLM pods still gated after the gate timeout (an Event and a condition say why)",
             registry=r,
         )
+        self.admissions = Counter(
+            f"{PREFIX}_admissions",
+            "Pods seen by the injection webhook, by outcome (injected, partial, failed, "
+            "skipped: not ours to wire)",
+            ["outcome"],
+            registry=r,
+        )
         self.is_leader = Gauge(
             f"{PREFIX}_is_leader",
             "1 while this replica is the active one (holds the leader Lease), else 0",

@@ -13,11 +13,14 @@ import kopf
 from lmcache_operator.api.policy import PodPolicy
 from lmcache_operator.builders.node_image import DEFAULTS, NodeImageDefaults
 from lmcache_operator.controllers.common import Settings
+from lmcache_operator.controllers.injection import AdmissionController, Lookups
 from lmcache_operator.controllers.runtime import Runtime
 from lmcache_operator.kube import KubeClient
 from lmcache_operator.leader import LeaseSettings, default_identity, run_as_leader
 from lmcache_operator.metrics import OperatorMetrics
 from lmcache_operator.serving import serve
+from lmcache_operator.wiring.admission import WebhookOptions
+from lmcache_operator.wiring.admission import serve as serve_admission
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,16 @@ class RunOptions:
     key_propagation_s: float = 90.0
     pool_probe_timeout_s: float = 10.0
     pool_cleanup_timeout_s: float = 300.0
+    config_check_s: float = 30.0
+    webhook: WebhookOptions | None = None  # serve the injection webhook (every replica)
+
+
+def _webhook_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error(
+            "the injection webhook stopped: %s (pods are created unwired and reported)",
+            task.exception(),
+        )
 
 
 async def _main(options: RunOptions) -> int:
@@ -54,9 +67,17 @@ async def _main(options: RunOptions) -> int:
         key_propagation_s=options.key_propagation_s,
         pool_probe_timeout_s=options.pool_probe_timeout_s,
         pool_cleanup_timeout_s=options.pool_cleanup_timeout_s,
+        config_check_s=options.config_check_s,
     )
     runtime = Runtime(client, settings, metrics)
     server = await serve(options.liveness_endpoint, metrics) if options.liveness_endpoint else None
+    webhook = None
+    if options.webhook is not None:  # before the election: every replica answers reviews
+        admission = AdmissionController(Lookups(client), metrics)
+        webhook = asyncio.get_running_loop().create_task(
+            serve_admission(options.webhook, admission), name="injection webhook"
+        )
+        webhook.add_done_callback(_webhook_ended)
 
     async def operate() -> None:
         await kopf.operator(
@@ -81,6 +102,9 @@ async def _main(options: RunOptions) -> int:
         )
         return await run_as_leader(client, lease, operate, metrics)
     finally:
+        if webhook is not None:
+            webhook.cancel()
+            await asyncio.gather(webhook, return_exceptions=True)
         await runtime.close()
         if server is not None:
             await server.cleanup()

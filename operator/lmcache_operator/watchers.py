@@ -16,14 +16,13 @@ from typing import Any
 
 import aiohttp
 
-from lmcache_operator.kube import KubeClient, KubeError
+from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeClient, KubeError
+from lmcache_operator.retry import WATCH
 
 logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 RestartHook = Callable[[str], None]  # kind
-RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
-FORBIDDEN_RETRY_S = 60.0
 
 
 class WatchLoop:
@@ -105,7 +104,8 @@ class WatchLoop:
             except (KubeError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 if isinstance(exc, KubeError) and exc.status == 410:
                     version = None
-                delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)]
+                failures += 1
+                delay = WATCH.delay(failures)
                 if isinstance(exc, KubeError) and exc.status == 403:
                     delay = FORBIDDEN_RETRY_S
                     logger.warning(
@@ -114,7 +114,6 @@ class WatchLoop:
                         self,
                         delay,
                     )
-                failures += 1
                 if self.on_restart is not None:
                     self.on_restart(self.kind)
                 logger.warning("%r failed (%s); retrying in %.1f s", self, exc, delay)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
+
 from tests.chart.conftest import REPO, Render, one
 from tests.chart.test_render import MONITORING_API, NOT_YET_EXPORTED, _node_metric_names
+
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
 
 GROUP = "lmcache-metric-names"
 DOC = REPO / "docs" / "integrations.md"

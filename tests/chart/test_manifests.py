@@ -7,9 +7,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.chart.conftest import CHART, REPO, run_helm
+
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
 
 RENDER = REPO / "charts" / "render-install.sh"
 

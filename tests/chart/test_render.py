@@ -21,6 +21,8 @@ from lmcache_operator.controllers.lmcachecluster import validate
 
 from tests.chart.conftest import CHART, REPO, HelmError, Render, by_kind, one, run_helm
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 MONITORING_API = "monitoring.coreos.com/v1"
 
 
@@ -77,7 +79,9 @@ def test_default_deployment_is_two_hardened_replicas_one_leading(render: Render)
             "verbs": ["get", "create", "update", "patch"],
         }
     ]
-    metrics = one(objects, "Service")["spec"]
+    (metrics,) = [
+        o["spec"] for o in by_kind(objects, "Service") if o["metadata"]["name"].endswith("-metrics")
+    ]
     assert metrics["ports"][0]["targetPort"] == "health"
     assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -107,6 +111,8 @@ NAMESPACED_GRANTS = {
     ("lmcache.dev", "vllmdeployments/status", "patch"),
     *[("", r, v) for r in ("configmaps", "services")
       for v in ("list", "watch", "create", "patch")],
+    ("", "configmaps", "get"),  # spec.configFrom; the webhook reads <cluster>-connection
+    *[("", "persistentvolumeclaims", v) for v in ("create", "patch")],  # model.cache.size
     *[("", "secrets", v) for v in ("create", "patch", "delete")],
     *[("apps", r, v) for r in ("daemonsets", "deployments") for v in ("list", "watch", "create",
                                                                         "patch", "delete")],
@@ -126,6 +132,7 @@ CLUSTER_GRANTS = {
     ("", "nodes", "list"),
     ("", "nodes", "watch"),
     *[("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")],
+    ("", "namespaces", "get"),  # the webhook reads a namespace's lmcache.dev/cluster label
 }
 
 
@@ -177,7 +184,8 @@ def test_default_rbac_is_one_cluster_role_holding_exactly_what_the_code_uses(
     assert all("*" not in triple for triple in granted)
     assert {v for g, r, v in granted if r == "secrets"} == {"create", "patch", "delete"}
     resources = {resource for _, resource, _ in granted}
-    assert not resources & {"pods/exec", "namespaces", "serviceaccounts/token", "secrets/status"}
+    assert not resources & {"pods/exec", "serviceaccounts/token", "secrets/status"}
+    assert {v for g, r, v in granted if r == "namespaces"} == {"get"}  # labels, nothing else
     # RBAC objects only in namespaces (the router's Role), never cluster-wide or escalation
     assert not resources & {"clusterroles", "clusterrolebindings"}
     assert not [t for t in granted if t[2] in ("escalate", "bind")]
@@ -213,6 +221,8 @@ def test_nothing_optional_is_rendered_by_default(render: Render) -> None:
         ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
          "PodDisruptionBudget", "Role", "RoleBinding", "Service"]
         + ["CustomResourceDefinition"] * crds
+        # the injection webhook: its Service, certificate Secret and configuration
+        + ["Service", "Secret", "MutatingWebhookConfiguration"]
     )  # fmt: skip
 
 
@@ -400,6 +410,9 @@ def test_crds_can_be_left_to_another_tool(render: Render) -> None:
         ({"gateTimeoutSeconds": "0"}, "/gateTimeoutSeconds"),
         ({"poolProbeTimeoutSeconds": "-1"}, "/poolProbeTimeoutSeconds"),
         ({"poolCleanupTimeoutSeconds": "0"}, "/poolCleanupTimeoutSeconds"),
+        ({"webhook.certificates": "mine"}, "/webhook/certificates"),
+        ({"webhook.timeoutSeconds": "60"}, "/webhook/timeoutSeconds"),
+        ({"webhook.excludeNamespaces": "{Bad_Name}"}, "/webhook/excludeNamespaces/0"),
     ],
 )
 def test_schema_rejects_bad_values_naming_the_value(
@@ -465,7 +478,9 @@ def test_pod_and_service_monitors_select_the_cache_pods(render: Render) -> None:
         m["metadata"]["name"].rsplit("-", 1)[-1]: m for m in by_kind(objects, "ServiceMonitor")
     }
     service_monitor = monitors["servers"]  # the cache servers'; "operator": the operator's own
-    operator_service = one(objects, "Service")
+    (operator_service,) = [
+        o for o in by_kind(objects, "Service") if o["metadata"]["name"].endswith("-metrics")
+    ]
     assert (
         monitors["operator"]["spec"]["selector"]["matchLabels"].items()
         <= operator_service["metadata"]["labels"].items()

@@ -12,9 +12,12 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "gpu-check.sh"
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="with CUDA, `make gpu-check` runs the whole check"
-)
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        torch.cuda.is_available(), reason="with CUDA, `make gpu-check` runs the whole check"
+    ),
+]
 
 
 def run(*args: str, wheels: Path) -> subprocess.CompletedProcess[str]:

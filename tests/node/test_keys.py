@@ -104,6 +104,24 @@ def test_numpy_and_list_inputs_agree(tokens: list[int]) -> None:
     assert chunk_keys(np.array(tokens), 2, NS) == chunk_keys(tokens, 2, NS)
 
 
+def test_token_arrays_of_any_integer_width_give_the_same_keys() -> None:
+    """vLLM may hand int32 arrays: tokens are hashed as little-endian int64 whatever the
+    input's dtype (a 4-byte encoding would be other keys)."""
+    import numpy as np
+
+    tokens = list(range(100_000, 100_008))
+    expected = chunk_keys(tokens, 4, NS)
+    for dtype in (np.int32, np.uint32, np.int64, np.dtype(">i8")):
+        assert chunk_keys(np.array(tokens, dtype=dtype), 4, NS) == expected, dtype
+
+
+@pytest.mark.parametrize("chunk", [0, -256])
+def test_a_chunk_size_that_is_not_positive_is_refused(chunk: int) -> None:
+    with pytest.raises(ValueError, match=f"chunk_size must be positive, got {chunk}"):
+        chunk_keys([1, 2, 3], chunk, NS)
+
+
+@pytest.mark.integration
 def test_same_keys_in_other_processes_whatever_the_hash_seed() -> None:
     tokens = list(range(1000))
     expected = [k.hex() for k in chunk_keys(tokens, 250, NS)]
@@ -125,15 +143,16 @@ def test_namespace_label() -> None:
     assert KeyNamespace(model_name="m", layout="vllm").label() == "vllm@m@1@0@float16"
 
 
-def test_client_refuses_a_server_that_keys_differently(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.integration
+def test_client_refuses_a_server_that_keys_differently() -> None:
     """A server of another version (here: the xxh3 keys of 0.1) is refused by name."""
-    monkeypatch.setattr("lmcache_node.server.handlers.HASH_ALGORITHM", "xxh3_128-chain-v1")
     config = load_config(
         {"host": "127.0.0.1", "port": free_port(), "max_local_cpu_size": 0.01, "http_port": 0},
         environ={},
     )
     server = NodeServer(config)
     server.start()
+    server.handler.hash_algorithm = "xxh3_128-chain-v1"
     try:
         client = NodeClient(server.endpoint, timeout_s=10)
         with client, pytest.raises(IncompatibleServerError) as info:

@@ -223,6 +223,7 @@ def test_validate_mapping_never_reads_the_environment(monkeypatch: pytest.Monkey
     assert os.environ["LMCACHE_CHUNK_SIZE"] == "not-a-number"  # left as it was
 
 
+@pytest.mark.integration
 def test_validation_imports_no_torch_zmq_or_numpy() -> None:
     """The operator validates spec.config with the node's own rules, without the server's
     heavy dependencies; the compat table alone needs only the standard library."""

@@ -169,7 +169,7 @@ def test_without_persistence_the_pool_is_process_memory(shm_dir: ShmDirectory) -
     engine = build_engine(config(l1_persistent=False), shm_dir)
     assert engine.pool_state.origin == "anonymous" and not engine.pool_state.persistent
     assert not (shm_dir.path / POOL_NAME).exists()  # the leftover's memory is given back
-    assert build_engine(config(local_cpu=False), shm_dir).pool_state.origin == "disabled"
+    assert build_engine(config(max_local_cpu_size=0), shm_dir).pool_state.origin == "disabled"
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The standalone starter as a real process: flags, errors and clean shutdown."""
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.support import wait_until
+
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
 
 STARTER = [sys.executable, "-m", "lmcache_node.standalone"]
 
@@ -126,15 +131,14 @@ def test_internal_api_server_serves_stats(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        body = b""
-        while time.monotonic() < deadline:
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(0.2)
-        assert b'"stores": 1' in body
+        body = wait_until(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=2).read(),
+            60,
+            "the standalone starter's /stats",
+            interval=0.2,
+            ignore=(OSError,),
+        )
+        assert json.loads(body)["stores"] == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.operator.kubectl import Cluster, wait_for
+from tests.operator.kubectl import Cluster
+from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 K8S_DIR = Path(os.environ.get("LMCACHE_K8S_DIR", REPO.parent / "shared" / "k8s"))
@@ -163,7 +164,7 @@ class OperatorProcess:
             except OSError:
                 return False
 
-        wait_for("the operator's liveness endpoint", alive, timeout=30, interval=0.2)
+        wait_until(alive, 30, "the operator's liveness endpoint", interval=0.2)
 
     def stop(self, *, kill: bool = False) -> None:
         if self.proc is None:

@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from tests.support import wait_until
 
 
 @dataclass
@@ -72,20 +71,6 @@ class Cluster:
         return self.kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest, check=check)
 
 
-def wait_for(
-    what: str, probe: Callable[[], T | None], timeout: float = 30, interval: float = 0.1
-) -> T:
-    """Poll ``probe`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
-
-
 @dataclass
 class StatusRecorder:
     """Every status the API server reports for one LMCacheCluster, through a watch."""
@@ -140,7 +125,7 @@ class StatusRecorder:
         def probe() -> dict[str, Any] | None:
             return next((s for s in reversed(self.seen) if predicate(s)), None)
 
-        return wait_for(what, probe, timeout)
+        return wait_until(probe, timeout, what)
 
 
 @dataclass

@@ -36,6 +36,8 @@ def test_defaults_match_the_documented_api() -> None:
     ("spec", "fragment"),
     [
         ({"server": {"port": 8080}}, "server.port and server.httpPort must differ"),
+        ({"server": {"port": 5556}}, "server.eventsPort must differ from server.port"),
+        ({"server": {"httpPort": 7, "eventsPort": 7}}, "server.eventsPort must differ"),
         ({"cache": {"cpuSize": "0"}}, "must be greater than zero"),
         ({"cache": {"cpuSize": "4GB"}}, "should match pattern"),
         ({"cache": {"disk": {"path": "/d"}}}, "cache.disk.size is required"),
@@ -138,6 +140,7 @@ def test_committed_crds_are_up_to_date() -> None:
     assert stale == [], f"crds/ is stale ({stale}): run `make crds` and commit the result"
 
 
+@pytest.mark.integration
 def test_crds_command_writes_and_checks(tmp_path: Path) -> None:
     assert cli_main(["crds", "--output-dir", str(tmp_path), "--check"]) == 1  # empty: stale
     assert cli_main(["crds", "--output-dir", str(tmp_path)]) == 0

@@ -9,6 +9,8 @@ from typing import Any
 from lmcache_operator.controllers.children import ChildRepairer, project
 from lmcache_operator.metrics import OperatorMetrics
 
+from tests.support import wait_until_async
+
 DESIRED = {
     "apiVersion": "apps/v1",
     "kind": "Deployment",
@@ -107,7 +109,7 @@ def test_a_fight_costs_one_repair_per_interval() -> None:
         repairer.on_event("MODIFIED", edited)
         repairer.on_event("MODIFIED", edited)  # again within the interval: postponed
         assert recorder.requested == [("ns", "llm")]
-        await asyncio.sleep(0.2)
+        await wait_until_async(lambda: len(recorder.requested) == 2, 5, "the postponed repair")
         return recorder.requested
 
     assert asyncio.run(run()) == [("ns", "llm"), ("ns", "llm")]

@@ -12,7 +12,8 @@ import yaml
 from lmcache_node.config import load_config
 
 from tests.operator.conftest import OperatorProcess
-from tests.operator.kubectl import Cluster, StatusRecorder, wait_for
+from tests.operator.kubectl import Cluster, StatusRecorder
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -24,10 +25,10 @@ metadata:
 spec:
   image: {{repository: lmcache.local/node, tag: dev, pullPolicy: Never}}
   cache: {{cpuSize: {cpu}, persistent: {persistent}}}
-  server: {{port: {port}, httpPort: {http_port}}}
+  server: {{port: {port}, httpPort: {http_port}, eventsPort: {events_port}}}
 """
 # hostNetwork pods claim their ports on the node: every cluster in the session gets its own.
-_PORTS = itertools.count(20000, 2)
+_PORTS = itertools.count(20000, 3)
 
 
 def manifest(
@@ -35,7 +36,12 @@ def manifest(
 ) -> str:
     port = next(_PORTS) if port is None else port
     return CLUSTER.format(
-        name=name, cpu=cpu, port=port, http_port=port + 1, persistent=str(persistent).lower()
+        name=name,
+        cpu=cpu,
+        port=port,
+        http_port=port + 1,
+        events_port=port + 2,
+        persistent=str(persistent).lower(),
     )
 
 
@@ -56,7 +62,7 @@ def wait_ready(
         )
         return st if ok else None
 
-    return wait_for(f"{ns}/{name} Ready on {nodes} nodes at generation {generation}", ready)
+    return wait_until(ready, 30, f"{ns}/{name} Ready on {nodes} nodes at generation {generation}")
 
 
 def condition(st: dict[str, Any], ctype: str) -> dict[str, Any]:
@@ -70,6 +76,7 @@ def condition(st: dict[str, Any], ctype: str) -> dict[str, Any]:
     ("spec", "message"),
     [
         ("{server: {port: 8080}}", "server.port and server.httpPort must differ"),
+        ("{server: {httpPort: 5556}}", "server.eventsPort must differ from server.port"),
         ("{cache: {cpuSize: '0'}}", "must be a quantity greater than zero"),
         (
             "{cache: {cpuSize: 1Gi, disk: {path: /d, size: '0'}}}",
@@ -208,14 +215,14 @@ def test_nodes_joining_and_leaving_follow_in_status(
     finally:
         k8s_cluster.kubectl("delete", "node", node, "--wait=false", check=False)
     # Kubernetes itself only drops the pod ~40 s later (pod GC); the status says it at once.
-    st = wait_for(
-        "Degraded naming the deleted node",
+    st = wait_until(
         lambda: (
             (s := status(k8s_cluster, namespace)).get("phase") == "Degraded"
             and f"{node} (node deleted)" in condition(s, "Degraded")["message"]
             and s
         ),
-        timeout=10,
+        10,
+        "Degraded naming the deleted node",
     )
     assert [e["ready"] for e in st["endpoints"] if e["node"] == node] == [False]
 
@@ -255,10 +262,10 @@ def test_node_not_ready_shows_degraded_with_the_node_then_ready(
             "-p",
             json.dumps(NOT_READY),
         )
-        st = wait_for(
-            "Degraded naming the NotReady node",
+        st = wait_until(
             lambda: (s := status(k8s_cluster, namespace)).get("phase") == "Degraded" and s,
-            timeout=10,
+            10,
+            "Degraded naming the NotReady node",
         )
         assert f"{node} (node NotReady)" in condition(st, "Degraded")["message"]
     finally:
@@ -363,7 +370,7 @@ def test_deleting_the_cluster_removes_children_even_with_the_operator_stopped(
             ]
         )
 
-    wait_for("garbage collection of the children", children_gone, timeout=60)
+    wait_until(children_gone, 60, "garbage collection of the children")
 
 
 def test_invalid_spec_sets_config_valid_false_and_an_event_then_recovers(
@@ -371,9 +378,10 @@ def test_invalid_spec_sets_config_valid_false_and_an_event_then_recovers(
 ) -> None:
     doc = manifest(cpu="8Gi", port=7200) + "  resources: {limits: {memory: 4Gi}}\n"
     k8s_cluster.apply(doc, namespace)
-    st = wait_for(
-        "ConfigValid=False",
+    st = wait_until(
         lambda: (s := status(k8s_cluster, namespace)).get("phase") == "Failed" and s,
+        30,
+        "ConfigValid=False",
     )
     valid = condition(st, "ConfigValid")
     assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
@@ -388,7 +396,7 @@ def test_invalid_spec_sets_config_valid_false_and_an_event_then_recovers(
             if e.get("reason") == "InvalidSpec" and "below cache.cpuSize" in e["message"]
         ]
 
-    events = wait_for("an InvalidSpec Event", warning_event)
+    events = wait_until(warning_event, 30, "an InvalidSpec Event")
     assert sum(e.get("count", 1) for e in events) <= 3  # no retry storm
     k8s_cluster.apply(manifest(cpu="8Gi", port=7200), namespace)  # drops the bad resources
     st = wait_ready(k8s_cluster, namespace, generation=2)

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from tests.operator.conftest import OperatorProcess
-from tests.operator.kubectl import Cluster, StatusRecorder, wait_for
+from tests.operator.kubectl import Cluster, StatusRecorder
 from tests.operator.test_cluster import manifest, wait_ready
 from tests.operator.test_vllm_cluster import (
     cache_manifest,
@@ -21,6 +21,7 @@ from tests.operator.test_vllm_cluster import (
     wait_cache_ready,
     wait_vllm,
 )
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -59,7 +60,7 @@ def credentials(k8s: Cluster, ns: str, name: str = "cache") -> dict[str, Any]:
         st = (k8s.get("lmcc", name, ns) or {}).get("status") or {}
         return st.get("credentials")
 
-    return wait_for("status.credentials", probe)
+    return wait_until(probe, 30, "status.credentials")
 
 
 def repaired_secrets(operator: OperatorProcess) -> float:
@@ -204,11 +205,12 @@ def test_a_deleted_client_secret_regenerates_the_pair_and_rolls_the_cache_pods(
     generation = daemonset["metadata"]["generation"]
 
     k8s_cluster.kubectl("delete", "secret", CLIENT_SECRET, "-n", namespace)
-    status = wait_for(
-        "new keys in status.credentials",
+    status = wait_until(
         lambda: (
             (c := credentials(k8s_cluster, namespace))["serverKey"]["publicKey"] != old_server and c
         ),
+        30,
+        "new keys in status.credentials",
     )
     server_public, client_public = check_pair(k8s_cluster, namespace)  # a whole new pair
     assert server_public == status["serverKey"]["publicKey"]
@@ -221,7 +223,7 @@ def test_a_deleted_client_secret_regenerates_the_pair_and_rolls_the_cache_pods(
         return ds if annotations["lmcache.dev/server-key"] == server_public[:8] else None
 
     assert (
-        wait_for("the DaemonSet template to carry the new server key", rolled)["metadata"][
+        wait_until(rolled, 30, "the DaemonSet template to carry the new server key")["metadata"][
             "generation"
         ]
         > generation
@@ -244,9 +246,10 @@ def test_rotation_allows_both_keys_rolls_the_consumers_then_drops_the_old_key(
     k8s_cluster.apply(vllm_manifest(replicas=2), namespace)
     wait_vllm(k8s_cluster, namespace, "Ready", lambda s: s.get("readyReplicas") == 2)
     server_public, old_client = check_pair(k8s_cluster, namespace)
-    wait_for(
-        "the consumer's pods to carry the client key",
+    wait_until(
         lambda: _client_key_annotation(k8s_cluster, namespace) == old_client[:8],
+        30,
+        "the consumer's pods to carry the client key",
     )
     daemonset = obj(k8s_cluster, "daemonset", "cache-cache", namespace)
     daemonset_generation = daemonset["metadata"]["generation"]
@@ -255,13 +258,14 @@ def test_rotation_allows_both_keys_rolls_the_consumers_then_drops_the_old_key(
             "annotate", "lmcc", "cache", "-n", namespace, "lmcache.dev/rotate-keys=r1"
         )
         # the client Secret has the new key (server.pub unchanged) and the servers allow both
-        new_client = wait_for(
-            "a new client key in the Secret",
+        new_client = wait_until(
             lambda: (
                 (k := secret_data(k8s_cluster, namespace, CLIENT_SECRET)["client.pub"].strip())
                 != old_client
                 and k
             ),
+            30,
+            "a new client key in the Secret",
         )
         _, client_public = check_pair(k8s_cluster, namespace)
         assert client_public == new_client
@@ -269,19 +273,20 @@ def test_rotation_allows_both_keys_rolls_the_consumers_then_drops_the_old_key(
             server_public
             == secret_data(k8s_cluster, namespace, CLIENT_SECRET)["server.pub"].strip()
         )
-        both = wait_for(
-            "clients.pub with the old and the new key",
+        both = wait_until(
             lambda: (
                 set(keys := allowed_keys(k8s_cluster, namespace)) == {old_client, new_client}
                 and keys
             ),
-            timeout=10,
+            10,
+            "clients.pub with the old and the new key",
         )
         assert both[-1] == new_client
         # the consumer rolls to the new key, then the old one is dropped
-        wait_for(
-            "the consumer Deployment's template to carry the new key",
+        wait_until(
             lambda: _client_key_annotation(k8s_cluster, namespace) == new_client[:8],
+            30,
+            "the consumer Deployment's template to carry the new key",
         )
         done = recorder.wait(
             "the rotation Completed",
@@ -310,10 +315,10 @@ def test_rotation_allows_both_keys_rolls_the_consumers_then_drops_the_old_key(
     deployment = k8s_cluster.get("deployment", "llm", namespace)
     assert deployment is not None
     assert deployment["status"]["updatedReplicas"] == deployment["status"]["availableReplicas"] == 2
-    wait_for(
-        "clients.pub with the new key only",
+    wait_until(
         lambda: allowed_keys(k8s_cluster, namespace) == [new_client],
-        timeout=10,
+        10,
+        "clients.pub with the new key only",
     )
     # the servers re-read the key file: the cache pods did not roll
     assert (

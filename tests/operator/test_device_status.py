@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.operator.conftest import OperatorProcess
-from tests.operator.kubectl import Cluster, wait_for
+from tests.operator.kubectl import Cluster
 from tests.operator.test_cluster import condition, manifest, status, wait_ready
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -80,13 +81,14 @@ def test_endpoints_say_the_device_and_a_server_that_cannot_serve_it_is_named(
         "patch", "pod", victim, "-n", namespace, "--subresource=status", "--type=json",
         "-p", json.dumps(crash),
     )  # fmt: skip
-    degraded = wait_for(
-        "Degraded quoting the server's device error",
+    degraded = wait_until(
         lambda: (
             (s := status(k8s_cluster, namespace)).get("phase") == "Degraded"
             and condition(s, "Degraded").get("reason") == "ServersFailing"
             and s
         ),
+        30,
+        "Degraded quoting the server's device error",
     )
     message = condition(degraded, "Degraded")["message"]
     assert f"{victim} on gpu-1: lmcache-node CrashLoopBackOff (exit 2: {line[:200]}" in message

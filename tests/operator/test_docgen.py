@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +21,19 @@ def _committed() -> str:
     return PAGE.read_text(encoding="utf-8")
 
 
+@functools.cache
+def _crds() -> tuple[dict[str, Any], ...]:
+    """Every committed CRD in crds/, parsed once (libyaml's loader when present: they are big)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return tuple(
+        yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+        for path in sorted((REPO / "crds").glob("*.yaml"))
+    )
+
+
 def _crd_schemas() -> Iterator[tuple[str, dict[str, Any]]]:
     """(kind, openAPIV3Schema) of every committed CRD in crds/."""
-    for path in sorted((REPO / "crds").glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for crd in _crds():
         version = crd["spec"]["versions"][0]
         yield crd["spec"]["names"]["kind"], version["schema"]["openAPIV3Schema"]
 

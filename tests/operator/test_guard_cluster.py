@@ -15,7 +15,8 @@ from lmcache_operator.api.k8s_types import kubernetes_version
 from lmcache_operator.k8s_openapi import extract
 
 from tests.operator.conftest import REPO, OperatorProcess
-from tests.operator.kubectl import Cluster, wait_for
+from tests.operator.kubectl import Cluster
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -172,7 +173,7 @@ def test_operator_refuses_what_the_policy_forbids_with_config_valid_false(
         valid = _config_valid(_status(k8s_cluster, namespace, "guarded"))
         return valid if valid is not None and valid["status"] == "False" else None
 
-    valid = wait_for("ConfigValid=False", refused)
+    valid = wait_until(refused, 30, "ConfigValid=False")
     assert valid["reason"] == "InvalidSpec"
     assert message in valid["message"]
     assert fix in valid["message"]
@@ -195,7 +196,7 @@ def test_a_disk_tier_and_host_paths_under_the_prefixes_are_applied_confined(
         st = _status(k8s_cluster, namespace, "disk")
         return st if st.get("phase") == "Ready" and st.get("readyNodes") == 2 else None
 
-    wait_for("the cluster Ready on the 2 GPU nodes", ready, timeout=60)
+    wait_until(ready, 60, "the cluster Ready on the 2 GPU nodes")
     pods = k8s_cluster.items("pods", namespace, "lmcache.dev/cluster=disk")
     pod = pods[0]["spec"]  # created by the DaemonSet controller: the API server took it
     volumes = {v["name"]: v for v in pod["volumes"]}

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.operator.conftest import OperatorProcess
-from tests.operator.kubectl import Cluster, wait_for
+from tests.operator.kubectl import Cluster
 from tests.operator.test_cluster import manifest, status
 from tests.operator.test_vllm_cluster import (
     POD_SELECTOR,
@@ -23,6 +23,7 @@ from tests.operator.test_vllm_cluster import (
     wait_cache_ready,
     wait_vllm,
 )
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -50,7 +51,7 @@ def replicas(
     first, second = pair
     try:
         first.start()
-        wait_for("replica-a to lead", lambda: _leading(first), timeout=30)
+        wait_until(lambda: _leading(first), 30, "replica-a to lead")
         second.start()
         yield first, second
     finally:
@@ -87,9 +88,9 @@ def test_the_standby_takes_over_when_the_leader_is_killed(
         pods = k8s_cluster.items("pods", namespace, POD_SELECTOR)
         return len(pods) == 2 and not any(p["spec"].get("schedulingGates") for p in pods)
 
-    wait_for("the new LMCacheCluster Ready under the new leader", fresh_ready, timeout=60)
+    wait_until(fresh_ready, 60, "the new LMCacheCluster Ready under the new leader")
     ready_after = time.monotonic() - killed
-    wait_for("the new vLLM pod released from its gate", pods_released, timeout=60)
+    wait_until(pods_released, 60, "the new vLLM pod released from its gate")
     released_after = time.monotonic() - killed
     print(f"takeover: new cluster Ready {ready_after:.1f} s, gate lifted {released_after:.1f} s")
     assert _leading(standby)
@@ -103,12 +104,12 @@ def test_a_clean_stop_hands_the_lease_over(
 ) -> None:
     leader, standby = replicas
     leader.stop()  # SIGTERM: kopf stops, the Lease is released
-    wait_for("replica-b to lead", lambda: _leading(standby), timeout=20)
+    wait_until(lambda: _leading(standby), 20, "replica-b to lead")
     k8s_cluster.apply(manifest(name="after"), namespace)
-    wait_for(
-        "the LMCacheCluster Ready under replica-b",
+    wait_until(
         lambda: status(k8s_cluster, namespace, "after").get("phase") == "Ready",
-        timeout=60,
+        60,
+        "the LMCacheCluster Ready under replica-b",
     )
 
 
@@ -146,20 +147,21 @@ def test_a_pod_gated_too_long_gets_an_event_and_a_condition(
                     return {"pod": pod, "condition": cond}
         return None
 
-    found = wait_for("the CacheGate condition on the gated pod", reported, timeout=60)
+    found = wait_until(reported, 60, "the CacheGate condition on the gated pod")
     cond, pod = found["condition"], found["pod"]
     assert cond["status"] == "False" and cond["reason"] == "CacheGateTimeout"
     assert "no node has a Ready cache pod of LMCacheCluster 'cache'" in cond["message"]
     assert pod["spec"].get("schedulingGates")  # still gated: Required colocation
     assert any(c["type"] == "PodScheduled" for c in pod["status"]["conditions"])  # kept
-    events = wait_for(
-        "the CacheGateTimeout Event",
+    events = wait_until(
         lambda: [
             e
             for e in k8s_cluster.items("events", namespace)
             if e.get("reason") == "CacheGateTimeout"
             and e["involvedObject"]["name"] == pod["metadata"]["name"]
         ],
+        30,
+        "the CacheGateTimeout Event",
     )
     assert events[0]["type"] == "Warning"
     page = quick_gates.metrics()

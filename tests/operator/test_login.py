@@ -97,10 +97,9 @@ def test_load_credentials_in_a_pod_uses_the_same_server(
     sa.mkdir()
     (sa / "token").write_text("t\n")
     (sa / "ca.crt").write_text("not a certificate\n")
-    monkeypatch.setattr("lmcache_operator.kube.login.SA_DIR", sa)
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
-    credentials = asyncio.run(load_credentials(str(tmp_path / "no-kubeconfig")))
+    credentials = asyncio.run(load_credentials(str(tmp_path / "no-kubeconfig"), sa_dir=sa))
     assert credentials.configuration.host == "https://10.96.0.1:443"
 
     async def connect() -> None:

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from tests.operator.conftest import OperatorProcess
-from tests.operator.kubectl import Cluster, wait_for
+from tests.operator.kubectl import Cluster
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -52,7 +53,7 @@ def status(k8s: Cluster, ns: str) -> dict[str, Any]:
 def own_node(k8s_cluster: Cluster, namespace: str) -> Iterator[tuple[str, str, str]]:
     """A kwok node for this test alone: (name, its loopback IP, its label selector value)."""
     name = f"pool-{namespace}"
-    address = f"127.0.{random.randint(1, 250)}.{random.randint(2, 250)}"  # noqa: S311
+    address = f"127.0.{random.randint(1, 250)}.{random.randint(2, 250)}"
     node = {
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"},
@@ -74,8 +75,8 @@ def own_node(k8s_cluster: Cluster, namespace: str) -> Iterator[tuple[str, str, s
 
 def _store_chunks(endpoint: str, count: int) -> int:
     """Store ``count`` 1 MiB chunks into a real server (as a vLLM worker would)."""
-    import torch  # noqa: PLC0415 - only this test needs the node's client
-    from lmcache_node.client import NodeClient  # noqa: PLC0415
+    import torch
+    from lmcache_node.client import NodeClient
 
     blocks = 2 * count  # 128-token blocks, 2 per 256-token chunk
     tensors = [torch.rand((blocks, 8, 128, 256)).to(torch.float16)]
@@ -92,11 +93,11 @@ def test_a_real_servers_pool_is_read_and_reported_adopted_after_the_roll(
     k8s_cluster: Cluster, namespace: str, tmp_path: Path, own_node: tuple[str, str, str],
     request: pytest.FixtureRequest,
 ) -> None:  # fmt: skip
-    from lmcache_node.server.process import ServerProcess  # noqa: PLC0415
+    from lmcache_node.server.process import ServerProcess
 
     node, address, label = own_node
     port = next(_PORTS)
-    shm_dir = Path("/dev/shm") / f"lmcache-test-{uuid.uuid4().hex[:10]}"  # noqa: S108
+    shm_dir = Path("/dev/shm") / f"lmcache-test-{uuid.uuid4().hex[:10]}"
     args = ("--chunk-size", "256", "--cpu-buffer-size", "64Mi", "--max-workers", "1",
             "--shm-dir", str(shm_dir), "--http-host", f"127.0.0.1,{address}")  # fmt: skip
     servers = [ServerProcess(*args, http_port=port + 1, log_file=tmp_path / "server.log",
@@ -113,7 +114,7 @@ def test_a_real_servers_pool_is_read_and_reported_adopted_after_the_roll(
             endpoints = status(k8s_cluster, namespace).get("endpoints") or []
             return endpoints[0].get("pool") if endpoints and endpoints[0]["ready"] else None
 
-        pool = wait_for("the pool the server reported", endpoint_pool, timeout=120)
+        pool = wait_until(endpoint_pool, 120, "the pool the server reported")
         assert (pool["state"], pool["adoptedEntries"]) == ("created", 0), pool
         assert pool["capacityBytes"] == 64 * 2**20
         assert status(k8s_cluster, namespace)["poolNodes"] == [node]
@@ -131,7 +132,7 @@ def test_a_real_servers_pool_is_read_and_reported_adopted_after_the_roll(
             ok = st.get("observedGeneration") == 2 and rollout.get("state") == "Complete"
             return st if ok else None
 
-        st = wait_for("the rollout of generation 2", rolled, timeout=180)
+        st = wait_until(rolled, 180, "the rollout of generation 2")
         (entry,) = st["rollout"]["nodes"]
         assert (entry["node"], entry["state"], entry["pool"]) == (node, "Updated", "adopted")
         assert entry["adoptedEntries"] == 8 and entry["adoptedBytes"] == 8 * 2**20, entry
@@ -158,13 +159,18 @@ def test_a_deleted_persistent_cluster_waits_for_the_operator_to_clean_its_nodes(
 ) -> None:
     port = next(_PORTS)
     k8s_cluster.apply(cluster("4Gi", port, {"nvidia.com/gpu.present": "true"}), namespace)
-    wait_for(
+    wait_until(
+        lambda: (
+            status(k8s_cluster, namespace).get("phase") == "Ready"
+            and status(k8s_cluster, namespace).get("poolNodes") == ["gpu-0", "gpu-1"]
+            and "lmcache.dev/pool-cleanup"
+            in (
+                (k8s_cluster.get("lmcc", "cache", namespace) or {})["metadata"].get("finalizers")
+                or []
+            )
+        ),
+        60,
         "Ready on 2 nodes with the finalizer",
-        lambda: status(k8s_cluster, namespace).get("phase") == "Ready"
-        and status(k8s_cluster, namespace).get("poolNodes") == ["gpu-0", "gpu-1"]
-        and "lmcache.dev/pool-cleanup"
-        in ((k8s_cluster.get("lmcc", "cache", namespace) or {})["metadata"].get("finalizers") or []),
-        timeout=60,
     )
     operator.stop()
     k8s_cluster.kubectl("delete", "lmcc", "cache", "-n", namespace, "--wait=false")
@@ -173,8 +179,7 @@ def test_a_deleted_persistent_cluster_waits_for_the_operator_to_clean_its_nodes(
     assert body is not None and body["metadata"].get("deletionTimestamp")
     assert k8s_cluster.get("daemonset", "cache-cache", namespace) is not None
     operator.start()
-    wait_for("the cluster gone", lambda: k8s_cluster.get("lmcc", "cache", namespace) is None,
-             timeout=90)  # fmt: skip
+    wait_until(lambda: k8s_cluster.get("lmcc", "cache", namespace) is None, 90, "the cluster gone")
     jobs = k8s_cluster.items("jobs", namespace, "lmcache.dev/pool-cleanup=cache")
     # owned by the cluster: garbage-collected after it; some may be gone already
     for job in jobs:
@@ -188,8 +193,9 @@ def test_a_deleted_persistent_cluster_waits_for_the_operator_to_clean_its_nodes(
         assert pod["securityContext"]["runAsUser"] >= 1879048192  # the cluster's own user
         assert pod["volumes"][0]["hostPath"]["path"] == "/dev/shm"
         assert pod["automountServiceAccountToken"] is False
-    (message,) = wait_for("the PoolsRemoved Event",
-                          lambda: _events(k8s_cluster, namespace, "PoolsRemoved"))  # fmt: skip
+    (message,) = wait_until(
+        lambda: _events(k8s_cluster, namespace, "PoolsRemoved"), 30, "the PoolsRemoved Event"
+    )
     assert "removed the L1 pools" in message
 
 
@@ -201,19 +207,22 @@ def test_cleanup_that_cannot_finish_names_the_node_and_lets_the_cluster_go(
     try:
         port = next(_PORTS)
         k8s_cluster.apply(cluster("4Gi", port, {"nvidia.com/gpu.present": "true"}), namespace)
-        wait_for("Ready", lambda: status(k8s_cluster, namespace).get("phase") == "Ready",
-                 timeout=60)  # fmt: skip
+        wait_until(lambda: status(k8s_cluster, namespace).get("phase") == "Ready", 60, "Ready")
         # a node the cluster once ran on that is gone now: its Job never runs
         patch = {"status": {"poolNodes": ["gpu-0", "gpu-1", "ghost-node"]}}
         k8s_cluster.kubectl("patch", "lmcc", "cache", "-n", namespace, "--subresource=status",
                             "--type=merge", "-p", json.dumps(patch))  # fmt: skip
-        wait_for("poolNodes kept", lambda: "ghost-node" in status(k8s_cluster, namespace)
-                 .get("poolNodes", []))  # fmt: skip
+        wait_until(lambda: "ghost-node" in status(k8s_cluster, namespace)
+                 .get("poolNodes", []), 30, "poolNodes kept")  # fmt: skip
         k8s_cluster.kubectl("delete", "lmcc", "cache", "-n", namespace, "--wait=false")
-        wait_for("the cluster gone", lambda: k8s_cluster.get("lmcc", "cache", namespace) is None,
-                 timeout=60)  # fmt: skip
-        (message,) = wait_for("the PoolCleanupIncomplete Event",
-                              lambda: _events(k8s_cluster, namespace, "PoolCleanupIncomplete"))
+        wait_until(
+            lambda: k8s_cluster.get("lmcc", "cache", namespace) is None, 60, "the cluster gone"
+        )
+        (message,) = wait_until(
+            lambda: _events(k8s_cluster, namespace, "PoolCleanupIncomplete"),
+            30,
+            "the PoolCleanupIncomplete Event",
+        )
         assert "ghost-node (running)" in message and "gpu-0" not in message, message
         assert f"lmcache-node pool remove --shm-dir /dev/shm/lmcache-{namespace}.cache" in message
     finally:
@@ -237,13 +246,17 @@ def test_memory_that_does_not_hold_pool_and_vllm_degrades_naming_the_node(
         f" placement: {{nodeSelector: {{lmcache-test/node: {label}}}}}}}\n"
     )
     k8s_cluster.apply(vllm, namespace)
-    wait_for(
+    wait_until(
+        lambda: (
+            status(k8s_cluster, namespace).get("phase") == "Ready"
+            and any(
+                p["status"].get("phase") == "Running"
+                for p in k8s_cluster.items("pods", namespace, "lmcache.dev/vllm-deployment=llm")
+            )
+        ),
+        90,
         "Ready with the vLLM pod running",
-        lambda: status(k8s_cluster, namespace).get("phase") == "Ready"
-        and any(p["status"].get("phase") == "Running"
-                for p in k8s_cluster.items("pods", namespace, "lmcache.dev/vllm-deployment=llm")),
-        timeout=90,
-    )  # fmt: skip
+    )
     # the node's allocatable memory shrinks below pool (8 GiB) + vLLM (5 GiB)
     patch = {"status": {"allocatable": {"memory": "12Gi"}}}
     k8s_cluster.kubectl("patch", "node", node, "--subresource=status", "--type=merge",
@@ -253,15 +266,16 @@ def test_memory_that_does_not_hold_pool_and_vllm_degrades_naming_the_node(
         st = status(k8s_cluster, namespace)
         return st if st.get("phase") == "Degraded" else None
 
-    st = degraded_status = wait_for("Degraded", degraded, timeout=30)
+    st = degraded_status = wait_until(degraded, 30, "Degraded")
     condition = next(c for c in st["conditions"] if c["type"] == "Degraded")
     assert condition["status"] == "True" and condition["reason"] == "MemoryOvercommitted"
-    assert f"{node}: the L1 pool (8.0 GiB) and the memory requests of its 1 vLLM pod(s) " in (
-        condition["message"]
+    assert (
+        f"{node}: the L1 pool (8.0 GiB) and the memory requests of its 1 vLLM pod(s) "
+        in (condition["message"])
     ), degraded_status
     assert "exceed its allocatable memory (12.0 GiB)" in condition["message"]
     # room again: Ready
     patch = {"status": {"allocatable": {"memory": "16Gi"}}}
     k8s_cluster.kubectl("patch", "node", node, "--subresource=status", "--type=merge",
                         "-p", json.dumps(patch))  # fmt: skip
-    wait_for("Ready again", lambda: status(k8s_cluster, namespace).get("phase") == "Ready")
+    wait_until(lambda: status(k8s_cluster, namespace).get("phase") == "Ready", 30, "Ready again")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.operator.conftest import OperatorProcess
-from tests.operator.kubectl import Cluster, wait_for
+from tests.operator.kubectl import Cluster
 from tests.operator.test_cluster import manifest, wait_ready
 from tests.operator.test_vllm_cluster import (
     cache_manifest,
@@ -18,6 +18,7 @@ from tests.operator.test_vllm_cluster import (
     wait_cache_ready,
     wait_vllm,
 )
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -29,8 +30,8 @@ def _get(k8s: Cluster, kind: str, name: str, ns: str) -> dict[str, Any]:
 def _restored(
     k8s: Cluster, kind: str, name: str, ns: str, *, check: Any, what: str
 ) -> dict[str, Any]:
-    return wait_for(
-        f"{kind}/{name} {what}", lambda: (o := k8s.get(kind, name, ns)) and check(o) and o
+    return wait_until(
+        lambda: (o := k8s.get(kind, name, ns)) and check(o) and o, 30, f"{kind}/{name} {what}"
     )
 
 
@@ -89,12 +90,13 @@ def test_cluster_children_deleted_or_edited_are_restored(
     )  # fmt: skip
     assert ds["metadata"]["labels"]["team"] == "blue"
     k8s_cluster.kubectl("delete", "daemonset", "cache-cache", "-n", namespace, "--wait=false")
-    wait_for(
-        "a new DaemonSet",
+    wait_until(
         lambda: (
             _get(k8s_cluster, "daemonset", "cache-cache", namespace).get("metadata", {}).get("uid")
             not in (None, ds["metadata"]["uid"])
         ),
+        30,
+        "a new DaemonSet",
     )
     wait_ready(k8s_cluster, namespace)
     assert _repaired(operator, "ConfigMap") >= 2
@@ -128,12 +130,13 @@ def test_vllm_children_are_restored_and_a_scale_is_left_alone(
     )  # fmt: skip
     assert deployment["spec"]["replicas"] == 2  # the scale stays
     k8s_cluster.kubectl("delete", "deployment", "llm", "-n", namespace, "--wait=false")
-    wait_for(
-        "a new Deployment",
+    wait_until(
         lambda: (
             _get(k8s_cluster, "deployment", "llm", namespace).get("metadata", {}).get("uid")
             not in (None, deployment["metadata"]["uid"])
         ),
+        30,
+        "a new Deployment",
     )
     wait_vllm(
         k8s_cluster, namespace, "Ready again",

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from tests.operator.conftest import OperatorProcess
-from tests.operator.kubectl import Cluster, PodRecorder, StatusRecorder, wait_for
+from tests.operator.kubectl import Cluster, PodRecorder, StatusRecorder
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -65,16 +66,15 @@ def test_a_spec_change_replaces_one_node_at_a_time_and_marks_its_vllm_pods(
 ) -> None:
     port = next(_PORTS)
     k8s_cluster.apply(cache("4Gi", port), namespace)
-    wait_for("cluster Ready", lambda: rolled(k8s_cluster, namespace, 1), timeout=60)
+    wait_until(lambda: rolled(k8s_cluster, namespace, 1), 60, "cluster Ready")
     k8s_cluster.apply(VLLM, namespace)
-    vllm_pods = wait_for(
-        "2 vLLM pods running",
-        lambda: (
-            len(p := [x for x in k8s_cluster.items("pods", namespace, "lmcache.dev/vllm-deployment=llm")
-                      if x["status"].get("phase") == "Running"]) == 2 and p
-        ),
-        timeout=60,
-    )  # fmt: skip
+
+    def running_vllm_pods() -> list[dict[str, Any]] | None:
+        pods = k8s_cluster.items("pods", namespace, "lmcache.dev/vllm-deployment=llm")
+        running = [x for x in pods if x["status"].get("phase") == "Running"]
+        return running if len(running) == 2 else None
+
+    vllm_pods = wait_until(running_vllm_pods, 60, "2 vLLM pods running")
     vllm_nodes = {p["spec"]["nodeName"] for p in vllm_pods}
     ds = k8s_cluster.get("daemonset", "cache-cache", namespace)
     assert ds is not None and ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
@@ -86,8 +86,7 @@ def test_a_spec_change_replaces_one_node_at_a_time_and_marks_its_vllm_pods(
     ):
         time.sleep(1)  # the watches listed
         k8s_cluster.apply(cache("6Gi", port), namespace)
-        st = wait_for("rolled to generation 2", lambda: rolled(k8s_cluster, namespace, 2),
-                      timeout=120)  # fmt: skip
+        st = wait_until(lambda: rolled(k8s_cluster, namespace, 2), 120, "rolled to generation 2")
         time.sleep(1)  # the last events arrive
     rollout = st["rollout"]
     revision = k8s_cluster.get("daemonset", "cache-cache", namespace)["spec"]["template"][  # type: ignore[index]
@@ -132,7 +131,7 @@ def test_on_delete_leaves_the_pods_until_you_delete_them(
 ) -> None:
     port = next(_PORTS)
     k8s_cluster.apply(cache("4Gi", port, "OnDelete"), namespace)
-    wait_for("cluster Ready", lambda: rolled(k8s_cluster, namespace, 1), timeout=60)
+    wait_until(lambda: rolled(k8s_cluster, namespace, 1), 60, "cluster Ready")
     old = {p["spec"]["nodeName"]: p["metadata"]["name"]
            for p in k8s_cluster.items("pods", namespace, CACHE_PODS)}  # fmt: skip
     k8s_cluster.apply(cache("6Gi", port, "OnDelete"), namespace)
@@ -141,7 +140,7 @@ def test_on_delete_leaves_the_pods_until_you_delete_them(
         rollout = status(k8s_cluster, namespace).get("rollout") or {}
         return rollout if rollout.get("state") == "Manual" else None
 
-    rollout = wait_for("rollout state Manual", manual, timeout=30)
+    rollout = wait_until(manual, 30, "rollout state Manual")
     assert "delete the cache pods on gpu-0, gpu-1" in rollout["message"], rollout
     time.sleep(3)  # nothing is replaced meanwhile
     pods = {p["metadata"]["name"] for p in k8s_cluster.items("pods", namespace, CACHE_PODS)}
@@ -153,7 +152,7 @@ def test_on_delete_leaves_the_pods_until_you_delete_them(
         states = {n["node"]: n["state"] for n in rollout.get("nodes") or []}
         return rollout if states == {"gpu-0": "Updated", "gpu-1": "Waiting"} else None
 
-    rollout = wait_for("gpu-0 updated, gpu-1 waiting", one_updated, timeout=60)
+    rollout = wait_until(one_updated, 60, "gpu-0 updated, gpu-1 waiting")
     assert rollout["state"] == "Manual" and rollout["updatedNodes"] == 1
     assert "delete the cache pods on gpu-1 " in rollout["message"], rollout
 
@@ -164,18 +163,18 @@ def test_max_unavailable_replaces_that_many_nodes_at_once(
     port = next(_PORTS)
     spec = cache("4Gi", port).replace("{type: RollingUpdate}", "{maxUnavailable: 2}")
     k8s_cluster.apply(spec, namespace)
-    wait_for("cluster Ready", lambda: rolled(k8s_cluster, namespace, 1), timeout=60)
+    wait_until(lambda: rolled(k8s_cluster, namespace, 1), 60, "cluster Ready")
     with PodRecorder(k8s_cluster, namespace, CACHE_PODS) as pods:
         time.sleep(1)
         k8s_cluster.apply(spec.replace("cpuSize: 4Gi", "cpuSize: 5Gi"), namespace)
-        wait_for("rolled to generation 2", lambda: rolled(k8s_cluster, namespace, 2), timeout=120)
+        wait_until(lambda: rolled(k8s_cluster, namespace, 2), 120, "rolled to generation 2")
     # both old pods were deleted before either new pod was ready
     events = [(i, name, ready, deleting) for i, (_, name, _, ready, deleting, _) in
               enumerate(pods.seen)]  # fmt: skip
     first_ready_new = min(
-        i for i, name, ready, _ in events if ready and not any(
-            n == name and d for _, n, _, d in events
-        )
+        i
+        for i, name, ready, _ in events
+        if ready and not any(n == name and d for _, n, _, d in events)
     )
     deletions = {name for i, name, _, deleting in events if deleting and i < first_ready_new}
     assert len(deletions) == 2, json.dumps(pods.seen)

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from lmcache_operator.kube import KubeClient, KubeError
 
-from tests.operator.kubectl import Cluster, wait_for
+from tests.operator.kubectl import Cluster
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -79,7 +80,7 @@ def _revoke(k8s: Cluster, namespace: str, secret: str, token: str, tmp_path: Pat
         )
         return "Unauthorized" in result.stderr or "must be logged in" in result.stderr
 
-    wait_for(f"the token bound to {secret} refused", refused, timeout=60, interval=0.5)
+    wait_until(refused, 60, f"the token bound to {secret} refused", interval=0.5)
 
 
 async def _list_twice(kubeconfig: Path, rotate: Any, namespace: str) -> tuple[list[str], list[str]]:
@@ -163,7 +164,6 @@ def test_in_cluster_login_by_service_host_follows_the_rotated_token(
     second = _token(k8s_cluster, namespace, "pod-2")
     (sa_dir / "token").write_text(first)
     server = urlsplit(admin["server"])
-    monkeypatch.setattr("lmcache_operator.kube.login.SA_DIR", sa_dir)
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", str(server.hostname))
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port))
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
@@ -173,7 +173,7 @@ def test_in_cluster_login_by_service_host_follows_the_rotated_token(
         (sa_dir / "token").write_text(second)
 
     async def run() -> tuple[list[str], list[str], str | None]:
-        client = await KubeClient.connect()
+        client = await KubeClient.connect(sa_dir=sa_dir)
         try:
             assert client.credentials.namespace == namespace
             before = await client.list("v1", "ConfigMap", namespace)

@@ -21,7 +21,8 @@ import yaml
 from lmcache_node.router.discovery import KubeDiscovery, Replica
 from lmcache_operator.builders import router
 
-from tests.operator.kubectl import Cluster, wait_for
+from tests.operator.kubectl import Cluster
+from tests.support import wait_until
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
@@ -136,7 +137,7 @@ def test_replicas_and_their_node_servers_follow_the_endpoint_slices(
             Replica("pod-10-1-0-1", "http://10.1.0.1:8000", "gpu-0", "tcp://10.0.0.1:6000"),
             Replica("pod-10-1-0-2", "http://10.1.0.2:8000", "gpu-1", ""),  # no cache there yet
         ]
-        wait_for("the first list", lambda: found.latest == expected, timeout=60)
+        wait_until(lambda: found.latest == expected, 60, "the first list")
 
         # a cache pod comes up on gpu-1; the unready replica turns ready
         apply(k8s_cluster, namespace,
@@ -144,14 +145,22 @@ def test_replicas_and_their_node_servers_follow_the_endpoint_slices(
               endpoint_slice("llm-a", "llm", ("http", 8000),
                              [("10.1.0.1", "gpu-0", True), ("10.1.0.2", "gpu-1", True),
                               ("10.1.0.3", "gpu-1", True)]))  # fmt: skip
-        wait_for("the watch to see both changes", lambda: found.latest is not None and [
-            (r.url, r.cache) for r in found.latest
-        ] == [("http://10.1.0.1:8000", "tcp://10.0.0.1:6000"),
-              ("http://10.1.0.2:8000", "tcp://10.0.0.2:6000"),
-              ("http://10.1.0.3:8000", "tcp://10.0.0.2:6000")], timeout=60)  # fmt: skip
+        wait_until(
+            lambda: (
+                found.latest is not None
+                and [(r.url, r.cache) for r in found.latest]
+                == [
+                    ("http://10.1.0.1:8000", "tcp://10.0.0.1:6000"),
+                    ("http://10.1.0.2:8000", "tcp://10.0.0.2:6000"),
+                    ("http://10.1.0.3:8000", "tcp://10.0.0.2:6000"),
+                ]
+            ),
+            60,
+            "the watch to see both changes",
+        )
 
         k8s_cluster.kubectl("delete", "endpointslice", "llm-a", "-n", namespace)
-        wait_for("the deleted slice", lambda: found.latest == [], timeout=60)
+        wait_until(lambda: found.latest == [], 60, "the deleted slice")
 
 
 def test_the_routers_account_reads_endpoint_slices_and_nothing_else(
@@ -185,12 +194,20 @@ def test_pods_chosen_by_a_label_selector(k8s_cluster: Cluster, namespace: str) -
     admin = yaml.safe_load(k8s_cluster.kubeconfig.read_text())
     with DiscoveryThread(namespace=namespace, pod_selector="app=their-vllm", replica_port=9000,
                          kubeconfig=admin) as found:  # fmt: skip
-        wait_for("both pods ready", lambda: found.latest is not None and
-                 [(r.name, r.node) for r in found.latest] == [("foreign-0", "gpu-0"),
-                                                               ("foreign-1", "gpu-1")],
-                 timeout=90)  # fmt: skip
+        wait_until(
+            lambda: (
+                found.latest is not None
+                and [(r.name, r.node) for r in found.latest]
+                == [("foreign-0", "gpu-0"), ("foreign-1", "gpu-1")]
+            ),
+            90,
+            "both pods ready",
+        )
         assert found.latest is not None
         assert all(r.url.endswith(":9000") and r.cache == "" for r in found.latest)
         k8s_cluster.kubectl("delete", "pod", "foreign-0", "-n", namespace, "--wait=false")
-        wait_for("the deleted pod", lambda: found.latest is not None
-                 and [r.name for r in found.latest] == ["foreign-1"], timeout=60)  # fmt: skip
+        wait_until(
+            lambda: found.latest is not None and [r.name for r in found.latest] == ["foreign-1"],
+            60,
+            "the deleted pod",
+        )

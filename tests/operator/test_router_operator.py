@@ -9,7 +9,8 @@ import json
 import pytest
 
 from tests.operator.conftest import OperatorProcess
-from tests.operator.kubectl import Cluster, wait_for
+from tests.operator.kubectl import Cluster
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -52,11 +53,11 @@ def test_router_children_made_repaired_and_removed(
     k8s_cluster.apply(CACHE.format(port=port, http_port=port + 1, events_port=port + 2), namespace)
     k8s_cluster.apply(VLLM, namespace)
     url = f"http://llm-router.{namespace}.svc:8000/v1"
-    wait_for("status.routerUrl", lambda: router_url(k8s_cluster, namespace) == url, timeout=60)
-    objects = wait_for(
-        "the five router children",
+    wait_until(lambda: router_url(k8s_cluster, namespace) == url, 60, "status.routerUrl")
+    objects = wait_until(
         lambda: (o := router_objects(k8s_cluster, namespace)) and all(o.values()) and o,
-        timeout=30,
+        30,
+        "the five router children",
     )
     vllm = k8s_cluster.get("vllmd", "llm", namespace)
     assert vllm is not None
@@ -85,13 +86,13 @@ def test_router_children_made_repaired_and_removed(
     assert args[args.index("--policy") + 1] == "session"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["client-credentials"]["secret"]["secretName"] == "cache-client-credentials"
-    wait_for(
-        "the router's 2 pods ready",
+    wait_until(
         lambda: (
             (d := k8s_cluster.get("deployment", "llm-router", namespace))
             and (d.get("status") or {}).get("readyReplicas") == 2
         ),
-        timeout=60,
+        60,
+        "the router's 2 pods ready",
     )
     # the vLLM Service and Deployment beside it are the VLLMDeployment's own, as before
     assert k8s_cluster.get("deployment", "llm", namespace) is not None
@@ -109,18 +110,18 @@ def test_router_children_made_repaired_and_removed(
         account = dep.get("spec", {}).get("template", {}).get("spec", {}).get("serviceAccountName")
         return role_back is not None and account == "llm-router"
 
-    wait_for("the Role and the router Deployment restored", repaired, timeout=30)
+    wait_until(repaired, 30, "the Role and the router Deployment restored")
 
     # switched off: every router child deleted, status.routerUrl empty; vLLM untouched
     vllm_uid = (k8s_cluster.get("deployment", "llm", namespace) or {})["metadata"]["uid"]
     k8s_cluster.kubectl("patch", "vllmd", "llm", "-n", namespace, "--type=merge",
                         "-p", json.dumps({"spec": {"router": {"enabled": False}}}))  # fmt: skip
-    wait_for(
-        "the router's children deleted",
+    wait_until(
         lambda: not any(router_objects(k8s_cluster, namespace).values()),
-        timeout=30,
+        30,
+        "the router's children deleted",
     )
-    wait_for("status.routerUrl emptied", lambda: router_url(k8s_cluster, namespace) == "")
+    wait_until(lambda: router_url(k8s_cluster, namespace) == "", 30, "status.routerUrl emptied")
     deployment_after = k8s_cluster.get("deployment", "llm", namespace)
     assert deployment_after is not None and deployment_after["metadata"]["uid"] == vllm_uid
     # and nothing comes back (a removed child is not "repaired")
@@ -140,6 +141,6 @@ def test_a_name_too_long_for_the_router_is_refused_with_the_reason(
                 return str(condition["message"])
         return None
 
-    message = wait_for("ConfigValid=False", invalid, timeout=30)
+    message = wait_until(invalid, 30, "ConfigValid=False")
     assert "too long for a router" in message, message
     assert k8s_cluster.get("deployment", f"{name}-router", namespace) is None

@@ -3,6 +3,9 @@ under the operator's keys, and loaded by the node as written."""
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +180,29 @@ def test_lmcache_defaults_pass_where_the_spec_agrees(tmp_path: Path) -> None:
     assert "max_local_cpu_size = 5.0 differs from spec.cache.cpuSize (4.0)" in result.problems[0]
     spec = spec_of(config=defaults, cache={"cpuSize": "5Gi"})
     assert check(spec).problems == []
+
+
+def test_the_operator_loads_only_the_nodes_config_loader() -> None:
+    """What the operator image keeps of lmcache_node (images/operator/Dockerfile) is all that
+    validating a cluster's settings imports: the config loader, without torch."""
+    code = (
+        "import sys\n"
+        "from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec as S\n"
+        "from lmcache_operator.builders.lmcachecluster import node_config\n"
+        "from lmcache_operator.builders.user_config import check_user_config\n"
+        "s = S.model_validate({'config': {'lock_ttl_secs': 20, 'use_layerwise': True}})\n"
+        "r = check_user_config(s, node_config('c', 'ns', s))\n"
+        "assert not r.problems and r.warnings, r\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lmcache_node', 'torch')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    imported = set(ast.literal_eval(result.stdout.strip().splitlines()[-1]))
+    assert imported == {
+        "lmcache_node",
+        "lmcache_node.config",
+        "lmcache_node.kvspec",
+        "lmcache_node.lmcache_compat",
+        "lmcache_node.sizes",
+    }

@@ -362,6 +362,7 @@ def test_compatible_pairs_have_no_problems() -> None:
 # ---- the init containers' scripts, run for real ----------------------------------------------
 
 
+@pytest.mark.integration
 def test_install_script_copies_an_importable_package(tmp_path: Path) -> None:
     target = tmp_path / "connector"
     target.mkdir()
@@ -406,6 +407,7 @@ def flaky_readyz() -> Iterator[tuple[str, list[int]]]:
         server.shutdown()
 
 
+@pytest.mark.integration
 def test_wait_script_waits_for_a_ready_server(flaky_readyz: tuple[str, list[int]]) -> None:
     url, seen = flaky_readyz
     result = subprocess.run(

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from tests.operator.conftest import OperatorProcess
-from tests.operator.kubectl import Cluster, wait_for
+from tests.operator.kubectl import Cluster
+from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -21,7 +22,7 @@ kind: LMCacheCluster
 metadata: {{name: cache}}
 spec:
   image: {{repository: lmcache.local/node, tag: dev, pullPolicy: Never}}
-  server: {{port: {port}, chunkSize: 256}}
+  server: {{port: {port}, eventsPort: {events_port}, chunkSize: 256}}
 """
 VLLM = """
 apiVersion: lmcache.dev/v1alpha1
@@ -37,7 +38,7 @@ POD_SELECTOR = "lmcache.dev/vllm-deployment=llm"
 
 
 def cache_manifest(port: int = 5555) -> str:
-    return CACHE.format(port=port)
+    return CACHE.format(port=port, events_port=port + 2)
 
 
 def vllm_manifest(replicas: int = 2, gpus: int = 1) -> str:
@@ -57,7 +58,7 @@ def wait_cache_ready(k8s: Cluster, ns: str) -> None:
         st = (k8s.get("lmcc", "cache", ns) or {}).get("status") or {}
         return st.get("phase") == "Ready" and st.get("readyNodes") == 2
 
-    wait_for("the LMCacheCluster Ready on 2 nodes", ready, timeout=60)
+    wait_until(ready, 60, "the LMCacheCluster Ready on 2 nodes")
 
 
 def wait_vllm(
@@ -67,7 +68,7 @@ def wait_vllm(
         st = vllm_status(k8s, ns, name)
         return st if st and predicate(st) else None
 
-    return wait_for(f"VLLMDeployment {name} {what}", probe, timeout=timeout)
+    return wait_until(probe, timeout, f"VLLMDeployment {name} {what}")
 
 
 def cache_pod_on(k8s: Cluster, ns: str, node: str) -> str:
@@ -329,7 +330,7 @@ def test_kubectl_scale_and_cluster_changes_roll_the_pods(
         fresh = len(pods) == 3 and names.isdisjoint(old)
         return pods if fresh else None
 
-    pods = wait_for("the vLLM pods replaced after the port change", rolled, timeout=90)
+    pods = wait_until(rolled, 90, "the vLLM pods replaced after the port change")
     for pod in pods:
         args = pod["spec"]["containers"][0]["args"]
         config = json.loads(args[args.index("--kv-transfer-config") + 1])
@@ -362,10 +363,10 @@ def test_deleting_the_cluster_gives_a_clear_reason_and_no_crash(
     assert st["cache"]["state"] == "NotFound"
     assert k8s_cluster.get("deployment", "llm", namespace) is not None  # keeps serving
     assert operator.proc is not None and operator.proc.poll() is None
-    wait_for(
-        "garbage collection of the cache pods",
+    wait_until(
         lambda: not k8s_cluster.items("pods", namespace, "lmcache.dev/cluster=cache"),
-        timeout=120,  # the garbage collector learns about a new CRD on its next discovery
+        120,
+        "garbage collection of the cache pods",
     )
     k8s_cluster.kubectl("scale", "vllmd/llm", "-n", namespace, "--replicas=2")
 
@@ -375,7 +376,7 @@ def test_deleting_the_cluster_gives_a_clear_reason_and_no_crash(
         gated = [p for p in pods if p["spec"].get("schedulingGates")]
         return deployment.get("spec", {}).get("replicas") == 2 and len(gated) == 1
 
-    wait_for("the Deployment scaled to 2 with the new replica gated", new_replica_waits)
+    wait_until(new_replica_waits, 30, "the Deployment scaled to 2 with the new replica gated")
     assert vllm_status(k8s_cluster, namespace)["readyReplicas"] == 1
     k8s_cluster.apply(cache_manifest(), namespace)
     st = wait_vllm(
@@ -435,14 +436,15 @@ def test_producer_consumer_example_reconciles(
         assert config["kv_role"] == role
     proxy = k8s_cluster.get("deployment", "pd-proxy", namespace)
     assert proxy is not None
-    wait_for(
-        "the LMCacheCluster listing both consumers",
+    wait_until(
         lambda: (
             ((k8s_cluster.get("lmcc", "pd-cache", namespace) or {}).get("status") or {}).get(
                 "consumers"
             )
             == ["pd-decode", "pd-prefill"]
         ),
+        30,
+        "the LMCacheCluster listing both consumers",
     )
 
 
@@ -481,7 +483,7 @@ def test_operator_restart_lifts_gates_of_pods_created_while_it_was_down(
         pods = k8s_cluster.items("pods", namespace, POD_SELECTOR)
         return len([p for p in pods if p["spec"].get("schedulingGates")]) == 2
 
-    wait_for("two gated replicas while the operator is down", gated)
+    wait_until(gated, 30, "two gated replicas while the operator is down")
     operator.start()
     st = wait_vllm(
         k8s_cluster,
@@ -517,5 +519,5 @@ def test_a_name_that_cannot_name_the_service_sets_config_valid_false(
             e for e in events if e.get("reason") == "InvalidSpec" and "DNS-1035" in e["message"]
         ]
 
-    events = wait_for("an InvalidSpec Event", warning_event)
+    events = wait_until(warning_event, 30, "an InvalidSpec Event")
     assert sum(e.get("count", 1) for e in events) <= 3  # no retry storm

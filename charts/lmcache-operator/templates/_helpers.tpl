@@ -70,6 +70,35 @@ allowPrivilegedPassThrough), one YAML list item per flag, for the container's ar
 - --cuda-runtime-class={{ .Values.nodeImage.cudaRuntimeClassName }}
 {{- end }}
 
+{{/* "true" when the webhook's certificate comes from cert-manager (webhook.certificates:
+cert-manager, or auto with cert-manager.io/v1 served), else "false" (Helm generates one). */}}
+{{- define "lmcache-operator.webhookCertManager" -}}
+{{- $mode := .Values.webhook.certificates -}}
+{{- if eq $mode "cert-manager" }}true
+{{- else if eq $mode "self-signed" }}false
+{{- else }}{{ .Capabilities.APIVersions.Has "cert-manager.io/v1" }}
+{{- end }}
+{{- end }}
+
+{{/* namespaceSelector of a webhook entry: the watched namespaces, or every namespace but the
+system ones, the `exclude` list and webhook.excludeNamespaces; `labelled`: only namespaces
+labelled lmcache.dev/cluster. */}}
+{{- define "lmcache-operator.webhookNamespaces" -}}
+matchExpressions:
+{{- if .labelled }}
+  - {key: lmcache.dev/cluster, operator: Exists}
+{{- end }}
+{{- if .namespaces }}
+  - key: kubernetes.io/metadata.name
+    operator: In
+    values: {{ .namespaces | toJson }}
+{{- else }}
+  - key: kubernetes.io/metadata.name
+    operator: NotIn
+    values: {{ concat (list "kube-system" "kube-public" "kube-node-lease") .exclude .root.Values.webhook.excludeNamespaces | uniq | toJson }}
+{{- end }}
+{{- end }}
+
 {{/* Fails with a clear message when a Prometheus Operator kind is asked for without its API. */}}
 {{- define "lmcache-operator.requireMonitoringApi" -}}
 {{- if not (.root.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") }}
@@ -91,6 +120,12 @@ allowPrivilegedPassThrough), one YAML list item per flag, for the container's ar
 - apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["create", "patch"]
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create", "patch", "delete"]
@@ -134,4 +169,9 @@ allowPrivilegedPassThrough), one YAML list item per flag, for the container's ar
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]
+{{- if and .Values.webhook.enabled .Values.webhook.namespaceLabel }}
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["get"]
+{{- end }}
 {{- end }}

@@ -7,7 +7,8 @@ from lmcache_node.client.errors import (
     NodeUnavailableError,
     RemoteError,
 )
-from lmcache_node.client.node_client import HandshakeInfo, NodeClient, Registration
+from lmcache_node.client.node_client import HandshakeInfo, NodeClient
+from lmcache_node.client.registrations import Registration
 from lmcache_node.transfer.export import layout_tag
 
 __all__ = [

@@ -15,16 +15,15 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
-import torch
 
 from lmcache_node import __version__
 from lmcache_node.client.connection import Connection
+from lmcache_node.client.data_path import DataPathCalls
 from lmcache_node.client.errors import (
     IncompatibleServerError,
     NodeAuthenticationError,
@@ -33,18 +32,19 @@ from lmcache_node.client.errors import (
     NodeUnavailableError,
     RemoteError,
 )
-from lmcache_node.keys import HASH_ALGORITHM, KeyNamespace
+from lmcache_node.client.registrations import Registration, RegistrationCalls
+from lmcache_node.keys import HASH_ALGORITHM
 from lmcache_node.protocol import messages as m
 from lmcache_node.protocol.codec import decode_payload
 from lmcache_node.protocol.credentials import ClientCredentials
-from lmcache_node.transfer import cuda_ipc, shm
-from lmcache_node.transfer.export import ExportedKV, export_kv_caches, layout_tag, local_geometry
-from lmcache_node.transfer.layout import KVGeometry
-from lmcache_node.transfer.streams import copy_stream
+from lmcache_node.retry import RetryPolicy
+from lmcache_node.transfer import shm
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=msgspec.Struct)
+# After a disconnect: try at once, then back off to 2 s between tries until the server is back.
+RECONNECT = RetryPolicy.forever(base_s=0.05, cap_s=2.0)
 _INCOMPATIBLE = {m.ErrorCode.INCOMPATIBLE.value, m.ErrorCode.BAD_VERSION.value}
 
 
@@ -64,26 +64,7 @@ class HandshakeInfo:
         return self.limits.get(name)
 
 
-@dataclass(eq=False)
-class Registration:
-    """A registered set of KV tensors; stays valid across server restarts."""
-
-    registration_id: int
-    transfer_mode: str
-    num_layers: int
-    blocks_per_chunk: int
-    chunk_bytes: int
-    request: m.RegisterRequest = field(repr=False)
-    tensors: list[torch.Tensor] = field(repr=False)
-    exported: ExportedKV = field(repr=False)
-    geometry: KVGeometry | None = field(default=None, repr=False)  # engine mode
-    staging: torch.Tensor | None = field(default=None, repr=False)
-    staging_chunks: int = 0
-    event: Any = field(default=None, repr=False)  # CUDA interprocess event
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-
-class NodeClient:
+class NodeClient(RegistrationCalls, DataPathCalls):
     def __init__(
         self,
         endpoint: str,
@@ -91,7 +72,7 @@ class NodeClient:
         timeout_s: float = 5.0,
         expected_chunk_size: int | None = None,
         heartbeat_interval_s: float | None = None,
-        max_backoff_s: float = 2.0,
+        reconnect: RetryPolicy | None = None,
         async_workers: int = 4,
         credentials: ClientCredentials | None = None,
     ) -> None:
@@ -100,7 +81,7 @@ class NodeClient:
         self.expected_chunk_size = expected_chunk_size
         self.info: HandshakeInfo | None = None
         self._heartbeat_interval = heartbeat_interval_s
-        self._max_backoff = max_backoff_s
+        self._reconnect = reconnect or RECONNECT
         self._registrations: list[Registration] = []
         self._shm_dir: shm.ShmDirectory | None = None  # attached on first use
         self._mutex = threading.Lock()
@@ -201,19 +182,19 @@ class NodeClient:
 
     def _background_loop(self) -> None:
         """Keep the session alive (pings when idle) and restore it after a disconnect."""
-        backoff = 0.05
+        failures = 0
         while not self._closed.is_set():
             interval = self._heartbeat_interval or (
                 self.info.heartbeat_timeout_s / 3 if self.info else 5.0
             )
             wanted = self._recover_wanted.wait(
-                backoff if not self.available else min(interval, 1.0)
+                self._reconnect.delay(failures) if not self.available else min(interval, 1.0)
             )
             if self._closed.is_set():
                 return
             if wanted or not self.available:
                 self._recover_wanted.clear()
-                backoff = 0.05 if self._recover() else min(backoff * 2, self._max_backoff)
+                failures = 0 if self._recover() else failures + 1
                 continue
             if time.monotonic() - self._last_call >= interval:
                 try:
@@ -314,329 +295,6 @@ class NodeClient:
             raise RemoteError(error.code, error.message)
         return decode_payload(body, reply_type)
 
-    # ----- registration -----
-    def register_kv_caches(
-        self,
-        kv_caches: list[torch.Tensor],
-        *,
-        block_dim: int,
-        block_size: int,
-        namespace: KeyNamespace | None = None,
-        worker_id: int | None = None,
-        layout: str | None = None,
-        transfer_mode: str = "auto",
-        staging_chunks: int = 8,
-    ) -> Registration:
-        """Share ``kv_caches`` (one tensor per layer, all on one device) with the server.
-
-        "shared": CPU storage moves into segments in the server's shm directory (the tensors
-        are rebound in place; pass the tensor objects vLLM itself uses) or CUDA IPC handles
-        are sent. "engine": the client copies blocks through a server-owned staging area.
-        "auto": shared, falling back to engine for CUDA tensors the server cannot open.
-        """
-        if transfer_mode not in ("auto", *m.TRANSFER_MODES):
-            raise ValueError(f"transfer_mode must be auto, shared or engine, got {transfer_mode!r}")
-        tensors = list(kv_caches)
-        if not tensors:
-            raise ValueError("register at least one KV tensor")
-        device = tensors[0].device
-        mode = "shared" if transfer_mode == "auto" else transfer_mode
-        wid = worker_id if worker_id is not None else (namespace.worker_id if namespace else 0)
-        lay = layout or (
-            namespace.layout
-            if namespace
-            else layout_tag(tensors, block_dim=block_dim, block_size=block_size)
-        )
-        # Published by the server so routers compute the same keys (docs/routing.md).
-        model_name = namespace.model_name if namespace else ""
-        key_seed = namespace.seed() if namespace else b""
-        try:
-            return self._register(
-                tensors, mode, block_dim=block_dim, block_size=block_size,
-                worker_id=wid, layout=lay, staging_chunks=staging_chunks,
-                model_name=model_name, key_seed=key_seed,
-            )  # fmt: skip
-        except RemoteError as exc:
-            if (
-                transfer_mode == "auto"
-                and device.type == "cuda"
-                and exc.code == m.ErrorCode.REGISTRATION_FAILED.value
-            ):
-                log.warning(
-                    "CUDA IPC registration failed (%s); using engine-driven mode", exc.message
-                )
-                return self._register(
-                    tensors, "engine", block_dim=block_dim, block_size=block_size,
-                    worker_id=wid, layout=lay, staging_chunks=staging_chunks,
-                    model_name=model_name, key_seed=key_seed,
-                )  # fmt: skip
-            raise
-
-    def _register(
-        self,
-        tensors: list[torch.Tensor],
-        mode: str,
-        *,
-        block_dim: int,
-        block_size: int,
-        worker_id: int,
-        layout: str,
-        staging_chunks: int,
-        model_name: str = "",
-        key_seed: bytes = b"",
-    ) -> Registration:
-        shared_cpu = mode == "shared" and tensors[0].device.type == "cpu"
-        exported = export_kv_caches(
-            tensors,
-            share=mode == "shared",
-            shm_dir=self._shm_directory() if shared_cpu else None,
-        )
-        event = None
-        event_handle = b""
-        if mode == "shared" and exported.device == "cuda":
-            event = torch.cuda.Event(interprocess=True)  # type: ignore[no-untyped-call]
-            event.record()
-            event_handle = cuda_ipc.export_event(event)
-        request = m.RegisterRequest(
-            worker_id=worker_id,
-            layout=layout,
-            block_dim=block_dim,
-            block_size=block_size,
-            layers=exported.layers,
-            segments=exported.segments,
-            transfer_mode=mode,
-            device=exported.device,
-            staging_chunks=staging_chunks,
-            event_handle=event_handle,
-            model_name=model_name,
-            key_seed=key_seed,
-        )
-        registration = Registration(
-            registration_id=0,
-            transfer_mode=mode,
-            num_layers=len(tensors),
-            blocks_per_chunk=0,
-            chunk_bytes=0,
-            request=request,
-            tensors=tensors,
-            exported=exported,
-            event=event,
-        )
-        try:
-            self._send_registration(registration)
-        except BaseException:
-            exported.unlink()
-            raise
-        with self._mutex:
-            self._registrations.append(registration)
-        return registration
-
-    def _send_registration(self, registration: Registration) -> None:
-        reply = self._call(m.Op.REGISTER, registration.request, m.RegisterReply, internal=True)
-        registration.registration_id = reply.registration_id
-        registration.blocks_per_chunk = reply.blocks_per_chunk
-        registration.chunk_bytes = reply.chunk_bytes
-        if registration.transfer_mode == "engine":
-            registration.staging_chunks = reply.staging_chunks
-            registration.staging = self._shm_directory().map(
-                reply.staging_name, reply.staging_chunks * reply.chunk_bytes
-            )
-            if registration.geometry is None:
-                request = registration.request
-                registration.geometry = local_geometry(
-                    registration.tensors,
-                    block_dim=request.block_dim,
-                    block_size=request.block_size,
-                    blocks_per_chunk=reply.blocks_per_chunk,
-                )
-
-    def unregister(self, registration: Registration) -> bool:
-        with self._mutex:
-            if registration in self._registrations:
-                self._registrations.remove(registration)
-        try:
-            reply = self._call(
-                m.Op.UNREGISTER,
-                m.UnregisterRequest(registration_id=registration.registration_id),
-                m.UnregisterReply,
-            )
-            return reply.removed
-        finally:
-            registration.exported.unlink()
-            registration.staging = None
-
-    # ----- data path -----
-    def lookup(
-        self, keys: list[bytes], *, lock: bool = False, lock_ttl_s: float | None = None
-    ) -> tuple[int, int | None]:
-        """Leading chunks found; with ``lock``, also a lock id holding them (free it).
-
-        Within the server's limits: at most ``max_keys_per_request`` leading keys are looked
-        up (a prefix lookup, so the answer stays right), and the lock lifetime is capped at
-        ``max_lock_ttl_secs``.
-        """
-        info = self.info
-        keys = list(keys)
-        if info is not None:
-            max_keys = info.limit("max_keys_per_request")
-            if max_keys is not None and len(keys) > max_keys:
-                keys = keys[: int(max_keys)]
-            max_ttl = info.limit("max_lock_ttl_secs")
-            if lock_ttl_s is not None and max_ttl is not None and lock_ttl_s > max_ttl:
-                lock_ttl_s = max_ttl
-        reply = self._call(
-            m.Op.LOOKUP, m.LookupRequest(keys=keys, lock=lock, lock_ttl_s=lock_ttl_s), m.LookupReply
-        )
-        return reply.hits, reply.lock_id
-
-    def store(
-        self,
-        registration: Registration,
-        keys: list[bytes],
-        block_ids: list[int],
-        *,
-        num_tokens: int = 0,
-        timeout_s: float | None = None,
-    ) -> int:
-        """Store chunks from the blocks; returns the leading chunks now cached. The reply
-        comes after the data is committed, so a lookup right after it hits."""
-        return self._current(
-            registration,
-            lambda: self._store_once(registration, keys, block_ids, num_tokens, timeout_s),
-        )
-
-    def _store_once(
-        self,
-        registration: Registration,
-        keys: list[bytes],
-        block_ids: list[int],
-        num_tokens: int,
-        timeout_s: float | None,
-    ) -> int:
-        if registration.transfer_mode == "engine":
-            return self._engine_transfer(
-                registration, keys, block_ids, store=True, timeout=timeout_s
-            )
-        if registration.event is not None:
-            registration.event.record()
-        request = m.StoreRequest(
-            registration_id=registration.registration_id,
-            keys=list(keys),
-            block_ids=list(block_ids),
-            num_tokens=num_tokens,
-        )
-        return self._call(m.Op.STORE, request, m.StoreReply, timeout=timeout_s).stored
-
-    def retrieve(
-        self,
-        registration: Registration,
-        keys: list[bytes],
-        block_ids: list[int],
-        *,
-        timeout_s: float | None = None,
-    ) -> int:
-        """Write the leading cached chunks into the blocks; returns how many."""
-        return self._current(
-            registration, lambda: self._retrieve_once(registration, keys, block_ids, timeout_s)
-        )
-
-    def _current(self, registration: Registration, action: Callable[[], int]) -> int:
-        """Run ``action``; if the session was re-established meanwhile (server restart or a
-        dropped session), the registration got a new id: run it once more with that id."""
-        used = registration.registration_id
-        try:
-            return action()
-        except RemoteError as exc:
-            if exc.code != m.ErrorCode.NOT_REGISTERED.value or registration.registration_id == used:
-                raise
-            return action()
-
-    def _retrieve_once(
-        self,
-        registration: Registration,
-        keys: list[bytes],
-        block_ids: list[int],
-        timeout_s: float | None,
-    ) -> int:
-        if registration.transfer_mode == "engine":
-            return self._engine_transfer(
-                registration, keys, block_ids, store=False, timeout=timeout_s
-            )
-        request = m.RetrieveRequest(
-            registration_id=registration.registration_id, keys=list(keys), block_ids=list(block_ids)
-        )
-        return self._call(m.Op.RETRIEVE, request, m.RetrieveReply, timeout=timeout_s).retrieved
-
-    def _engine_transfer(
-        self,
-        registration: Registration,
-        keys: list[bytes],
-        block_ids: list[int],
-        *,
-        store: bool,
-        timeout: float | None,
-    ) -> int:
-        """Engine-driven mode: the worker copies through the staging area, batch by batch."""
-        geometry = registration.geometry
-        assert geometry is not None
-        per_chunk = geometry.split(len(keys), block_ids) if keys else []
-        geometry.check_blocks(block_ids)
-        done = 0
-        batch = max(1, registration.staging_chunks)
-        with registration.lock:
-            for first in range(0, len(keys), batch):
-                staging = registration.staging
-                if staging is None:
-                    raise NodeUnavailableError(
-                        "the registration has no staging area (server restarting?)"
-                    )
-                chunk_keys = list(keys[first : first + batch])
-                chunk_blocks = per_chunk[first : first + batch]
-                flat = [b for blocks in chunk_blocks for b in blocks]
-                slots = [
-                    staging[
-                        i * registration.chunk_bytes : i * registration.chunk_bytes
-                        + geometry.block_bytes * len(blocks)
-                    ]
-                    for i, blocks in enumerate(chunk_blocks)
-                ]
-                if store:
-                    for slot, blocks in zip(slots, chunk_blocks, strict=True):
-                        copy_stream([slot], geometry.chunk_views(blocks))
-                    _sync(registration)
-                    reply_s = self._call(
-                        m.Op.STORE,
-                        m.StoreRequest(registration.registration_id, chunk_keys, flat),
-                        m.StoreReply,
-                        timeout=timeout,
-                    )
-                    count = reply_s.stored
-                else:
-                    reply_r = self._call(
-                        m.Op.RETRIEVE,
-                        m.RetrieveRequest(registration.registration_id, chunk_keys, flat),
-                        m.RetrieveReply,
-                        timeout=timeout,
-                    )
-                    count = reply_r.retrieved
-                    for slot, blocks in zip(slots[:count], chunk_blocks[:count], strict=True):
-                        copy_stream(geometry.chunk_views(blocks), [slot])
-                    _sync(registration)
-                done += count
-                if count < len(chunk_keys):
-                    break
-        return done
-
-    def store_async(
-        self, registration: Registration, keys: list[bytes], block_ids: list[int], **kwargs: Any
-    ) -> Future[int]:
-        return self._executor.submit(self.store, registration, keys, block_ids, **kwargs)
-
-    def retrieve_async(
-        self, registration: Registration, keys: list[bytes], block_ids: list[int], **kwargs: Any
-    ) -> Future[int]:
-        return self._executor.submit(self.retrieve, registration, keys, block_ids, **kwargs)
-
     # ----- admin -----
     def free_lock(self, lock_ids: int | list[int]) -> int:
         ids = [lock_ids] if isinstance(lock_ids, int) else list(lock_ids)
@@ -686,13 +344,6 @@ class NodeClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _sync(registration: Registration) -> None:
-    """Engine mode on CUDA: the staging copies must be complete before the next step."""
-    device = registration.tensors[0].device
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
 
 
 def _remove_names_at_exit(ref: weakref.ref[NodeClient]) -> None:

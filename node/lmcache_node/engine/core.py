@@ -1,3 +1,5 @@
+# Long on purpose, for now: the L1 index, store/retrieve and locks share one lock and one
+# page allocator; the L1-pool work (h/persist) reshapes this module, so it is not split here.
 """The cache engine: L1 index over the memory pool, with reservations, pins and locks.
 
 Thread-safe: one lock guards the index; byte copies run outside it. A store is a

@@ -16,7 +16,7 @@ class StoreOutcome(enum.Enum):
     DUPLICATE = "duplicate"  # already stored or being stored by someone else: skip
     NO_SPACE = "no_space"  # nothing evictable frees enough pages
     TOO_LARGE = "too_large"  # larger than the whole pool
-    DISABLED = "disabled"  # the L1 tier is off (local_cpu: false or size 0)
+    DISABLED = "disabled"  # the L1 pool has no pages (max_local_cpu_size: 0)
 
 
 class EntryState(enum.Enum):

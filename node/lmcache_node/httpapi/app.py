@@ -18,7 +18,6 @@ import json
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -26,10 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lmcache_node.config import NodeConfig
 from lmcache_node.httpapi.auth import TokenFile, bearer_token, is_loopback
-
-if TYPE_CHECKING:
-    from lmcache_node.engine.core import CacheEngine
-    from lmcache_node.server.node_server import NodeServer
+from lmcache_node.httpapi.view import CacheView, NodeView
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +66,7 @@ def _drop_covered(hosts: list[str]) -> list[str]:
     ]
 
 
-def l1_status(engine: CacheEngine) -> dict[str, object]:
+def l1_status(engine: CacheView) -> dict[str, object]:
     """The L1 pool for /readyz: where it came from (``pool``: adopted, created, anonymous,
     disabled; ``reason`` why not adopted), its size and use, what was adopted."""
     stats = engine.stats()
@@ -143,7 +139,7 @@ def body_limit(max_body_bytes: int) -> Middleware:
 
 
 def build_app(
-    server: NodeServer,
+    server: NodeView,
     *,
     token: TokenFile | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -223,7 +219,7 @@ class HttpApi:
 
     def __init__(
         self,
-        server: NodeServer,
+        server: NodeView,
         hosts: str | Sequence[str],
         port: int,
         *,
@@ -244,7 +240,7 @@ class HttpApi:
         )
 
     @classmethod
-    def from_config(cls, server: NodeServer, config: NodeConfig) -> HttpApi:
+    def from_config(cls, server: NodeView, config: NodeConfig) -> HttpApi:
         """The API ``config`` describes; TokenFileError/ValueError when it cannot be served."""
         token = TokenFile.from_file(config.http_token_file) if config.http_token_file else None
         return cls(

@@ -9,25 +9,27 @@ time a client sends is checked against the server's ``max_*`` bounds (``limit_ex
 before anything is mapped, allocated or iterated. Byte copies go through
 ``KVGeometry.chunk_views`` and ``PageSpan.write``/``read_into``: the same code for CPU
 shared memory and CUDA IPC tensors.
+
+The ops live in two mixins beside this module: ``registration_ops.py`` (register,
+unregister, their bounds) and ``data_ops.py`` (lookup, store, retrieve); here are the entry
+point, the handshake, the admin ops and session cleanup.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import torch
 
 from lmcache_node import __version__
 from lmcache_node.config import NodeConfig
-from lmcache_node.engine.core import CacheEngine, Pinned
-from lmcache_node.engine.types import ForeignLockError, LockLimitError, StoreOutcome
-from lmcache_node.keys import HASH_ALGORITHM, KEY_BYTES, ChunkKey
+from lmcache_node.engine.core import CacheEngine
+from lmcache_node.engine.types import ForeignLockError
+from lmcache_node.keys import HASH_ALGORITHM
 from lmcache_node.metrics import NodeMetrics
 from lmcache_node.protocol import messages as m
 from lmcache_node.protocol.codec import (
@@ -38,29 +40,19 @@ from lmcache_node.protocol.codec import (
     op_of,
 )
 from lmcache_node.protocol.events import TIERS
+from lmcache_node.server.data_ops import DataOps
+from lmcache_node.server.errors import RequestError
 from lmcache_node.server.events import EventPublisher
-from lmcache_node.server.state import IdentityMismatch, Registration, Session, SessionTable
-from lmcache_node.transfer import cuda_ipc, shm
-from lmcache_node.transfer.layout import KVGeometry, LayerGeometry, LayoutError
+from lmcache_node.server.registration_ops import RegistrationOps
+from lmcache_node.server.state import IdentityMismatch, Session, SessionTable
+from lmcache_node.transfer import shm
 
 log = logging.getLogger(__name__)
 
 _ERROR_HEADER = m.Header(m.MAGIC, m.PROTOCOL_VERSION, 0, 0)
-_MAX_SEGMENT_BYTES = 1 << 48  # 256 TiB: above any real KV allocation, far below int64
-_MAX_LAYOUT_CHARS = 256
-_MAX_MODEL_NAME_CHARS = 1024
-_MAX_KEY_SEED_BYTES = 64
-_DEVICES = ("cpu", "cuda", "xpu")
 
 
-class RequestError(Exception):
-    def __init__(self, code: m.ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class RequestHandler:
+class RequestHandler(RegistrationOps, DataOps):
     def __init__(
         self,
         config: NodeConfig,
@@ -79,6 +71,7 @@ class RequestHandler:
         self.metrics = metrics
         self.is_stopping = is_stopping
         self.authenticated = authenticated
+        self.hash_algorithm = HASH_ALGORITHM  # named in the handshake; clients check it
         self._ops: dict[m.Op, Callable[[Session | None, bytes, Any], msgspec.Struct]] = {
             m.Op.REGISTER: self._register,
             m.Op.UNREGISTER: self._unregister,
@@ -200,7 +193,7 @@ class RequestHandler:
             server_version=__version__,
             protocol_version=m.PROTOCOL_VERSION,
             chunk_size=self.config.chunk_size,
-            hash_algorithm=HASH_ALGORITHM,
+            hash_algorithm=self.hash_algorithm,
             transfer_modes=list(m.TRANSFER_MODES),
             device=self.config.device,
             heartbeat_timeout_s=self.config.heartbeat_timeout_secs,
@@ -219,385 +212,6 @@ class RequestHandler:
             "max_segments_per_registration": c.max_segments_per_registration,
             "max_staging_chunks_per_session": c.max_staging_chunks_per_session,
         }
-
-    def _register(
-        self, session: Session | None, routing_id: bytes, req: m.RegisterRequest
-    ) -> m.RegisterReply:
-        assert session is not None
-        self._check_registration(session, req)
-        if req.transfer_mode not in m.TRANSFER_MODES:
-            raise RequestError(
-                m.ErrorCode.BAD_REQUEST,
-                f"transfer_mode {req.transfer_mode!r} is not one of {', '.join(m.TRANSFER_MODES)}",
-            )
-        if req.block_size <= 0 or self.config.chunk_size % req.block_size:
-            raise RequestError(
-                m.ErrorCode.INCOMPATIBLE,
-                f"the chunk size {self.config.chunk_size} must be a multiple of the block size "
-                f"{req.block_size}: pick a chunk size that is a multiple of vLLM's block size",
-            )
-        if not req.layers:
-            raise RequestError(m.ErrorCode.BAD_REQUEST, "a registration needs at least one layer")
-        blocks_per_chunk = self.config.chunk_size // req.block_size
-        mapped: list[torch.Tensor] = []
-        staging: torch.Tensor | None = None
-        staging_name = ""
-        event: object | None = None
-        staging_fd = -1
-        try:
-            if req.transfer_mode == "shared":
-                mapped = [self._map_segment(seg) for seg in req.segments]
-                if req.event_handle and req.device == "cuda":
-                    event = cuda_ipc.open_event(mapped[0].device.index or 0, req.event_handle)
-            else:  # engine mode: geometry only, bytes come through a staging area
-                mapped = [
-                    torch.empty(seg.nbytes, dtype=torch.uint8, device="meta")
-                    for seg in req.segments
-                ]
-            layers = []
-            for index, layer in enumerate(req.layers):
-                if not 0 <= layer.segment < len(mapped):
-                    raise LayoutError(
-                        f"layer {index} names segment {layer.segment} of {len(mapped)}"
-                    )
-                layers.append(
-                    LayerGeometry.describe(
-                        mapped[layer.segment],
-                        dtype=layer.dtype,
-                        shape=layer.shape,
-                        stride=layer.stride,
-                        storage_offset=layer.storage_offset,
-                        block_dim=req.block_dim,
-                    )
-                )
-            geometry = KVGeometry(tuple(layers), req.block_size, blocks_per_chunk)
-            if req.transfer_mode == "engine":
-                if not 1 <= req.staging_chunks <= 1024:
-                    raise LayoutError(
-                        f"staging_chunks must be in [1, 1024], got {req.staging_chunks}"
-                    )
-                self._check_staging(session, req.staging_chunks, geometry.chunk_bytes)
-                segment = self.shm_dir.create("staging", geometry.chunk_bytes * req.staging_chunks)
-                staging, staging_name, staging_fd = segment.tensor, segment.name, segment.lock_fd
-        except (LayoutError, shm.SharedMemoryError, cuda_ipc.CudaIpcError) as exc:
-            raise RequestError(
-                m.ErrorCode.REGISTRATION_FAILED, f"cannot register the KV caches: {exc}"
-            ) from None
-        registration = self.sessions.add_registration(
-            session,
-            Registration,
-            worker_id=req.worker_id,
-            layout=req.layout,
-            device=req.device,
-            transfer_mode=req.transfer_mode,
-            geometry=geometry,
-            mapped=mapped,
-            shm_names=[seg.name for seg in req.segments if seg.kind == "shm"],
-            staging=staging,
-            staging_name=staging_name,
-            staging_chunks=req.staging_chunks if staging is not None else 0,
-            staging_lock_fd=staging_fd,
-            event=event,
-            shm_dir=self.shm_dir,
-            model_name=req.model_name,
-            key_seed=req.key_seed,
-        )
-        log.info(
-            "Registered KV cache for worker %d (client %s, pid %d): %d layers, %d blocks of "
-            "%d tokens, layout %s, %s on %s (registration %d)",
-            req.worker_id, session.session_id, session.pid, len(layers), geometry.num_blocks,
-            req.block_size, req.layout, req.transfer_mode, req.device, registration.registration_id,
-        )  # fmt: skip
-        return m.RegisterReply(
-            registration_id=registration.registration_id,
-            num_layers=len(layers),
-            blocks_per_chunk=blocks_per_chunk,
-            chunk_bytes=geometry.chunk_bytes,
-            staging_name=staging_name,
-            staging_chunks=registration.staging_chunks,
-        )
-
-    def _check_registration(self, session: Session, req: m.RegisterRequest) -> None:
-        """Bounds of a registration, checked before anything is mapped or allocated."""
-        c = self.config
-        held = len(session.registrations)
-        if held >= c.max_registrations_per_session:
-            raise RequestError(
-                m.ErrorCode.LIMIT_EXCEEDED,
-                f"this session holds {held} registrations, the most allowed "
-                "(max_registrations_per_session): unregister before registering again",
-            )
-        if len(req.layers) > c.max_layers_per_registration:
-            raise RequestError(
-                m.ErrorCode.LIMIT_EXCEEDED,
-                f"{len(req.layers)} layers in one registration; at most "
-                f"{c.max_layers_per_registration} (max_layers_per_registration)",
-            )
-        if len(req.segments) > c.max_segments_per_registration:
-            raise RequestError(
-                m.ErrorCode.LIMIT_EXCEEDED,
-                f"{len(req.segments)} segments in one registration; at most "
-                f"{c.max_segments_per_registration} (max_segments_per_registration)",
-            )
-        for index, seg in enumerate(req.segments):
-            if not 0 < seg.nbytes <= _MAX_SEGMENT_BYTES:
-                raise RequestError(
-                    m.ErrorCode.BAD_REQUEST,
-                    f"segment {index} has {seg.nbytes} bytes; a segment has 1 to "
-                    f"{_MAX_SEGMENT_BYTES} bytes",
-                )
-        if req.device not in _DEVICES or len(req.layout) > _MAX_LAYOUT_CHARS:
-            raise RequestError(
-                m.ErrorCode.BAD_REQUEST,
-                f"device must be one of {', '.join(_DEVICES)} and layout at most "
-                f"{_MAX_LAYOUT_CHARS} characters",
-            )
-        if not 0 <= req.worker_id < 1 << 31 or not 0 <= req.block_dim < 64:
-            raise RequestError(m.ErrorCode.BAD_REQUEST, "worker_id or block_dim is out of range")
-        if len(req.model_name) > _MAX_MODEL_NAME_CHARS or len(req.key_seed) > _MAX_KEY_SEED_BYTES:
-            raise RequestError(
-                m.ErrorCode.BAD_REQUEST,
-                f"model_name is at most {_MAX_MODEL_NAME_CHARS} characters and key_seed at "
-                f"most {_MAX_KEY_SEED_BYTES} bytes",
-            )
-
-    def _check_staging(self, session: Session, chunks: int, chunk_bytes: int) -> None:
-        c = self.config
-        held = [r for r in session.registrations.values() if r.staging_chunks]
-        total_chunks = chunks + sum(r.staging_chunks for r in held)
-        total_bytes = chunks * chunk_bytes + sum(
-            r.staging_chunks * r.geometry.chunk_bytes for r in held
-        )
-        byte_limit = int(c.max_staging_bytes_per_session * 1024**3)
-        if total_chunks > c.max_staging_chunks_per_session or total_bytes > byte_limit:
-            raise RequestError(
-                m.ErrorCode.LIMIT_EXCEEDED,
-                f"engine-mode staging of {total_chunks} chunk(s), {total_bytes} bytes for this "
-                f"session exceeds max_staging_chunks_per_session "
-                f"({c.max_staging_chunks_per_session}) or max_staging_bytes_per_session "
-                f"({c.max_staging_bytes_per_session:g} GB): ask for fewer staging_chunks",
-            )
-
-    def _map_segment(self, seg: m.SegmentDesc) -> torch.Tensor:
-        if seg.kind == "shm":
-            return self.shm_dir.map(seg.name, seg.nbytes)
-        if seg.kind == "cuda_ipc":
-            return cuda_ipc.open_storage(seg.cuda)
-        raise LayoutError(f"segment kind {seg.kind!r} is not shareable; use 'shm' or 'cuda_ipc'")
-
-    def _unregister(
-        self, session: Session | None, routing_id: bytes, req: m.UnregisterRequest
-    ) -> m.UnregisterReply:
-        assert session is not None
-        registration = self.sessions.remove_registration(session, req.registration_id)
-        if registration is None:
-            self._refuse_foreign_registration(session, req.registration_id)
-            return m.UnregisterReply(removed=False)
-        self._release(registration, unlink=False)
-        log.info(
-            "Unregistered KV cache of worker %d (client %s): %d layers (registration %d)",
-            registration.worker_id,
-            session.session_id,
-            len(registration.geometry.layers),
-            registration.registration_id,
-        )
-        return m.UnregisterReply(removed=True)
-
-    def _release(self, registration: Registration, *, unlink: bool) -> None:
-        if self.sessions.close_registration(registration):
-            registration.release(unlink_worker_segments=unlink)
-        elif unlink:  # in use right now: names may go, the last user drops the mappings
-            registration.shm_names, names = [], registration.shm_names
-            for name in names:
-                self.shm_dir.unlink_if_unheld(name)
-
-    def _keys(self, keys: list[bytes]) -> list[ChunkKey]:
-        if len(keys) > self.config.max_keys_per_request:
-            raise RequestError(
-                m.ErrorCode.LIMIT_EXCEEDED,
-                f"{len(keys)} keys in one request; at most {self.config.max_keys_per_request} "
-                "(max_keys_per_request): split the request",
-            )
-        for key in keys:
-            if len(key) != KEY_BYTES:
-                raise RequestError(
-                    m.ErrorCode.BAD_REQUEST,
-                    f"chunk keys are {KEY_BYTES} bytes, got one of {len(key)}",
-                )
-        return [ChunkKey(k) for k in keys]
-
-    def _lookup(
-        self, session: Session | None, routing_id: bytes, req: m.LookupRequest
-    ) -> m.LookupReply:
-        assert session is not None
-        keys = self._keys(req.keys)
-        ttl = req.lock_ttl_s
-        if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
-            raise RequestError(
-                m.ErrorCode.BAD_REQUEST, f"lock_ttl_s must be a positive number, got {ttl}"
-            )
-        if ttl is not None and ttl > self.config.max_lock_ttl_secs:
-            raise RequestError(
-                m.ErrorCode.LIMIT_EXCEEDED,
-                f"lock_ttl_s {ttl:g} exceeds the server's limit of "
-                f"{self.config.max_lock_ttl_secs:g} s (max_lock_ttl_secs)",
-            )
-        try:
-            result = self.engine.lookup(
-                keys,
-                lock=req.lock,
-                lock_ttl=ttl,
-                owner=session.session_id,
-                max_owner_locks=self.config.max_locks_per_session,
-            )
-        except LockLimitError as exc:
-            raise RequestError(m.ErrorCode.LIMIT_EXCEEDED, str(exc)) from None
-        chunk = self.config.chunk_size
-        self.metrics.tokens.labels(kind="lookup").inc(len(keys) * chunk)
-        self.metrics.tokens.labels(kind="hit").inc(result.hits * chunk)
-        return m.LookupReply(hits=result.hits, lock_id=result.lock_id)
-
-    def _refuse_foreign_registration(self, session: Session, reg_id: int) -> None:
-        if self.sessions.owner_of(reg_id) not in (None, session.session_id):
-            raise RequestError(
-                m.ErrorCode.FORBIDDEN,
-                f"registration {reg_id} belongs to another session: a session uses only the "
-                "KV caches it registered itself",
-            )
-
-    def _acquire(self, session: Session, reg_id: int) -> Registration:
-        registration = self.sessions.acquire(session, reg_id)
-        if registration is None:
-            self._refuse_foreign_registration(session, reg_id)
-            raise RequestError(
-                m.ErrorCode.NOT_REGISTERED,
-                f"registration {reg_id} is unknown to this server: register the KV caches "
-                "first (again after a server restart)",
-            )
-        return registration
-
-    def _finish(self, registration: Registration) -> None:
-        if self.sessions.done(registration):
-            registration.release(unlink_worker_segments=False)
-
-    def _plan(
-        self, registration: Registration, keys: list[bytes], block_ids: list[int]
-    ) -> list[Any]:
-        geometry = registration.geometry
-        try:
-            per_chunk = geometry.split(len(keys), block_ids) if keys else []
-            geometry.check_blocks(block_ids)
-        except ValueError as exc:
-            raise RequestError(m.ErrorCode.BAD_REQUEST, str(exc)) from None
-        except IndexError as exc:
-            raise RequestError(m.ErrorCode.OUT_OF_RANGE, str(exc)) from None
-        if registration.staging is not None and len(keys) > registration.staging_chunks:
-            raise RequestError(
-                m.ErrorCode.BAD_REQUEST,
-                f"engine mode moves at most {registration.staging_chunks} chunks per call, "
-                f"got {len(keys)}",
-            )
-        return per_chunk
-
-    def _staging_slot(self, registration: Registration, slot: int, nbytes: int) -> torch.Tensor:
-        assert registration.staging is not None
-        start = slot * registration.geometry.chunk_bytes
-        return registration.staging[start : start + nbytes]
-
-    def _store(
-        self, session: Session | None, routing_id: bytes, req: m.StoreRequest
-    ) -> m.StoreReply:
-        assert session is not None
-        start = time.perf_counter()
-        keys = self._keys(req.keys)
-        registration = self._acquire(session, req.registration_id)
-        try:
-            per_chunk = self._plan(registration, req.keys, req.block_ids)
-            geometry = registration.geometry
-            cuda = registration.device == "cuda" and registration.staging is None
-            if cuda and registration.event is not None:
-                stream = torch.cuda.current_stream(registration.mapped[0].device)
-                stream.wait_event(registration.event)  # type: ignore[arg-type]
-            stored = duplicates = no_space = 0
-            moved = tokens = 0
-            for slot, (key, blocks) in enumerate(zip(keys, per_chunk, strict=True)):
-                nbytes = geometry.block_bytes * len(blocks)
-                outcome, reservation = self.engine.reserve(key, nbytes)
-                if outcome is StoreOutcome.DUPLICATE:
-                    duplicates += 1
-                    stored += 1
-                    continue
-                if reservation is None:
-                    no_space += 1
-                    log.warning(
-                        "store stopped at chunk %d of %d: L1 %s", slot, len(keys), outcome.value
-                    )
-                    break
-                try:
-                    if registration.staging is not None:
-                        reservation.span.write([self._staging_slot(registration, slot, nbytes)])
-                    else:
-                        reservation.span.write(geometry.chunk_views(blocks))
-                    if cuda:
-                        torch.cuda.current_stream(registration.mapped[0].device).synchronize()
-                except BaseException:
-                    self.engine.abort(reservation)
-                    raise
-                self.engine.commit(reservation)
-                stored += 1
-                moved += nbytes
-                tokens += min(len(blocks) * geometry.block_size, self.config.chunk_size)
-        finally:
-            self._finish(registration)
-        self.metrics.bytes.labels(op="store", tier="l1").inc(moved)
-        self.metrics.tokens.labels(kind="stored").inc(tokens)
-        log.info(
-            "Stored %d tokens in %.3f seconds",
-            req.num_tokens or tokens,
-            time.perf_counter() - start,
-        )
-        return m.StoreReply(stored=stored, duplicates=duplicates, no_space=no_space)
-
-    def _retrieve(
-        self, session: Session | None, routing_id: bytes, req: m.RetrieveRequest
-    ) -> m.RetrieveReply:
-        assert session is not None
-        start = time.perf_counter()
-        keys = self._keys(req.keys)
-        registration = self._acquire(session, req.registration_id)
-        pinned: list[Pinned] = []
-        retrieved = moved = tokens = 0
-        try:
-            per_chunk = self._plan(registration, req.keys, req.block_ids)
-            geometry = registration.geometry
-            cuda = registration.device == "cuda" and registration.staging is None
-            pinned = self.engine.pin(keys)
-            for slot, (item, blocks) in enumerate(zip(pinned, per_chunk, strict=False)):
-                nbytes = geometry.block_bytes * len(blocks)
-                if item.span.nbytes != nbytes:
-                    log.warning(
-                        "retrieve stopped at chunk %d: stored entry has %d bytes, the blocks "
-                        "hold %d (different layout under the same key?)",
-                        slot, item.span.nbytes, nbytes,
-                    )  # fmt: skip
-                    break
-                if registration.staging is not None:
-                    item.span.read_into([self._staging_slot(registration, slot, nbytes)])
-                else:
-                    item.span.read_into(geometry.chunk_views(blocks))
-                retrieved += 1
-                moved += nbytes
-                tokens += min(len(blocks) * geometry.block_size, self.config.chunk_size)
-            if cuda and retrieved:
-                torch.cuda.current_stream(registration.mapped[0].device).synchronize()
-        finally:
-            if pinned:
-                self.engine.unpin(pinned)
-            self._finish(registration)
-        self.metrics.bytes.labels(op="retrieve", tier="l1").inc(moved)
-        self.metrics.tokens.labels(kind="retrieved").inc(tokens)
-        log.info("Retrieved %d tokens in %.3f seconds", tokens, time.perf_counter() - start)
-        return m.RetrieveReply(retrieved=retrieved)
 
     def _free_lock(
         self, session: Session | None, routing_id: bytes, req: m.FreeLockRequest

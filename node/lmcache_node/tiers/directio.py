@@ -32,10 +32,14 @@ class OpenFile:
     direct: bool
 
 
+Opener = Callable[[Path, int, int], int]  # os.open(path, flags, mode)
+
+
 class DirectIO:
     """O_DIRECT state of one tier: enabled, and the per-thread aligned buffers."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, *, opener: Opener = os.open) -> None:
+        self.opener = opener  # os.open; tests pass one that refuses O_DIRECT
         self.enabled = enabled and _O_DIRECT != 0
         self.requested = enabled
         self._local = threading.local()
@@ -142,12 +146,12 @@ def open_direct(direct: DirectIO, path: Path, flags: int, logger: logging.Logger
     """Open with O_DIRECT when enabled and supported, else buffered (one warning)."""
     if direct.enabled:
         try:
-            return OpenFile(os.open(path, flags | _O_DIRECT, 0o644), True)
+            return OpenFile(direct.opener(path, flags | _O_DIRECT, 0o644), True)
         except OSError as exc:
             if exc.errno != 22:  # EINVAL: the filesystem refuses O_DIRECT
                 raise
             direct.disable(path, str(exc), logger)
-    return OpenFile(os.open(path, flags, 0o644), False)
+    return OpenFile(direct.opener(path, flags, 0o644), False)
 
 
 class _Cursor:

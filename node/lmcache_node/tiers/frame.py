@@ -185,9 +185,10 @@ def decode_payload(codec: Codec, stored: bytes | memoryview, raw_len: int) -> by
 
 
 def _zstd_capped(stored: bytes | memoryview, cap: int) -> bytes:
-    """At most ``cap + 1`` bytes of one zstd frame (``decompress(max_output_size=)`` trusts
-    the frame's own content size, so it is no cap)."""
-    reader = zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=False)
+    """At most ``cap + 1`` bytes of the zstd stream (``decompress(max_output_size=)`` trusts
+    the frame's own content size, so it is no cap). Frames that follow the first are read
+    too, as zstd defines a stream: what they add counts against the cap (it was ignored)."""
+    reader = zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=True)
     parts: list[bytes] = []
     total = 0
     while total <= cap:

@@ -26,11 +26,12 @@ import redis
 import torch
 
 from lmcache_node.keys import ChunkKey
+from lmcache_node.retry import RetryPolicy
 from lmcache_node.tiers.base import RateLimitedLog, TierStats, numpy_views
 from lmcache_node.tiers.frame import DEFAULT_LAYOUT, HEADER_BYTES, Codec, TierError, build_frame
 from lmcache_node.tiers.redis_client import CallTimedOut, DeadlineCalls, make_redis_client
 from lmcache_node.tiers.remote_values import MAC_BYTES, RejectedValue, ValueSeal
-from lmcache_node.tiers.resilience import BreakerState, CircuitBreaker, RetryPolicy
+from lmcache_node.tiers.resilience import BreakerState, CircuitBreaker
 from lmcache_node.tiers.workers import TaskPool
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class RemoteTier:
         self.timeout_secs = timeout_secs
         self.ttl_ms = int(ttl_secs * 1000) if ttl_secs else None
         self.layout = layout
-        self.retry = retry or RetryPolicy(deadline_secs=timeout_secs)
+        self.retry = retry or RetryPolicy(deadline_s=timeout_secs)
         self.breaker = breaker or CircuitBreaker(cooldown_secs=max(1.0, 2 * timeout_secs))
         connections = workers + 14  # the tier's pool threads and the request workers' lookups
         self.client = client or make_redis_client(url, timeout_secs, max_connections=connections)
@@ -108,7 +109,8 @@ class RemoteTier:
         if not self.breaker.allow():
             raise RemoteUnavailable("circuit breaker open")
         delays = iter(self.retry.delays() if retry else ())
-        deadline = time.monotonic() + min(self.timeout_secs, self.retry.deadline_secs)
+        limit = self.timeout_secs if self.retry.deadline_s is None else self.retry.deadline_s
+        deadline = time.monotonic() + min(self.timeout_secs, limit)
         while True:
             try:
                 result = self.calls.run(fn, deadline)

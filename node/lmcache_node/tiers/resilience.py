@@ -1,28 +1,11 @@
-"""Retry/backoff policy and circuit breaker for the remote tier."""
+"""Circuit breaker for the remote tier (its retry policy: lmcache_node.retry)."""
 
 from __future__ import annotations
 
 import enum
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """``attempts`` tries with exponential backoff (full jitter), all within ``deadline_secs``."""
-
-    attempts: int = 3
-    base_secs: float = 0.02
-    cap_secs: float = 0.5
-    deadline_secs: float = 2.0
-
-    def delays(self, rng: Callable[[], float] = random.random) -> Iterator[float]:
-        """The sleeps between tries (``attempts - 1`` of them)."""
-        for attempt in range(self.attempts - 1):
-            yield min(self.cap_secs, self.base_secs * (2**attempt)) * rng()
+from collections.abc import Callable
 
 
 class BreakerState(enum.Enum):

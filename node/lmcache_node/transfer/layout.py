@@ -18,17 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-}
-
+from lmcache_node.dtypes import DtypeError, element_bytes, name_of, torch_dtype
 
 MAX_DIMS = 8
 MAX_OUTER_RUNS = 64  # byte runs per block and layer (K and V: 2; MLA, CPU layouts: 1)
@@ -39,19 +29,19 @@ class LayoutError(ValueError):
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    for name, value in DTYPES.items():
-        if value == dtype:
-            return name
-    raise LayoutError(f"KV dtype {dtype} is not supported; supported: {', '.join(DTYPES)}")
+    """The wire name of ``dtype`` (lmcache_node.dtypes); LayoutError when unsupported."""
+    try:
+        return name_of(dtype)
+    except DtypeError as exc:
+        raise LayoutError(str(exc)) from None
 
 
 def dtype_of(name: str) -> torch.dtype:
+    """The ``torch.dtype`` a wire name stands for; LayoutError when unsupported."""
     try:
-        return DTYPES[name]
-    except KeyError:
-        raise LayoutError(
-            f"KV dtype {name!r} is not supported; supported: {', '.join(DTYPES)}"
-        ) from None
+        return torch_dtype(name)
+    except DtypeError as exc:
+        raise LayoutError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -99,7 +89,10 @@ class LayerGeometry:
                 f"{outer_runs} byte runs per block; at most {MAX_OUTER_RUNS} are supported: "
                 "pass the dimension of the block index as block_dim"
             )
-        elem = torch.empty((), dtype=dtype_of(dtype)).element_size()
+        try:
+            elem = element_bytes(dtype)
+        except DtypeError as exc:
+            raise LayoutError(str(exc)) from None
         expected = 1
         for dim in range(ndim - 1, block_dim, -1):
             if shape[dim] > 1 and stride[dim] != expected:

@@ -38,10 +38,19 @@ from lmcache_node.keys import KeyNamespace, chunk_keys
 from lmcache_node.vllm.link import NodeLink
 from lmcache_node.vllm.planner import Planner, StepPlan, TransferOp
 from lmcache_node.vllm.settings import ConnectorSettings, load_settings
+from lmcache_node.vllm.stats import NodeConnectorPromMetrics, NodeConnectorStats
 from lmcache_node.vllm.transfers import WorkerTransfers, register
+from lmcache_node.vllm.verify import KVVerifier
+from lmcache_node.vllm.vllm_facts import (
+    check_kv_cache_groups,
+    kv_dtype,
+    kv_layout,
+    request_salt,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -75,57 +84,6 @@ class NodeConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
     """Scheduler -> worker: this step's loads and stores."""
 
     plan: StepPlan = field(default_factory=StepPlan)
-
-
-def kv_layout(device: str, block_size: int, use_mla: bool) -> str:
-    """The key namespace's layout: device kind, block size and (CPU) the kernel's packing."""
-    parts = ["vllm", device, f"blocks{block_size}"]
-    if device == "cpu":
-        amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-        parts.append("amx" if amx else torch.backends.cpu.get_cpu_capability().lower())
-    if use_mla:
-        parts.append("mla")
-    return "-".join(parts)
-
-
-def _kv_dtype(vllm_config: VllmConfig) -> str:
-    cache_dtype = str(vllm_config.cache_config.cache_dtype)
-    if cache_dtype != "auto":
-        return cache_dtype
-    return str(vllm_config.model_config.dtype).removeprefix("torch.")
-
-
-def check_kv_cache_groups(kv_cache_config: KVCacheConfig) -> None:
-    """Refuse a model whose KV cache has no group or several (hybrid models).
-
-    The connector moves the blocks of one block table; caching one group of several would
-    hand vLLM partial KV, so such a model is refused at start instead.
-    """
-    groups = list(kv_cache_config.kv_cache_groups)
-    if len(groups) == 1:
-        return
-    described = "; ".join(
-        f"group {i}: {type(g.kv_cache_spec).__name__} ({len(g.layer_names)} layers)"
-        for i, g in enumerate(groups)
-    )
-    raise ValueError(
-        f"LMCacheNodeConnector caches models whose KV cache is one group of layers; this model "
-        f"has {len(groups)} KV cache groups ({described or 'no KV cache'}). Caching only some "
-        "of them would be wrong, so vLLM does not start: serve this model without "
-        "--kv-transfer-config (or with a connector that supports vLLM's hybrid KV cache "
-        "manager)"
-    )
-
-
-def _request_salt(request: Request) -> str:
-    parts = []
-    cache_salt = getattr(request, "cache_salt", None)
-    if cache_salt:
-        parts.append(f"salt:{cache_salt}")
-    lora = getattr(request, "lora_request", None)
-    if lora is not None:
-        parts.append(f"lora:{getattr(lora, 'lora_name', lora)}")
-    return "|".join(parts)
 
 
 class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
@@ -162,7 +120,7 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
             model_name=self.settings.model_name or str(model_config.model),
             world_size=int(vllm_config.parallel_config.world_size),
             worker_id=0,
-            kv_dtype=_kv_dtype(vllm_config),
+            kv_dtype=kv_dtype(vllm_config),
             layout=kv_layout(str(current_platform.device_type), self.block_size, use_mla),
             tenant_salt=self.settings.tenant_salt,
         )
@@ -192,10 +150,17 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 blocks_per_chunk=self.planner.blocks_per_chunk,
                 registration=lambda: self._registration,
                 fail_on_load_error=self.fail_on_load_error,
+                verifier=(
+                    KVVerifier(
+                        lambda: (self._kv_caches, self._block_dim), self.planner.blocks_per_chunk
+                    )
+                    if self.settings.verify
+                    else None
+                ),
             )
         log.info(
             "LMCacheNodeConnector (%s, %s): server %s (%s), chunk %d tokens, transfer mode %s, "
-            "kv_load_failure_policy %s (%s), namespace %s",
+            "kv_load_failure_policy %s (%s), namespace %s%s",
             role.name.lower(),
             transfer.kv_role,
             self.settings.url,
@@ -207,6 +172,7 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
             if self.fail_on_load_error
             else "a failed load is recomputed",
             self._namespace_base.label(),
+            ", verify mode on" if self.settings.verify else "",
         )
         if role == KVConnectorRole.SCHEDULER:
             self.link.start()
@@ -291,7 +257,33 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.transfers.take_invalid_blocks()
 
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        verifier = getattr(getattr(self, "transfers", None), "verifier", None)
+        if verifier is None:
+            return None
+        stats = NodeConnectorStats.from_verify_counts(verifier.take_counts())
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
+        return NodeConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> NodeConnectorPromMetrics:
+        return NodeConnectorPromMetrics(
+            vllm_config, metric_types, labelnames, per_engine_labelvalues
+        )
+
     def shutdown(self) -> None:
+        verifier = getattr(getattr(self, "transfers", None), "verifier", None)
+        if verifier is not None:
+            log.info("verify: chunks by outcome over this worker's life: %s", verifier.totals)
         self.link.close()
 
     # ============================== scheduler side ==============================
@@ -301,7 +293,7 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         prompt = request.prompt_token_ids
         if prompt is None or getattr(request, "mm_features", None):
             return 0, False  # embeddings / multimodal inputs: tokens do not identify the KV
-        tracker = self.planner.track(request.request_id, list(prompt), _request_salt(request))
+        tracker = self.planner.track(request.request_id, list(prompt), request_salt(request))
         self._free_lock(tracker.req_id)
         n_chunks = self.planner.lookup_chunks(tracker, int(request.num_tokens))
         if n_chunks == 0:
@@ -382,4 +374,10 @@ class LMCacheNodeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self.link.call("free_lock", lambda c: c.free_lock(lock_id), None)
 
 
-__all__ = ["LMCacheNodeConnector", "NodeConnectorMetadata", "TransferOp"]
+__all__ = [
+    "LMCacheNodeConnector",
+    "NodeConnectorMetadata",
+    "TransferOp",
+    "check_kv_cache_groups",
+    "kv_layout",
+]

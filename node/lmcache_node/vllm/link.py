@@ -21,6 +21,7 @@ from lmcache_node.client import (
     NodeClientError,
 )
 from lmcache_node.protocol.credentials import ClientCredentials
+from lmcache_node.retry import RetryPolicy
 from lmcache_node.vllm.settings import ConnectorSettings
 
 log = logging.getLogger(__name__)
@@ -198,8 +199,9 @@ class NodeLink:
         return True
 
     def _reconnect_loop(self) -> None:
-        while not self._closed.wait(self.settings.reconnect_s):
-            if self._try_connect():
+        policy = RetryPolicy.fixed(self.settings.reconnect_s)
+        for delay in policy.delays():
+            if self._closed.wait(delay) or self._try_connect():
                 return
 
     def _discard(self, client: NodeClient | None) -> None:

@@ -25,6 +25,10 @@ environment variable / default):
   ``client.key``, ``client.pub`` and ``server.pub`` (CURVE): the connection is encrypted and
   authenticated; a bad directory fails vLLM's start. Unset: no CURVE (only a server on
   loopback or started with ``--insecure-allow-unauthenticated`` accepts that).
+- ``lmcache.node.verify`` / ``LMCACHE_NODE_VERIFY`` / ``false`` — verify mode: digest each
+  chunk's KV bytes when saved, check them after every load; mismatches are counted in vLLM's
+  metrics and the first is logged with its key (``verify.py``). Costs a copy and a hash per
+  chunk moved: for tests and investigations.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class ConnectorSettings(BaseModel):
     reconnect_s: float = Field(2.0, ge=0.05, le=600)
     transfer_mode: TransferMode = "auto"
     credentials_dir: Path | None = None
+    verify: bool = False
 
     @field_validator("port", "chunk_size", "timeout_s", "lookup_timeout_s", "lock_ttl_s",
                      "reconnect_s", mode="before")  # fmt: skip
@@ -140,6 +145,8 @@ def _rule(key: str) -> str:
         return "an integer" + bounds
     if info.annotation is float:
         return "a number" + bounds
+    if info.annotation is bool:
+        return "true or false (1 or 0)"
     if key == "transfer_mode":
         return "one of auto, shared, engine"
     return "a string" if info.annotation in (str, str | None) else "a directory path"

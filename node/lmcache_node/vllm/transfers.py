@@ -21,6 +21,7 @@ from lmcache_node.client import NodeClient, Registration
 from lmcache_node.keys import ChunkKey, KeyNamespace, chunk_keys
 from lmcache_node.vllm.link import NodeLink
 from lmcache_node.vllm.planner import TransferOp, invalid_blocks
+from lmcache_node.vllm.verify import KVVerifier
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ class WorkerTransfers:
         blocks_per_chunk: int,
         registration: Callable[[], Registration | None],
         fail_on_load_error: bool = False,
+        verifier: KVVerifier | None = None,
     ) -> None:
         self._link = link
+        self.verifier = verifier
         self._fail_on_load_error = fail_on_load_error
         self._namespace = namespace
         self._chunk_size = chunk_size
@@ -66,7 +69,10 @@ class WorkerTransfers:
             reg = self._registration()
             loaded = 0
             if reg is not None:
-                loaded = self._link.call("retrieve", _retrieve(reg, self.keys(op), op.block_ids), 0)
+                keys = self.keys(op)
+                loaded = self._link.call("retrieve", _retrieve(reg, keys, op.block_ids), 0)
+                if self.verifier is not None and loaded > 0:
+                    self.verifier.loaded(op.req_id, keys[:loaded], op.block_ids)
             else:
                 self._link.incidents.failed(
                     "retrieve", RuntimeError("KV caches not registered with the node server")
@@ -117,10 +123,13 @@ class WorkerTransfers:
             if reg is None:
                 self.stats.failed_store_tokens += tokens
                 continue
-            stored = self._link.call("store", _store(reg, self.keys(op), op.block_ids), -1)
+            keys = self.keys(op)
+            stored = self._link.call("store", _store(reg, keys, op.block_ids), -1)
             if stored < 0:
                 self.stats.failed_store_tokens += tokens
                 continue
+            if self.verifier is not None and stored > 0:
+                self.verifier.saved(keys[:stored], op.block_ids)
             self.stats.stored_tokens += stored * self._chunk_size
             log.debug("request %s: stored %d chunks", op.req_id, stored)
 

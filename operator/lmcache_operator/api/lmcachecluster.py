@@ -1,3 +1,5 @@
+# Long on purpose: the LMCacheCluster CRD's pydantic models, every field with its description,
+# bounds and CEL rules in one place (crds/ and the CRD reference are generated from them).
 """The LMCacheCluster kind: one cache server per selected node (a DaemonSet)."""
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ def _explicit_group(group: int | None) -> int | None:
     if group is not None and not MIN_EXPLICIT_GROUP <= group < RESERVED_ID_MIN:
         raise ValueError(SHM_GROUP_MESSAGE)
     return group
+
+
+EVENTS_PORT_MESSAGE = (
+    "server.eventsPort must differ from server.port and server.httpPort (or be 0: no events)"
+)
 
 
 class ServerSpec(ApiModel):
@@ -367,6 +374,8 @@ class LMCacheClusterSpec(ApiModel):
     def _cross_field(self) -> LMCacheClusterSpec:
         if self.server.port == self.server.http_port:
             raise ValueError("server.port and server.httpPort must differ")
+        if self.server.events_port in (self.server.port, self.server.http_port):
+            raise ValueError(EVENTS_PORT_MESSAGE)
         if self.host_network and self.update_strategy.max_surge is not None:
             raise ValueError(
                 "updateStrategy.maxSurge is not allowed with hostNetwork: two pods of a node "
@@ -493,6 +502,21 @@ class CredentialsStatus(ApiModel):
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
 
+class ConnectionStatus(ApiModel):
+    """How any vLLM pod uses this cache (docs/integrations.md, "Any vLLM")."""
+
+    config_map: str = Field(
+        "",
+        description="ConfigMap (same namespace) holding the connection contract: settings, "
+        "--kv-transfer-config, env, a pod template patch, production-stack values.",
+    )
+    pod_label: str = Field(
+        "",
+        description="Label (on a pod template or a namespace) that asks the operator's "
+        "webhook to wire pods to this cache.",
+    )
+
+
 class LMCacheClusterStatus(ApiModel):
     """Observed state, written by the operator through the status subresource."""
 
@@ -528,6 +552,9 @@ class LMCacheClusterStatus(ApiModel):
             "be there after the pod is gone; deleting the cluster removes it from each."
         ),
     )
+    connection: ConnectionStatus | None = Field(
+        None, description="The connection contract for vLLM pods not made by a VLLMDeployment."
+    )
 
 
 DEFINITION = KindDefinition(
@@ -554,6 +581,13 @@ DEFINITION = KindDefinition(
             "rule": "!has(self.server) || !has(self.server.port) || !has(self.server.httpPort)"
             " || self.server.port != self.server.httpPort",
             "message": "server.port and server.httpPort must differ",
+        },
+        {
+            "rule": "!has(self.server) || !has(self.server.eventsPort)"
+            " || self.server.eventsPort == 0 || ("
+            "(!has(self.server.port) || self.server.eventsPort != self.server.port)"
+            " && (!has(self.server.httpPort) || self.server.eventsPort != self.server.httpPort))",
+            "message": EVENTS_PORT_MESSAGE,
         },
         {
             "rule": "!(self.hostNetwork && has(self.updateStrategy)"

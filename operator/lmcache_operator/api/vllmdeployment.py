@@ -1,10 +1,12 @@
+# Long on purpose: the VLLMDeployment CRD's pydantic models, every field with its description,
+# bounds and CEL rules in one place (crds/ and the CRD reference are generated from them).
 """The VLLMDeployment kind: vLLM replicas (a Deployment) wired to their node's cache server."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from lmcache_operator.api.common import (
     ApiModel,
@@ -19,7 +21,15 @@ from lmcache_operator.api.common import (
     positive_quantity_field,
 )
 from lmcache_operator.api.k8s_types import K8S_TYPE_KEY, k8s_list, k8s_object
-from lmcache_operator.api.policy import PodPolicy, pass_through_problems, volume_problems
+from lmcache_operator.api.policy import (
+    HOST_PATH_MAX_LENGTH,
+    SHAPE_RULE,
+    SYSTEM_RULE,
+    PodPolicy,
+    checked_host_path,
+    pass_through_problems,
+    volume_problems,
+)
 from lmcache_operator.api.router import RouterSpec
 
 KIND = "VLLMDeployment"
@@ -56,6 +66,93 @@ class ModelVolume(ApiModel):
     )
 
 
+MODEL_CACHE_FORMS_MESSAGE = (
+    "model.cache takes exactly one of claimName (an existing PVC), size (a PVC the operator "
+    "creates) and hostPath (a directory on each node)"
+)
+AccessMode = Literal["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"]
+
+
+class ModelCacheSpec(ApiModel):
+    """Where downloaded weights are kept (HF_HOME points into it), so replicas and restarts
+    load them from there instead of downloading again."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "[has(self.claimName), has(self.size), has(self.hostPath)]"
+                    ".filter(x, x).size() == 1",
+                    "message": MODEL_CACHE_FORMS_MESSAGE,
+                },
+                {
+                    "rule": "has(self.size) || (!has(self.storageClassName) && "
+                    "!has(self.accessModes))",
+                    "message": "model.cache.storageClassName and accessModes apply to the PVC "
+                    "the operator creates: set model.cache.size too",
+                },
+            ]
+        }
+    )
+
+    claim_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="An existing PersistentVolumeClaim in the namespace (ReadWriteMany for "
+        "replicas on several nodes).",
+    )
+    size: Quantity | None = positive_quantity_field(
+        "Size of a PVC the operator creates, <name>-model-cache (owned by the VLLMDeployment: "
+        "deleted with it), e.g. 100Gi.",
+        default=None,
+    )
+    storage_class_name: str | None = Field(
+        None,
+        max_length=253,
+        description="StorageClass of the created PVC (default: the cluster's).",
+    )
+    access_modes: list[AccessMode] = Field(
+        default_factory=lambda: list[AccessMode](["ReadWriteOnce"]),
+        min_length=1,
+        max_length=3,
+        description="Access modes of the created PVC: ReadWriteOnce (one node: replicas on "
+        "other nodes cannot mount it) or ReadWriteMany (every node shares one copy).",
+    )
+    host_path: Annotated[str, AfterValidator(checked_host_path)] | None = Field(
+        None,
+        pattern=r"^/[^\s]*$",
+        max_length=HOST_PATH_MAX_LENGTH,
+        description="A directory on each node, under an allowed prefix (chart value "
+        "allowedHostPathPrefixes): each node downloads a model once, every replica and "
+        "restart there reuses it. Created if missing (owned by root: a non-root image needs "
+        "it created writable for its user).",
+        json_schema_extra={"x-kubernetes-validations": [dict(SHAPE_RULE), dict(SYSTEM_RULE)]},
+    )
+    mount_path: str = Field(
+        "/var/cache/huggingface",
+        pattern=r"^/[^\s]*$",
+        max_length=1024,
+        description="Where the cache is mounted in the vLLM container; HF_HOME is set to it "
+        "(unless engine.env or pod.env sets HF_HOME).",
+    )
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ModelCacheSpec:
+        forms = [self.claim_name, self.size, self.host_path]
+        if sum(form is not None for form in forms) != 1:
+            raise ValueError(MODEL_CACHE_FORMS_MESSAGE)
+        if self.size is None and (
+            self.storage_class_name is not None or "access_modes" in self.model_fields_set
+        ):
+            raise ValueError(
+                "model.cache.storageClassName and accessModes apply to the PVC the operator "
+                "creates: set model.cache.size too"
+            )
+        return self
+
+
 class ModelSpec(ApiModel):
     """The model vLLM serves."""
 
@@ -73,6 +170,11 @@ class ModelSpec(ApiModel):
         None, description="Secret key with a Hugging Face token (becomes HF_TOKEN)."
     )
     volume: ModelVolume | None = Field(None, description="Optional volume holding the weights.")
+    cache: ModelCacheSpec | None = Field(
+        None,
+        description="Keep downloaded weights (HF_HOME) on a PVC or a node directory, so "
+        "replicas and restarts do not download them again.",
+    )
 
 
 class VLLMImageSpec(ApiModel):
@@ -318,6 +420,10 @@ class VLLMDeploymentSpec(ApiModel):
         if self.model.volume is not None:
             source = self.model.volume.source
             problems += volume_problems("spec.model.volume.source", source, policy)
+        cache = self.model.cache
+        if cache is not None and cache.host_path is not None:
+            problem = policy.host_path_problem("spec.model.cache.hostPath", cache.host_path)
+            problems += [problem] if problem is not None else []
         problems += pass_through_problems(
             "spec.pod",
             policy=policy,

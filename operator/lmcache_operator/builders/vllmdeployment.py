@@ -9,6 +9,7 @@ from typing import Any
 
 from lmcache_operator.api.policy import SHM, PodPolicy
 from lmcache_operator.api.vllmdeployment import VLLMDeploymentSpec
+from lmcache_operator.builders import model_cache
 from lmcache_operator.builders.common import (
     CONFIG_HASH_ANNOTATION,
     content_hash,
@@ -116,6 +117,7 @@ def container_env(
                 "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}},
             }
         )
+    ours += model_cache.env(spec)
     if install and "PYTHONPATH" in user_names:  # keep theirs, after the connector's directory
         for item in user:
             if item.get("name") == "PYTHONPATH" and "value" in item:
@@ -162,7 +164,7 @@ def _probes(spec: VLLMDeploymentSpec) -> dict[str, Any]:
 
 
 def _volumes(
-    spec: VLLMDeploymentSpec, conn: CacheConnection | None, *, install: bool
+    name: str, spec: VLLMDeploymentSpec, conn: CacheConnection | None, *, install: bool
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     shm_path = conn.host_shm_path if conn is not None else SHM
     volumes: list[dict[str, Any]] = [
@@ -180,6 +182,10 @@ def _volumes(
     if model_volume is not None:
         volumes.append({"name": "model", **copy.deepcopy(model_volume.source)})
         mounts.append({"name": "model", "mountPath": model_volume.mount_path, "readOnly": True})
+    cache_volume = model_cache.volume_and_mount(name, spec)
+    if cache_volume is not None:
+        volumes.append(cache_volume[0])
+        mounts.append(cache_volume[1])
     volumes += [dict(v) for v in spec.pod.volumes]
     mounts += [dict(m) for m in spec.pod.volume_mounts]
     return volumes, mounts
@@ -257,7 +263,7 @@ def build_deployment(
     confined to ``policy``'s prefixes (default: the chart's); validate with
     ``spec.semantic_problems(policy)`` first."""
     install = conn is not None and not spec.image_includes_connector
-    volumes, mounts = _volumes(spec, conn, install=install)
+    volumes, mounts = _volumes(name, spec, conn, install=install)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.image_reference,
@@ -367,8 +373,11 @@ def build_children(
     conn: CacheConnection | None,
     policy: PodPolicy | None = None,
 ) -> list[dict[str, Any]]:
-    """Service and Deployment, in apply order (``policy``: see build_deployment)."""
+    """Model cache PVC (with model.cache.size), Service and Deployment, in apply order
+    (``policy``: see build_deployment)."""
+    pvc = model_cache.build_pvc(name, namespace, spec, labels(name))
     return [
+        *([pvc] if pvc is not None else []),
         build_service(name, namespace, spec),
         build_deployment(name, namespace, spec, conn, policy),
     ]

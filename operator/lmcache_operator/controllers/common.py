@@ -20,6 +20,7 @@ class Settings:
     namespaces: tuple[str, ...] = ()  # watched namespaces; empty: all
     gate_timeout_s: float = 300.0  # a vLLM pod still gated after this gets an Event + condition
     repair_interval_s: float = 2.0  # at most one repair of a child per this interval
+    config_check_s: float = 30.0  # how often spec.configFrom ConfigMaps are read for changes
     policy: PodPolicy = field(default_factory=PodPolicy)  # the chart's guard rails
     images: NodeImageDefaults = DEFAULTS  # the chart's nodeImage
     secret_check_s: float = 30.0  # how often the credential Secrets are checked (POST: 409)

@@ -20,6 +20,11 @@ from lmcache_operator.api.common import API_VERSION
 from lmcache_operator.api.lmcachecluster import KIND, LMCacheClusterSpec
 from lmcache_operator.api.policy import PodPolicy
 from lmcache_operator.builders.common import owner_reference
+from lmcache_operator.builders.connection import (
+    build_connection_configmap,
+    connection_configmap_name,
+    pod_label,
+)
 from lmcache_operator.builders.credentials import ROTATE_ANNOTATION
 from lmcache_operator.builders.lmcachecluster import (
     SERVICE_MONITOR_API,
@@ -30,8 +35,10 @@ from lmcache_operator.builders.lmcachecluster import (
 )
 from lmcache_operator.controllers.children import ChildRepairer
 from lmcache_operator.controllers.cleanup import PoolCleanup
+from lmcache_operator.controllers.cluster_config import ClusterConfigs
 from lmcache_operator.controllers.common import InvalidSpec, RetryLater, Settings
 from lmcache_operator.controllers.credentials import CredentialController
+from lmcache_operator.controllers.events import post_event
 from lmcache_operator.controllers.pool_probe import HttpPoolProbe, PoolProbe
 from lmcache_operator.controllers.pool_status import add_pool_fields, pools
 from lmcache_operator.controllers.queue import WorkQueue
@@ -40,7 +47,7 @@ from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeClient, KubeError, forb
 from lmcache_operator.kube import transient as transient_error
 from lmcache_operator.metrics import OperatorMetrics
 from lmcache_operator.state import Applied, ClusterView, Key, Views
-from lmcache_operator.status import Observed, compute_status, same_status
+from lmcache_operator.status import Observed, compute_status, now_rfc3339, same_status
 from lmcache_operator.validation import describe_validation_error
 
 logger = logging.getLogger(__name__)
@@ -114,6 +121,7 @@ class ClusterController:
             probe_budget_s=self.settings.pool_probe_timeout_s,
         )  # fmt: skip
         self.cleanup = PoolCleanup(client, views, metrics, self.settings)
+        self.configs = ClusterConfigs(client, self.repairs.request)
 
     async def api_serves(self, api_version: str, plural: str) -> bool:
         """Whether the API server serves ``plural`` in ``api_version`` (discovery: needs no
@@ -197,6 +205,13 @@ class ClusterController:
             )
             raise InvalidSpec("; ".join(problems))
         try:
+            user = await self.configs.resolve(key, model)  # spec.config over spec.configFrom
+            if user.problems:
+                self._record(
+                    key,
+                    Applied(generation=generation, daemonset_generation=0, problems=user.problems),
+                )
+                raise InvalidSpec("; ".join(user.problems))
             with_monitor, monitor_condition = await self._monitoring(
                 name, namespace, model.monitoring.service_monitor
             )
@@ -210,6 +225,10 @@ class ClusterController:
                 policy=self.settings.policy,
                 images=self.settings.images,
                 keys=keys.public_keys(),
+                user_config=user.values,
+            )
+            children.append(
+                build_connection_configmap(name, namespace, model, self.settings.images)
             )
             for child in children:
                 child["metadata"]["ownerReferences"] = [owner_reference(owner)]
@@ -251,6 +270,20 @@ class ClusterController:
                 monitoring_condition=monitor_condition,
             ),
         )
+        message = self.configs.warnings_message(key, model, user.warnings)
+        if message:
+            await self._post(meta, "ConfigWarnings", message)
+
+    async def _post(self, meta: Mapping[str, Any], reason: str, message: str) -> None:
+        involved = {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta}
+        try:
+            await post_event(
+                self.client, involved, reason=reason, message=message, now=now_rfc3339()
+            )
+        except KubeError as exc:
+            logger.warning(
+                "cannot post %s on %s/%s: %s", reason, meta.get("namespace"), meta["name"], exc
+            )
 
     async def repair(self, key: Key) -> None:
         """Re-apply after a child was deleted or changed by someone else."""
@@ -271,6 +304,7 @@ class ClusterController:
             self.children.forget_owner(KIND, key)
             self.credentials.forget(key)
             self.rollout.forget(key)
+            self.configs.forget(key)
             return
         if body["metadata"].get("deletionTimestamp"):
             self.cleanup.on_deleting(key, body)
@@ -332,6 +366,11 @@ class ClusterController:
         credentials = self.credentials.known(key)
         if credentials is not None:
             status["credentials"] = credentials.to_status(key[1])
+        if not applied.problems:  # the connection ConfigMap exists once a spec was applied
+            status["connection"] = {
+                "configMap": connection_configmap_name(key[1]),
+                "podLabel": pod_label(key[1]),
+            }
         if same_status(status, observed.previous) or (
             view.last_written is not None and same_status(status, view.last_written)
         ):

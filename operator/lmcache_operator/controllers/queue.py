@@ -8,11 +8,12 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import Gauge
 
+from lmcache_operator.retry import REQUEUE
 from lmcache_operator.state import Key
 
 logger = logging.getLogger(__name__)
 
-RETRY_DELAY_S = 2.0
+RETRY_DELAY_S = REQUEUE.delay(1)
 
 
 class Retry(Exception):  # noqa: N818 - a signal, not an error

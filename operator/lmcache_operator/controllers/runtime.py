@@ -22,6 +22,7 @@ from lmcache_operator.controllers.cluster_events import (
 from lmcache_operator.controllers.common import Settings
 from lmcache_operator.controllers.credentials import every
 from lmcache_operator.controllers.gates import GateController
+from lmcache_operator.controllers.injection import REPORTED_POD_SELECTOR, InjectionReporter
 from lmcache_operator.controllers.lmcachecluster import ClusterController
 from lmcache_operator.controllers.router import ROUTER_SELECTOR
 from lmcache_operator.controllers.vllm_events import (
@@ -62,6 +63,7 @@ class Runtime:
             self.client, self.views, self.metrics, self.children, self.settings
         )
         self.gates = GateController(self.client, self.views, self.metrics, self.settings)
+        self.injection = InjectionReporter(self.client, self.metrics)
         self.cluster_observer = ClusterObserver(self.views, self._cluster_moved)
         self.vllm_observer = VLLMObserver(
             self.views, self.vllm, self.gates, self.clusters.status.request
@@ -121,6 +123,8 @@ class Runtime:
                     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
                 )
             ],
+            # pods labelled for the webhook: an Event on each it could not wire
+            ("v1", "Pod", REPORTED_POD_SELECTOR, [self.injection.on_pod]),
         ]  # fmt: skip
         for namespace in namespaces:
             for api_version, kind, selector, callbacks in watched:
@@ -143,6 +147,10 @@ class Runtime:
             self.settings.secret_check_s, self.clusters.credentials.check_all, "credentials check"
         )
         self.watch_tasks.append(loop.create_task(check, name="credentials check"))
+        config_check = every(
+            self.settings.config_check_s, self.clusters.configs.check_all, "configFrom check"
+        )
+        self.watch_tasks.append(loop.create_task(config_check, name="configFrom check"))
 
     async def close(self) -> None:
         for task in self.watch_tasks:
@@ -154,7 +162,7 @@ class Runtime:
             self.clusters.status, self.clusters.repairs, self.clusters.credentials.rotations,
             self.clusters.cleanup.queue,
             self.vllm.status,
-            self.vllm.applies, self.vllm.repairs, self.gates.queue,
+            self.vllm.applies, self.vllm.repairs, self.gates.queue, self.injection.queue,
         ):  # fmt: skip
             await queue.close()
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.client.requests.items()))

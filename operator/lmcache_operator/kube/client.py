@@ -13,6 +13,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -50,8 +51,10 @@ class KubeClient:
         self.on_error: ErrorHook | None = None
 
     @classmethod
-    async def connect(cls, kubeconfig: str | None = None) -> KubeClient:
-        return cls(await load_credentials(kubeconfig))
+    async def connect(
+        cls, kubeconfig: str | None = None, *, sa_dir: Path | None = None
+    ) -> KubeClient:
+        return cls(await load_credentials(kubeconfig, sa_dir=sa_dir))
 
     async def close(self) -> None:
         await self.api.close()

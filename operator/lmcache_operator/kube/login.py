@@ -175,13 +175,16 @@ def from_service_account(pod: InCluster) -> Credentials:
     return credentials
 
 
-async def load_credentials(kubeconfig: str | None = None) -> Credentials:
-    """From a kubeconfig (argument, $KUBECONFIG, ~/.kube/config), else the pod's account."""
+async def load_credentials(
+    kubeconfig: str | None = None, *, sa_dir: Path | None = None
+) -> Credentials:
+    """From a kubeconfig (argument, $KUBECONFIG, ~/.kube/config), else the pod's account
+    (``sa_dir``: its ServiceAccount directory, default ``SA_DIR``)."""
     path = kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     first = Path(path.split(os.pathsep)[0])
     if first.is_file():
         return await from_kubeconfig(first)
-    pod = in_cluster()
+    pod = in_cluster(sa_dir)
     if pod is not None:
         return from_service_account(pod)
     raise RuntimeError(

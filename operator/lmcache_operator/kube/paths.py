@@ -17,6 +17,7 @@ PLURALS = {
     "ServiceAccount": "serviceaccounts",
     "Role": "roles",
     "RoleBinding": "rolebindings",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
     "ServiceMonitor": "servicemonitors",
     "CustomResourceDefinition": "customresourcedefinitions",
     "LMCacheCluster": "lmcacheclusters",

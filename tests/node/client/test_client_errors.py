@@ -21,6 +21,10 @@ from lmcache_node.keys import HASH_ALGORITHM
 from lmcache_node.protocol import messages as m
 from lmcache_node.server.process import ServerProcess, free_port
 
+from tests.support import wait_until
+
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 
 def layers() -> list[torch.Tensor]:
     return [torch.randn(16, 2, 16, 16, dtype=torch.float16) for _ in range(2)]
@@ -87,10 +91,7 @@ def test_lock_expires_after_its_ttl(client: NodeClient) -> None:
     client.store(reg, [key], [0, 1, 2, 3])
     _, lock_id = client.lookup([key], lock=True, lock_ttl_s=0.2)
     assert lock_id is not None
-    deadline = time.monotonic() + 10
-    while client.stats()["active_locks"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert client.stats()["active_locks"] == 0
+    wait_until(lambda: client.stats()["active_locks"] == 0, 10, "the lock to expire")
 
 
 def test_end_session_releases_locks_and_registrations(client: NodeClient) -> None:
@@ -140,10 +141,7 @@ def test_stopped_server_gives_timeout_not_hang(tmp_path: Path) -> None:
                 node.lookup([os.urandom(16)])
         finally:
             os.kill(proc.proc.pid, 18)  # SIGCONT
-        deadline = time.monotonic() + 20
-        while not node.available and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert node.available
+        wait_until(lambda: node.available, 20, "the client to recover after SIGCONT")
         assert node.lookup([os.urandom(16)]) == (0, None)
         node.close()
 
@@ -163,19 +161,14 @@ def test_reconnects_and_reregisters_after_server_restart(tmp_path: Path) -> None
         keys = [os.urandom(16)]
         assert node.store(reg, keys, [0, 1, 2, 3]) == 1
         first.kill()  # crash, not a graceful stop
-        deadline = time.monotonic() + 10
-        while node.available and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: not node.available, 10, "the client to notice the crash")
         start = time.monotonic()
         with pytest.raises(NodeUnavailableError):
             node.store(reg, keys, [0, 1, 2, 3])
         assert time.monotonic() - start < 1.0  # fails fast during the outage
         second = ServerProcess(*args, port=port, http_port=http_port, log_file=tmp_path / "b.log")
         with second:
-            deadline = time.monotonic() + 30
-            while not node.available and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert node.available, second.log_tail()
+            wait_until(lambda: node.available, 30, "the client back on the new server")
             assert node.lookup(keys) == (1, None)  # adopted from the L1 pool the crash left
             assert node.store(reg, keys, [0, 1, 2, 3]) == 1  # same Registration object
             assert node.retrieve(reg, keys, [8, 9, 10, 11]) == 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +12,10 @@ import pytest
 import torch
 from lmcache_node.client import NodeClient, RemoteError
 from lmcache_node.keys import KeyNamespace, chunk_keys
+
+from tests.support import wait_until
+
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
 
 BLOCK = 16
 NUM_BLOCKS = 24
@@ -190,13 +193,11 @@ def test_server_logs_in_lmcache_words(client: NodeClient, server_log: Path) -> N
     assert client.store(reg, [key], [0, 1, 2, 3]) == 1
     assert client.retrieve(reg, [key], [4, 5, 6, 7]) == 1
     client.unregister(reg)
-    deadline = time.monotonic() + 10
-    text = ""
-    while time.monotonic() < deadline:
-        text = server_log.read_text()
-        if "Unregistered KV cache of worker 3" in text:
-            break
-        time.sleep(0.05)
+    text = wait_until(
+        lambda: "Unregistered KV cache of worker 3" in (t := server_log.read_text()) and t,
+        10,
+        "the unregistration in the server log",
+    )
     assert re.search(r"Stored 64 tokens in \d+\.\d{3} seconds", text)
     assert re.search(r"Retrieved 64 tokens in \d+\.\d{3} seconds", text)
     assert re.search(r"Registered KV cache for worker 3 .*: 3 layers", text)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable
 
 import torch
 import zmq.asyncio
@@ -53,15 +51,6 @@ class FeedThread:
     def keys(self, tier: str) -> set[int]:
         bit = 1 if tier == "l1" else 2
         return {k for k, mask in list(self.index.entries.items()) if mask & bit}
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 class Worker:

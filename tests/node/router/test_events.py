@@ -26,9 +26,10 @@ from lmcache_node.protocol.credentials import ClientCredentials, generate_keypai
 from lmcache_node.protocol.events import digest_int
 from lmcache_node.server.process import ServerProcess, free_port
 
-from tests.node.router.feeds import FeedThread, Worker, wait_for
+from tests.node.router.feeds import FeedThread, Worker
+from tests.support import wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CHUNK = 64  # 4 blocks of 16 tokens: 4 KiB per chunk with the Worker's one layer
 NAMESPACE = KeyNamespace(model_name="model-a", layout="test-layout")
@@ -72,25 +73,27 @@ def test_stores_evictions_and_clear_reach_the_subscriber(tmp_path: Path, shm_dir
         client.connect()
         worker = Worker(client, NAMESPACE, CHUNK)
         with FeedThread(server.endpoint) as follower:
-            wait_for(lambda: follower.index.synced, "the first snapshot")
-            wait_for(lambda: bool(follower.index.namespaces), "the worker's namespace")
+            wait_until(lambda: follower.index.synced, 30.0, "the first snapshot")
+            wait_until(lambda: bool(follower.index.namespaces), 30.0, "the worker's namespace")
             (published,) = follower.index.namespaces
             assert published.seed == NAMESPACE.seed()
             assert (published.model_name, published.worker_id) == ("model-a", 0)
 
             first = worker.keys(1, 20)
             assert worker.store(first) == 20
-            wait_for(lambda: follower.keys("l1") == {digest_int(k) for k in first}, "stores")
+            wait_until(
+                lambda: follower.keys("l1") == {digest_int(k) for k in first}, 30.0, "stores"
+            )
 
             more = [k for p in range(2, 7) for k in worker.keys(p, 20)]
             worker.store(more)
             everything = first + more
             truth = held_in_l1(client, everything)
             assert 0 < len(truth) < len(everything)  # the pool evicted
-            wait_for(lambda: follower.keys("l1") == truth, "evictions")
+            wait_until(lambda: follower.keys("l1") == truth, 30.0, "evictions")
 
             assert server.clear_cache() == len(truth)
-            wait_for(lambda: not follower.index.entries, "the clear")
+            wait_until(lambda: not follower.index.entries, 30.0, "the clear")
             assert follower.feed.resyncs == {"connect": 1}  # no gap on the way
         assert metric(server, "lmcache_node_events_keys_total") >= len(everything)
         assert metric(server, "lmcache_node_events_snapshots_total") >= 1
@@ -119,10 +122,10 @@ def test_a_gap_makes_the_subscriber_resync(tmp_path: Path, shm_dir: Path) -> Non
         client.connect()
         worker = Worker(client, NAMESPACE, CHUNK)
         with FeedThread(server.endpoint, silence_s=15.0, min_resync_s=0.1) as follower:
-            wait_for(lambda: follower.index.synced, "the first snapshot")
+            wait_until(lambda: follower.index.synced, 30.0, "the first snapshot")
             keys = [k for p in range(4) for k in worker.keys(p, 25)]
             assert worker.store(keys) == 100  # more than 64 between two flushes
-            wait_for(lambda: follower.keys("l1") == {digest_int(k) for k in keys}, "resync")
+            wait_until(lambda: follower.keys("l1") == {digest_int(k) for k in keys}, 30.0, "resync")
             assert follower.feed.resyncs["gap"] >= 1
         assert metric(server, "lmcache_node_events_dropped_keys_total") >= 64
 
@@ -138,22 +141,28 @@ def test_a_restarted_server_is_followed_in_its_new_epoch(tmp_path: Path, shm_dir
                 worker = Worker(client, NAMESPACE, CHUNK)
                 before = worker.keys(1, 5)
                 worker.store(before)
-                wait_for(lambda: len(follower.index.entries) == 5, "the first stores")
+                wait_until(lambda: len(follower.index.entries) == 5, 30.0, "the first stores")
                 first_epoch = follower.feed.epoch
             server.terminate()
             server = server_process(tmp_path, shm_dir, *events, **ports).start()
-            wait_for(lambda: follower.index.synced and follower.feed.epoch != first_epoch,
-                     "the new epoch")  # fmt: skip
+            wait_until(
+                lambda: follower.index.synced and follower.feed.epoch != first_epoch,
+                30.0,
+                "the new epoch",
+            )
             # the new server adopted its predecessor's pool: the new epoch's snapshot has them
             adopted = {digest_int(k) for k in before}
-            wait_for(lambda: follower.keys("l1") == adopted, "the adopted chunks")
+            wait_until(lambda: follower.keys("l1") == adopted, 30.0, "the adopted chunks")
             with NodeClient(server.endpoint, timeout_s=10, expected_chunk_size=CHUNK) as client:
                 client.connect()
                 worker = Worker(client, NAMESPACE, CHUNK)
                 after = worker.keys(2, 3)
                 worker.store(after)
-                wait_for(lambda: follower.keys("l1") == adopted | {digest_int(k) for k in after},
-                         "stores after the restart")  # fmt: skip
+                wait_until(
+                    lambda: follower.keys("l1") == adopted | {digest_int(k) for k in after},
+                    30.0,
+                    "stores after the restart",
+                )
     finally:
         server.terminate()
 
@@ -178,14 +187,14 @@ def test_disk_tier_keys_are_published_as_l2(tmp_path: Path, shm_dir: Path) -> No
         client.connect()
         worker = Worker(client, NAMESPACE, CHUNK)
         with FeedThread(server.endpoint) as follower:
-            wait_for(lambda: follower.index.synced, "the first snapshot")
+            wait_until(lambda: follower.index.synced, 30.0, "the first snapshot")
             keys = worker.keys(7, 6)
             worker.store(keys)
             digests = [digest_int(k) for k in keys]
-            wait_for(lambda: follower.keys("l2") == set(digests), "write-through to disk")
+            wait_until(lambda: follower.keys("l2") == set(digests), 30.0, "write-through to disk")
             assert follower.index.hold(digests).l1 == 6
             server.clear_cache()  # L1 only: the disk tier keeps its chunks
-            wait_for(lambda: not follower.keys("l1"), "the L1 clear")
+            wait_until(lambda: not follower.keys("l1"), 30.0, "the L1 clear")
             hold = follower.index.hold(digests)
             assert (hold.l1, hold.l2) == (0, 6)
             assert client.lookup(list(keys))[0] == 6  # the server agrees: found below L1
@@ -255,12 +264,15 @@ def test_only_the_clusters_clients_may_subscribe(tmp_path: Path, shm_dir: Path) 
             worker = Worker(client, NAMESPACE, CHUNK)
             worker.store(worker.keys(1, 4))
         with FeedThread(server.endpoint, credentials=good) as follower:
-            wait_for(lambda: follower.index.synced and len(follower.index.entries) == 4,
-                     "the snapshot over CURVE")  # fmt: skip
+            wait_until(
+                lambda: follower.index.synced and len(follower.index.entries) == 4,
+                30.0,
+                "the snapshot over CURVE",
+            )
         public, secret = generate_keypair()
         stranger = dataclasses.replace(good, public_key=public, secret_key=secret)
         with FeedThread(server.endpoint, credentials=stranger, timeout_s=1.0) as follower:
-            wait_for(lambda: "credentials" in follower.feed.last_error, "a refusal")
+            wait_until(lambda: "credentials" in follower.feed.last_error, 30.0, "a refusal")
             assert not follower.index.synced and not follower.index.entries
         sub = zmq.Context.instance().socket(zmq.SUB)  # no CURVE at all: nothing arrives
         sub.setsockopt(zmq.LINGER, 0)

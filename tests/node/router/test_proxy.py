@@ -19,9 +19,10 @@ from lmcache_node.router.core import keys_for
 from lmcache_node.router.tokenize import PromptTokenizer
 from lmcache_node.server.process import ServerProcess, free_port
 
-from tests.node.router.feeds import Worker, wait_for
+from tests.node.router.feeds import Worker
 from tests.node.router.harness import RouterThread, get, make_tokenizer, post
 from tests.node.router.upstream import Upstream
+from tests.support import wait_until
 
 CHUNK = 64
 MODEL = "model-a"
@@ -116,7 +117,7 @@ def test_an_unreachable_replica_is_avoided(upstreams: list[Upstream]) -> None:
         assert f'lmcache_router_replica_healthy{{replica="{dead}"}} 0.0' in page
         assert get(router.url + "/readyz")[0] == 200
         router.call(upstreams[0].stop())
-        wait_for(lambda: get(router.url + "/readyz")[0] == 503, "no healthy replica")
+        wait_until(lambda: get(router.url + "/readyz")[0] == 503, 30.0, "no healthy replica")
         status, body, _ = post(router.url + "/v1/completions", {"prompt": "p"})
         assert status == 502
 
@@ -161,7 +162,9 @@ def test_requests_go_to_the_replica_whose_node_holds_their_prefix(
             def explain(body: dict[str, object], api: str = "completions") -> dict[str, object]:
                 return json.loads(post(f"{router.url}/debug/route?api={api}", body)[1])
 
-            wait_for(lambda: explain({"prompt": prompt})["reason"] == "cache", "node 1's events")
+            wait_until(
+                lambda: explain({"prompt": prompt})["reason"] == "cache", 30.0, "node 1's events"
+            )
             explained = explain({"prompt": prompt})
             assert explained["replica"] == upstreams[1].url
             held = explained["replicas"]  # type: ignore[index]
@@ -176,14 +179,14 @@ def test_requests_go_to_the_replica_whose_node_holds_their_prefix(
             chat_keys = keys_for(tokenizer.chat(chat), CHUNK, namespace.seed())
             assert len(chat_keys) >= 2
             workers[0].store(chat_keys)  # node 0 (replica a) holds the chat's prefix
-            wait_for(lambda: explain(chat, "chat")["replica"] == upstreams[0].url
-                     and explain(chat, "chat")["reason"] == "cache", "chat")  # fmt: skip
+            wait_until(lambda: explain(chat, "chat")["replica"] == upstreams[0].url
+                     and explain(chat, "chat")["reason"] == "cache", 30.0, "chat")  # fmt: skip
             body = post(router.url + "/v1/chat/completions", chat)[1]
             assert json.loads(body)["replica"] == "a"
 
             cleared_at = time.monotonic()
             nodes[1].clear_cache()
-            wait_for(lambda: explain({"prompt": prompt})["reason"] == "load", "the clear")
+            wait_until(lambda: explain({"prompt": prompt})["reason"] == "load", 30.0, "the clear")
             print(f"router stopped preferring the cleared node after "
                   f"{time.monotonic() - cleared_at:.3f} s")  # fmt: skip
             for upstream in upstreams:

@@ -20,7 +20,7 @@ from lmcache_node.server.process import ServerProcess
 
 from tests.node.server.wire import curve_dealer, engine_registration, exchange, maybe_exchange
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 LIMITS = {
     "--max-lock-ttl-secs": "60",

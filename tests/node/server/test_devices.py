@@ -23,6 +23,8 @@ GPU_BUILD = CudaFacts(
     cuda_visible=None,
 )
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 
 def test_a_working_cuda_has_no_problem() -> None:
     assert cuda_problem(GPU_BUILD) is None

@@ -9,8 +9,11 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import pytest
 import yaml
 from lmcache_node.server.process import ServerProcess
+
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
 
 
 def test_server_starts_from_an_lmcache_config_and_logs_what_it_ignores(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from lmcache_node.server.process import ServerProcess
 
 from tests.node.server.wire import curve_dealer, engine_registration, exchange
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

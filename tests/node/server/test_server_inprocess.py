@@ -6,12 +6,15 @@ import json
 import urllib.error
 import urllib.request
 
+import pytest
 from lmcache_node.client import NodeClient
 from lmcache_node.config import load_config
 from lmcache_node.httpapi import HttpApi
 from lmcache_node.server.node_server import NodeServer
 from lmcache_node.server.process import free_port
 from prometheus_client import CollectorRegistry
+
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
 
 
 def get(url: str) -> tuple[int, bytes]:

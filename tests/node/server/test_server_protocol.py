@@ -9,6 +9,8 @@ from lmcache_node.protocol import messages as m
 from lmcache_node.protocol.codec import decode_header, decode_payload, encode_request
 from lmcache_node.server.process import ServerProcess
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 enc = msgspec.msgpack.encode
 
 

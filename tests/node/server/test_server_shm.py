@@ -15,6 +15,8 @@ from lmcache_node.client import NodeClient
 from lmcache_node.server.process import ServerProcess, free_port
 from lmcache_node.transfer.shm_pool import POOL_NAME
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 CLUSTER_GID = 54323
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,8 +24,9 @@ from lmcache_node.protocol.credentials import ClientCredentials, generate_keypai
 from lmcache_node.server.process import ServerProcess, free_port
 
 from tests.node.server.wire import curve_dealer, exchange, maybe_exchange
+from tests.support import wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def make_keys(directory: Path) -> Path:
@@ -109,10 +109,12 @@ def test_the_insecure_escape_hatch_starts_and_warns(tmp_path: Path) -> None:
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while "listening on" not in log.read_text() and time.monotonic() < deadline:
+
+        def listening() -> bool:
             assert proc.poll() is None, log.read_text()
-            time.sleep(0.05)
+            return "listening on" in log.read_text()
+
+        wait_until(listening, 60, "the insecure server to listen")
         text = log.read_text()
         assert "WITHOUT AUTHENTICATION" in text
         assert "UNAUTHENTICATED (insecure)" in text
@@ -170,28 +172,19 @@ def _rotate(curve_server: ServerProcess, keys: Path) -> None:
         client.connect()
     # the rotation: both keys allowed, then only the new one (re-read within ~1 s)
     allowed.write_text(f"{old.public_key.decode()} old\n{public.decode()} new\n")
-    connected = _connect_within(curve_server.endpoint, new, seconds=10)
-    assert connected
+    wait_until(lambda: _connects(curve_server.endpoint, new), 10, "the added key accepted")
     allowed.write_text(f"{public.decode()}\n")
-    assert not _connect_within(curve_server.endpoint, old, seconds=0, settle=10)
+    wait_until(lambda: not _connects(curve_server.endpoint, old), 10, "the removed key refused")
 
 
-def _connect_within(
-    endpoint: str, credentials: ClientCredentials, *, seconds: float, settle: float = 0
-) -> bool:
-    """Whether a new client with ``credentials`` connects; ``settle``: wait for the server
-    to drop the key (retry while it still accepts it)."""
-    deadline = time.monotonic() + max(seconds, settle)
-    while True:
-        with NodeClient(endpoint, timeout_s=2, credentials=credentials) as client:
-            try:
-                client.connect()
-                accepted = True
-            except NodeAuthenticationError:
-                accepted = False
-        if accepted != bool(settle) or time.monotonic() >= deadline:
-            return accepted
-        time.sleep(0.2)
+def _connects(endpoint: str, credentials: ClientCredentials) -> bool:
+    """Whether a new client with ``credentials`` gets through the handshake."""
+    with NodeClient(endpoint, timeout_s=2, credentials=credentials) as client:
+        try:
+            client.connect()
+        except NodeAuthenticationError:
+            return False
+    return True
 
 
 def test_a_stolen_routing_id_cannot_act_on_another_session(
@@ -214,15 +207,17 @@ def test_a_stolen_routing_id_cannot_act_on_another_session(
     # Once the victim's connection is gone (its session lives on until the heartbeat
     # timeout), the id connects, but the session refuses the other identity.
     victim.close(0)
-    deadline = time.monotonic() + 20
-    reply = None
-    while reply is None and time.monotonic() < deadline:
-        attacker = curve_dealer(curve_server.endpoint, attacker_keys, routing_id)
-        reply = maybe_exchange(attacker, encode_request(m.Op.PING, 4, m.PingRequest()))
+    sockets = []
+
+    def ping_with_the_freed_id() -> tuple[m.Header, bytes] | None:
+        sockets.append(curve_dealer(curve_server.endpoint, attacker_keys, routing_id))
+        reply = maybe_exchange(sockets[-1], encode_request(m.Op.PING, 4, m.PingRequest()))
         if reply is None:
-            attacker.close(0)
-    assert reply is not None, "the freed routing id never connected"
-    header, body = reply
+            sockets.pop().close(0)
+        return reply
+
+    header, body = wait_until(ping_with_the_freed_id, 20, "the freed routing id to connect")
+    attacker = sockets[-1]
     assert header.status == m.Status.ERROR
     error = decode_payload(body, m.ErrorReply)
     assert error.code == m.ErrorCode.FORBIDDEN.value

@@ -3,6 +3,7 @@
 No corrupt chunk may ever be returned, the cap must hold and the index must rebuild.
 """
 
+import functools
 import os
 import random
 import signal
@@ -18,6 +19,7 @@ from lmcache_node.keys import ChunkKey
 from lmcache_node.tiers.disk import DiskTier
 
 from tests.node.tiers.conftest import make_keys, payload_for
+from tests.support import wait_until
 
 CAP = 24 * 1024**2
 KEYS = 64
@@ -71,6 +73,8 @@ ZYGOTE = textwrap.dedent(
     """
 )
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 
 def chunk_bytes_on_disk(root: Path) -> int:
     return sum(p.stat().st_size for p in root.glob("*/*.lmc"))
@@ -111,12 +115,12 @@ def test_kill_nine_while_writing_never_yields_corrupt_chunks(tmp_path: Path, odi
             if round_ % 2:  # a random point in the write stream
                 time.sleep(rng.random() * 0.5)
             else:  # right while a chunk file is being written
-                wait_for_temp_file(root)
+                wait_until(
+                    lambda: list(root.glob("*/*.tmp")), 10, "a chunk file being written",
+                    interval=0.001,
+                )  # fmt: skip
             os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while not _dead(pid):
-                assert time.monotonic() < deadline, "the killed writer did not die"
-                time.sleep(0.01)
+            wait_until(functools.partial(_dead, pid), 30, "the killed writer to die", interval=0.01)
             temp_files_left += len(list(root.glob("*/*.tmp")))
             verified += check_restart(root, keys)
     finally:
@@ -129,12 +133,6 @@ def test_kill_nine_while_writing_never_yields_corrupt_chunks(tmp_path: Path, odi
     final.close()
     assert temp_files_left > 0, "no kill landed mid-write"
     assert verified > 0, "no chunk written before a kill was read back"
-
-
-def wait_for_temp_file(root: Path) -> None:
-    deadline = time.monotonic() + 10
-    while not list(root.glob("*/*.tmp")) and time.monotonic() < deadline:
-        time.sleep(0.001)
 
 
 def check_restart(root: Path, keys: list[ChunkKey]) -> int:

@@ -14,9 +14,7 @@ from lmcache_node.tiers.disk import DiskTier
 from tests.node.tiers.conftest import make_keys, payload_for
 
 
-def test_refused_odirect_falls_back_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_refused_odirect_falls_back_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     real_open = os.open
     refused: list[str] = []
 
@@ -26,8 +24,8 @@ def test_refused_odirect_falls_back_once(
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, mode)
 
-    monkeypatch.setattr(directio.os, "open", open_without_odirect)
-    tier = DiskTier(tmp_path, 64 * 1024**2, use_odirect=True)
+    direct = directio.DirectIO(True, opener=open_without_odirect)
+    tier = DiskTier(tmp_path, 64 * 1024**2, use_odirect=True, direct_io=direct)
     keys = make_keys(3)
     with caplog.at_level(logging.WARNING):
         for key in keys:

@@ -123,7 +123,7 @@ def test_corrupt_file_fails_promotion_cleanly(tmp_path: Path) -> None:
     assert engine.stats().promotion_failures == 1
     assert disk.stats().corrupt == 1
     assert not path.exists()
-    assert engine.lookup(keys).hits == 1 or engine.lookup(keys).hits == 3
+    assert engine.lookup(keys).hits == 1  # the corrupt chunk left the disk index
 
 
 def test_pin_waits_a_bounded_time_for_a_stuck_promotion(tmp_path: Path) -> None:

@@ -109,3 +109,54 @@ def test_frame_with_trailer_room() -> None:
     assert bytes(parse_frame(frame[:-32], KEY, raw_len=30)) == b"abc" * 10
     with pytest.raises(FrameError, match="30 bytes, 31 expected"):
         parse_frame(frame[:-32], KEY, raw_len=31)
+
+
+@pytest.mark.parametrize("codec", list(Codec))
+def test_a_payload_in_parts_is_their_concatenation(codec: Codec) -> None:
+    """The remote tier hands the chunk's layers as separate buffers: the frame holds them in
+    order, copied once (naive) or joined then compressed."""
+    parts = [os.urandom(300), memoryview(bytearray(os.urandom(700))), bytes(5000), b"\x80\xff"]
+    whole = b"".join(bytes(p) for p in parts)
+    frame = build_frame(KEY, parts, codec, trailer_bytes=8)
+    header = decode_header(frame)
+    assert header.raw_len == len(whole)
+    assert bytes(parse_frame(frame[:-8], KEY, raw_len=len(whole))) == whole
+    if codec is Codec.NAIVE:
+        assert bytes(frame[HEADER_BYTES : HEADER_BYTES + len(whole)]) == whole
+    single = build_frame(KEY, [parts[0]], codec)
+    assert bytes(parse_frame(single, KEY)) == parts[0]
+
+
+def test_decode_errors_say_what_went_wrong() -> None:
+    raw = os.urandom(100) + bytes(4000)
+    lz4_stored = bytes(encode_payload(Codec.LZ4, raw))
+    with pytest.raises(FrameError, match=r"^lz4 payload is truncated$"):
+        decode_payload(Codec.LZ4, lz4_stored[:-4], len(raw))  # all data, no end mark
+    with pytest.raises(FrameError, match=r"^bytes after the end of the lz4 payload$"):
+        decode_payload(Codec.LZ4, lz4_stored + lz4_stored, len(raw) * 2)
+    with pytest.raises(FrameError, match=r"^payload does not decode \(zstd\): "):
+        decode_payload(Codec.ZSTD, b"not zstd at all", 10)
+    with pytest.raises(
+        DecompressionLimitError, match=r"^payload decodes to more than the 99 bytes the chunk"
+    ):
+        decode_payload(Codec.ZSTD, bytes(encode_payload(Codec.ZSTD, bytes(100))), 99)
+    with pytest.raises(FrameError, match=r"^payload decodes to 3 bytes, header says 4$"):
+        decode_payload(Codec.NAIVE, b"abc", 4)
+
+
+def test_a_checksum_mismatch_is_named() -> None:
+    frame = bytearray(build_frame(KEY, os.urandom(64), Codec.NAIVE))
+    frame[-1] ^= 1
+    with pytest.raises(FrameError, match=r"^payload checksum mismatch$"):
+        parse_frame(bytes(frame), KEY)
+
+
+def test_zstd_frames_after_the_first_count() -> None:
+    """A zstd stream may hold several frames: all are decoded and capped together; bytes
+    hidden in a second frame are never ignored."""
+    first, second = os.urandom(100) + bytes(900), bytes(500)
+    one = bytes(encode_payload(Codec.ZSTD, first))
+    two = bytes(encode_payload(Codec.ZSTD, second))
+    assert bytes(decode_payload(Codec.ZSTD, one + two, len(first) + len(second))) == first + second
+    with pytest.raises(DecompressionLimitError):
+        decode_payload(Codec.ZSTD, one + two, len(first))

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -11,15 +10,17 @@ import torch
 from lmcache_node.assembly import build_engine
 from lmcache_node.config import load_config
 from lmcache_node.engine import CacheEngine
+from lmcache_node.retry import RetryPolicy
 from lmcache_node.tiers.disk import DiskTier
 from lmcache_node.tiers.frame import Codec, build_frame
 from lmcache_node.tiers.manager import TieredStore
 from lmcache_node.tiers.remote import RemoteTier
-from lmcache_node.tiers.resilience import BreakerState, CircuitBreaker, RetryPolicy
+from lmcache_node.tiers.resilience import BreakerState, CircuitBreaker
 
 from tests.node.tiers.conftest import RedisServer, make_keys, payload_for
+from tests.support import wait_until
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.integration, pytest.mark.redis]
 
 CHUNK = 50_000
 SECRET = b"tests-remote-secret-0123456789"
@@ -29,7 +30,7 @@ def remote(server: RedisServer, **kwargs: object) -> RemoteTier:
     options: dict[str, object] = {
         "secret": SECRET,
         "timeout_secs": 1.0,  # the whole operation: generous for a loaded machine
-        "retry": RetryPolicy(attempts=2, base_secs=0.01, deadline_secs=1.0),
+        "retry": RetryPolicy(attempts=2, base_s=0.01, deadline_s=1.0),
         "breaker": CircuitBreaker(threshold=2, cooldown_secs=0.5),
     }
     options.update(kwargs)
@@ -45,15 +46,6 @@ def load(tier: RemoteTier, key: bytes, nbytes: int = CHUNK) -> torch.Tensor | No
     out = torch.zeros(nbytes, dtype=torch.uint8)
     ok = tier.load_into(key, [out[:3], out[3:]], nbytes)  # type: ignore[arg-type]
     return out if ok else None
-
-
-def wait_until(predicate: object, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.parametrize("serde", ["naive", "zstd", "lz4"])
@@ -113,7 +105,7 @@ def test_redis_down_is_a_miss_then_recovers(redis_server: RedisServer) -> None:
     assert tier.stats().errors == errors
 
     redis_server.start()  # same port, empty (no persistence)
-    assert wait_until(lambda: store(tier, second))
+    wait_until(lambda: store(tier, second), 20, "a store once Redis is back")
     assert tier.stats().available and tier.stats().state == "closed"
     out = load(tier, second)
     assert out is not None and torch.equal(out, payload_for(second, CHUNK))
@@ -131,7 +123,7 @@ def test_slow_redis_times_out_as_misses(redis_server: RedisServer) -> None:
         assert tier.breaker.state is BreakerState.OPEN
     finally:
         redis_server.resume()
-    assert wait_until(lambda: tier.locate([key]) == [CHUNK])
+    wait_until(lambda: tier.locate([key]) == [CHUNK], 20, "a hit once Redis answers again")
     out = load(tier, key)
     assert out is not None and torch.equal(out, payload_for(key, CHUNK))
     tier.close()
@@ -265,7 +257,7 @@ def test_sentinel_url_finds_the_master(redis_server: RedisServer, tmp_path: Path
         writer = remote(redis_server)
         assert store(writer, key)
         url = f"redis-sentinel://127.0.0.1:{port}/mymaster/0"
-        assert wait_until(lambda: _sentinel_ready(url))
+        wait_until(lambda: _sentinel_ready(url), 20, "the sentinel to name the master")
         tier = RemoteTier(url, secret=SECRET, timeout_secs=1.0)
         out = load(tier, key)
         assert out is not None and torch.equal(out, payload_for(key, CHUNK))

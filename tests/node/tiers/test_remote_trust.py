@@ -17,6 +17,7 @@ import zstandard
 from lmcache_node.assembly import build_engine
 from lmcache_node.config import load_config
 from lmcache_node.engine import CacheEngine
+from lmcache_node.retry import RetryPolicy
 from lmcache_node.tiers.frame import (
     HEADER_BYTES,
     Codec,
@@ -29,12 +30,12 @@ from lmcache_node.tiers.manager import TieredStore
 from lmcache_node.tiers.metrics import TierCollector
 from lmcache_node.tiers.remote import RemoteTier
 from lmcache_node.tiers.remote_values import MAC_BYTES, RemoteSecretError
-from lmcache_node.tiers.resilience import CircuitBreaker, RetryPolicy
+from lmcache_node.tiers.resilience import CircuitBreaker
 from prometheus_client import CollectorRegistry
 
 from tests.node.tiers.conftest import RedisServer, make_keys, payload_for
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.integration, pytest.mark.redis]
 
 CHUNK = 50_000
 
@@ -46,7 +47,7 @@ def tier_for(
         "secret": secret,
         "key_prefix": prefix,
         "timeout_secs": 2.0,  # the whole operation: generous for a loaded machine
-        "retry": RetryPolicy(attempts=2, base_secs=0.01),
+        "retry": RetryPolicy(attempts=2, base_s=0.01),
         "breaker": CircuitBreaker(threshold=100, cooldown_secs=0.5),
     }
     options.update(kwargs)

@@ -4,7 +4,6 @@ on "another machine" reads from Redis what the first one stored, byte-exact over
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,9 @@ from lmcache_node.client import NodeClient
 from lmcache_node.server.process import ServerProcess
 
 from tests.node.tiers.conftest import RedisServer
+from tests.support import wait_until
+
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
 
 CHUNK = 64  # tokens: 4 blocks of 16
 BLOCK = 16
@@ -74,15 +76,6 @@ def retrieve_chunks(endpoint: str, keys: list[bytes], expected: list[torch.Tenso
         client.close()
 
 
-def wait_for(predicate: object, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.slow
 def test_restarted_server_serves_its_disk_cache(tmp_path: Path) -> None:
     disk = tmp_path / "disk"
@@ -92,7 +85,7 @@ def test_restarted_server_serves_its_disk_cache(tmp_path: Path) -> None:
     expected = blocks(layers, list(range(12)))
     with ServerProcess(*args, log_file=tmp_path / "first.log") as first:
         store_chunks(first.endpoint, keys, layers)
-        assert wait_for(lambda: len(list(disk.glob("*/*.lmc"))) == 3)  # written through
+        wait_until(lambda: len(list(disk.glob("*/*.lmc"))) == 3, 30, "3 chunk files on disk")
     with ServerProcess(*args, log_file=tmp_path / "second.log") as second:
         assert retrieve_chunks(second.endpoint, keys, expected) == 3
 
@@ -119,7 +112,7 @@ def test_second_node_reads_what_the_first_stored(tmp_path: Path, redis_server: R
     with node_a, node_b:
         store_chunks(node_a.endpoint, keys, layers)
         client = redis_server.client()
-        assert wait_for(lambda: len(client.keys("lmcache:*")) == 3)
+        wait_until(lambda: len(client.keys("lmcache:*")) == 3, 30, "3 chunks in Redis")
         assert retrieve_chunks(node_b.endpoint, keys, expected) == 3
         redis_server.stop()  # Redis gone: node B still serves what it promoted into L1
         assert retrieve_chunks(node_b.endpoint, keys, expected) == 3

@@ -2,7 +2,8 @@
 
 import threading
 
-from lmcache_node.tiers.resilience import BreakerState, CircuitBreaker, RetryPolicy
+from lmcache_node.retry import RetryPolicy
+from lmcache_node.tiers.resilience import BreakerState, CircuitBreaker
 from lmcache_node.tiers.workers import Priority, TaskPool
 
 
@@ -54,7 +55,7 @@ def test_failing_task_does_not_kill_the_worker() -> None:
 
 
 def test_retry_delays_are_bounded_and_grow() -> None:
-    policy = RetryPolicy(attempts=4, base_secs=0.1, cap_secs=0.3)
+    policy = RetryPolicy(attempts=4, base_s=0.1, cap_s=0.3)
     assert list(policy.delays(rng=lambda: 1.0)) == [0.1, 0.2, 0.3]
     assert list(RetryPolicy(attempts=1).delays()) == []
 

@@ -23,7 +23,10 @@ OTHER_UID = 54321  # a user that exists nowhere: neither the owner nor in any gr
 OTHER_GID = 54322
 CLUSTER_GID = 54323
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="makes files of other users")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="makes files of other users"),
+]
 
 
 def mode_of(path: Path) -> int:

@@ -14,6 +14,8 @@ from lmcache_node.server.process import ServerProcess
 from lmcache_node.transfer.export import export_kv_caches
 from lmcache_node.transfer.shm import SharedMemoryError, ShmDirectory
 
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
+
 
 def test_move_keeps_values_and_aliasing_and_shares_pages(shm_dir: ShmDirectory) -> None:
     buffer = torch.randn(3, 8, 4)

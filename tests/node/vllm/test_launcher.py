@@ -158,6 +158,7 @@ def fake_vllm_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.integration
 def test_cli_execs_the_planned_command(fake_vllm_dir: Path) -> None:
     out = fake_vllm_dir / "argv.txt"
     env = {"ENABLE_LMCACHE": "1", "HOST_IP": "10.1.2.3", "LMCACHE_LAUNCHER_DISAGG": "nixl",
@@ -171,6 +172,7 @@ def test_cli_execs_the_planned_command(fake_vllm_dir: Path) -> None:
     assert "lmcache-node vllm: exec" in result.stderr
 
 
+@pytest.mark.integration
 def test_cli_dry_run_prints_the_command_and_bad_env_exits_2(fake_vllm_dir: Path) -> None:
     env = {"ENABLE_LMCACHE": "1", "HOST_IP": "10.1.2.3", "LMCACHE_LAUNCHER_DRY_RUN": "1"}
     result = _run_cli(["m"], env, fake_vllm_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +10,8 @@ import pytest
 from lmcache_node.client import IncompatibleServerError, NodeUnavailableError, RemoteError
 from lmcache_node.vllm.link import NodeLink
 from lmcache_node.vllm.settings import ConnectorSettings
+
+from tests.support import wait_until
 
 
 @dataclass
@@ -128,10 +129,8 @@ def test_incompatible_server_is_an_error_once_while_it_lasts(
     link = make_link(script)
     link.start()
     try:
-        deadline = time.monotonic() + 30
-        while script.connects < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert script.connects >= 4  # it keeps retrying: the server may be upgraded
+        # it keeps retrying: the server may be upgraded
+        wait_until(lambda: script.connects >= 4, 30, "four connect attempts")
         assert not link.connected
         script.incompatible = False
         assert link.wait_connected(10)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,11 @@ from lmcache_node.vllm.link import NodeLink
 from lmcache_node.vllm.planner import TransferOp
 from lmcache_node.vllm.settings import load_settings
 from lmcache_node.vllm.transfers import WorkerTransfers, register
+from lmcache_node.vllm.verify import KVVerifier
+
+from tests.support import wait_until
+
+pytestmark = pytest.mark.integration  # real server processes / subprocesses
 
 CHUNK, BLOCK, BLOCKS = 64, 16, 32  # 4 blocks per chunk
 NS = KeyNamespace(model_name="tiny", kv_dtype="bfloat16", layout="test-cpu-blocks16")
@@ -63,6 +67,11 @@ class Worker:
             blocks_per_chunk=CHUNK // BLOCK,
             registration=lambda: self.registration,
             fail_on_load_error=fail_on_load_error,
+            verifier=(
+                KVVerifier(lambda: (self.caches, self.block_dim), CHUNK // BLOCK)
+                if self.settings.verify
+                else None
+            ),
         )
 
     def _register(self, client: object) -> None:
@@ -195,6 +204,43 @@ def test_failed_load_under_the_fail_policy_says_the_request_fails(
     assert "kv_load_failure_policy is 'fail', so vLLM fails the request" in errors[0]
 
 
+def test_verify_mode_checks_every_loaded_chunk_against_the_saved_bytes(
+    server: ServerProcess, ports: tuple[int, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """LMCACHE_NODE_VERIFY=1: a chunk loaded back as saved matches; after the server lost
+    it and another worker stored other bytes under the same key, the load is a mismatch,
+    counted and logged once with its key."""
+    caplog.set_level(logging.INFO, logger="lmcache_node.vllm")
+    a = Worker(ports[0], env={"LMCACHE_NODE_VERIFY": "1"})
+    other = Worker(ports[0])
+    assert a.transfers.verifier is not None and other.transfers.verifier is None
+    verifier = a.transfers.verifier
+    a.link.start()
+    other.link.start()
+    try:
+        tokens = list(range(3 * CHUNK))
+        a.fill(list(range(12)), seed=5)
+        a.transfers.store([op("r", tokens, 0, 3, list(range(12)))])
+        a.transfers.load([op("s", tokens, 0, 3, list(range(20, 32)))])
+        assert verifier.take_counts() == {"saved": 3, "matched": 3, "mismatched": 0,
+                                          "unknown": 0}  # fmt: skip
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+        assert other.link.call("clear", lambda c: c.clear(), -1) == 3
+        other.fill(list(range(12)), seed=6)  # other bytes, the same keys
+        other.transfers.store([op("r", tokens, 0, 3, list(range(12)))])
+        a.transfers.load([op("t", tokens, 0, 3, list(range(20, 32)))])
+        a.transfers.load([op("u", tokens, 0, 2, list(range(24, 32)))])
+    finally:
+        a.link.close()
+        other.link.close()
+    assert verifier.take_counts() == {"saved": 0, "matched": 0, "mismatched": 5, "unknown": 0}
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    keys = a.transfers.keys(op("t", tokens, 0, 3, []))
+    assert len(errors) == 1, errors
+    assert f"request t loaded chunk 0 (key {keys[0].hex()})" in errors[0]
+
+
 @pytest.mark.slow
 def test_server_down_then_up(ports: tuple[int, int], tmp_path: Path,
                              caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
@@ -219,14 +265,13 @@ def test_server_down_then_up(ports: tuple[int, int], tmp_path: Path,
         # a server restart: the client reconnects and re-registers by itself
         proc.kill()
         proc = start_server(*ports, tmp_path / "server2.log", *shm)
-        stored = 0
-        for _ in range(100):
+
+        def stored_again() -> bool:
             w.transfers.store([op("r", tokens, 0, 2, list(range(8)))])
-            stored = w.transfers.stats.stored_tokens
-            if stored > 2 * CHUNK:
-                break
-            time.sleep(0.1)
-        assert stored == 4 * CHUNK
+            return w.transfers.stats.stored_tokens > 2 * CHUNK
+
+        wait_until(stored_again, 10, "a store through the restarted server")
+        assert w.transfers.stats.stored_tokens == 4 * CHUNK
         assert any("reachable again" in r.getMessage() for r in caplog.records)
     finally:
         w.link.close()

@@ -1,4 +1,9 @@
-"""``lmcache-node serve`` / ``python -m lmcache_node.server``: flags and the run loop.
+"""``lmcache-node serve`` (also ``python -m lmcache_node.serve`` and ``python -m
+lmcache_node.server``): flags and the run loop.
+
+The one module that wires the ZMQ server and the HTTP API together, so it sits above both
+(the import contracts in pyproject.toml: the HTTP API sees the server through
+``lmcache_node.httpapi.view.NodeView`` only).
 
 Flags follow LMCache's server (``--host --port --chunk-size --cpu-buffer-size
 --max-workers``) plus ``--http-port --device --config`` and one flag per node config key
@@ -137,7 +142,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lmcache_node.server", description="Run the lmcache-node cache server."
+        prog="python -m lmcache_node.serve", description="Run the lmcache-node cache server."
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
