@@ -13,17 +13,15 @@ from lmcache_node.engine.journal import PoolGeometry
 from lmcache_node.keys import HASH_ALGORITHM
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.policy import PodPolicy
+from lmcache_operator.builders.cache_memory import container_resources, pool_bytes
+from lmcache_operator.builders.cache_rollout import TEMPLATE_HASH_ANNOTATION, operator_rolls
 from lmcache_operator.builders.cache_security import server_uid
 from lmcache_operator.builders.common import CONFIG_HASH_ANNOTATION, content_hash
 from lmcache_operator.builders.lmcachecluster import (
     CONFIG_KEY,
-    TEMPLATE_HASH_ANNOTATION,
     build_children,
     build_configmap,
-    container_resources,
     node_config,
-    operator_rolls,
-    pool_bytes,
 )
 from lmcache_operator.quantity import parse_bytes
 

@@ -11,6 +11,11 @@ from lmcache_operator.api.common import GPU_NODE_LABEL
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.policy import SHM, PodPolicy
 from lmcache_operator.builders import node_image
+from lmcache_operator.builders.cache_memory import container_resources
+from lmcache_operator.builders.cache_rollout import (
+    TEMPLATE_HASH_ANNOTATION,
+    daemonset_update_strategy,
+)
 from lmcache_operator.builders.cache_security import (
     DISK_MOUNT,
     container_security_context,
@@ -36,7 +41,7 @@ from lmcache_operator.builders.credentials import (
 from lmcache_operator.builders.node_image import NodeImageDefaults
 from lmcache_operator.builders.podsecurity import confine_host_paths
 from lmcache_operator.builders.user_config import merge_into
-from lmcache_operator.quantity import GIB, format_mebibytes, parse_bytes, to_gib
+from lmcache_operator.quantity import parse_bytes, to_gib
 
 APP_NAME = "lmcache-node"
 COMPONENT = "cache-server"
@@ -45,12 +50,6 @@ CONFIG_KEY = "config.yaml"
 CONFIG_DIR = "/etc/lmcache"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 TMP_SIZE_LIMIT = "256Mi"  # /tmp (HOME): the root filesystem is read-only
-MEMORY_OVERHEAD_BYTES = 2 * GIB  # the server process beside its pool
-POOL_PAGE_BYTES = 1 << 20  # the node's l1_page_size default
-POOL_HEADER_BYTES = 4096
-POOL_INDEX_BYTES_PER_PAGE = 68  # a 64-byte slot and a 4-byte chain entry per page
-POOL_DATA_ALIGN = 2 << 20  # the data pages start on a 2 MiB boundary
-TEMPLATE_HASH_ANNOTATION = "lmcache.dev/template-hash"  # which spec a cache pod runs
 REMOTE_URL_ENV = "LMCACHE_REMOTE_URL"
 HTTP_HOST_ENV = "LMCACHE_HTTP_HOST"  # not in the config file: it needs the pod's own IP
 METRICS_LABEL = "lmcache.dev/metrics"
@@ -154,31 +153,6 @@ def build_configmap(
         "metadata": {"name": configmap_name(name), "namespace": namespace, "labels": labels(name)},
         "data": {CONFIG_KEY: text},
     }
-
-
-def pool_bytes(spec: LMCacheClusterSpec) -> int:
-    """Size of a node's L1 pool file (docs/tiers.md, "Layout"): a header and a 68-byte index
-    entry per page, rounded up to 2 MiB, then the pages of cache.cpuSize (1 MiB each)."""
-    pages = parse_bytes(spec.cache.cpu_size) // POOL_PAGE_BYTES
-    index = POOL_HEADER_BYTES + pages * POOL_INDEX_BYTES_PER_PAGE
-    return -(-index // POOL_DATA_ALIGN) * POOL_DATA_ALIGN + pages * POOL_PAGE_BYTES
-
-
-def container_resources(spec: LMCacheClusterSpec) -> dict[str, Any]:
-    """Requests/limits: memory = the L1 pool (cache.cpuSize and its index) + the server's
-    overhead, limit above it, unless given. The pool is tmpfs memory charged to the pod that
-    created it (also across container restarts), so the request reserves it on the node."""
-    request = pool_bytes(spec) + MEMORY_OVERHEAD_BYTES
-    limit = request + max(MEMORY_OVERHEAD_BYTES, request // 4)
-    requests: dict[str, str] = {"memory": format_mebibytes(request)}
-    limits: dict[str, str] = {"memory": format_mebibytes(limit)}
-    if spec.resources is not None:
-        requests.update(spec.resources.requests)
-        limits.update(spec.resources.limits)
-        if "memory" in spec.resources.requests and "memory" not in spec.resources.limits:
-            given = parse_bytes(spec.resources.requests["memory"])
-            limits["memory"] = format_mebibytes(given + max(MEMORY_OVERHEAD_BYTES, given // 4))
-    return {"requests": requests, "limits": limits}
 
 
 def _field_env(name: str, path: str) -> dict[str, Any]:
@@ -334,24 +308,6 @@ def build_daemonset(
             "template": template,
         },
     }
-
-
-def daemonset_update_strategy(spec: LMCacheClusterSpec) -> dict[str, Any]:
-    """OnDelete: the operator replaces the pods itself, node by node, waiting for each new
-    server to adopt its pool (controllers/rollout.py). With maxSurge (no host network) the
-    DaemonSet controller rolls instead, as it always did."""
-    strategy = spec.update_strategy
-    if strategy.type == "RollingUpdate" and strategy.max_surge is not None:
-        rolling = {"maxUnavailable": strategy.max_unavailable, "maxSurge": strategy.max_surge}
-        return {"type": "RollingUpdate", "rollingUpdate": rolling}
-    return {"type": "OnDelete"}
-
-
-def operator_rolls(spec: LMCacheClusterSpec) -> bool:
-    """Whether the operator replaces the cache pods of a new spec (controllers/rollout.py)."""
-    return daemonset_update_strategy(spec)["type"] == "OnDelete" and (
-        spec.update_strategy.type == "RollingUpdate"
-    )
 
 
 def build_node_service(name: str, namespace: str, spec: LMCacheClusterSpec) -> dict[str, Any]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lmcache_operator.builders.cache_rollout import TEMPLATE_HASH_ANNOTATION
 from lmcache_operator.builders.common import CLUSTER_LABEL, MANAGED_BY
-from lmcache_operator.builders.lmcachecluster import APP_NAME, TEMPLATE_HASH_ANNOTATION
+from lmcache_operator.builders.lmcachecluster import APP_NAME
 from lmcache_operator.podfailures import container_failures
 from lmcache_operator.quantity import parse_bytes
 from lmcache_operator.state import Key, Views, forget_unseen, owner_key

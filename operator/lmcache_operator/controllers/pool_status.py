@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
-from lmcache_operator.builders.lmcachecluster import pool_bytes
+from lmcache_operator.builders.cache_memory import pool_bytes
 from lmcache_operator.controllers.cleanup import pool_nodes
 from lmcache_operator.controllers.rollout import RolloutController
 from lmcache_operator.memory import memory_problems

@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
-from lmcache_operator.builders.lmcachecluster import TEMPLATE_HASH_ANNOTATION, operator_rolls
+from lmcache_operator.builders.cache_rollout import TEMPLATE_HASH_ANNOTATION, operator_rolls
 from lmcache_operator.builders.vllm_status import CACHE_ROLLOUT_ANNOTATION
 from lmcache_operator.controllers.pool_probe import PoolProbe, PoolProbes, PoolReport
 from lmcache_operator.controllers.queue import WorkQueue
