@@ -672,6 +672,15 @@ NEEDED = [
     ("get", "namespaces"),  # the webhook reads a namespace's lmcache.dev/cluster label
     ("create", "persistentvolumeclaims", "-A"),  # VLLMDeployment model.cache.size
     ("patch", "persistentvolumeclaims", "-A"),
+    ("delete", "daemonsets.apps", "-A"),  # a deleted cluster's servers stop before cleanup
+    ("create", "jobs.batch", "-A"),  # the pool cleanup Job per node
+    ("list", "jobs.batch", "-A"),
+    ("delete", "deployments.apps", "-A"),  # a router switched off
+    ("delete", "services", "-A"),
+    ("create", "serviceaccounts", "-A"),  # the router's ServiceAccount, Role, RoleBinding
+    ("create", "roles.rbac.authorization.k8s.io", "-A"),
+    ("create", "rolebindings.rbac.authorization.k8s.io", "-A"),
+    ("list", "endpointslices.discovery.k8s.io", "-A"),  # what the router's Role grants
 ]
 # ... and what it must not be: read Secrets, exec into pods, modify nodes, and more.
 FORBIDDEN = [
@@ -688,11 +697,13 @@ FORBIDDEN = [
     ("create", "pods", "-A"),
     ("patch", "nodes"),
     ("delete", "nodes"),
-    ("delete", "daemonsets.apps", "-A"),
-    ("delete", "deployments.apps", "-A"),
+    ("delete", "jobs.batch", "-A"),
     ("update", "pods", "-A"),
     ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+    ("create", "clusterroles.rbac.authorization.k8s.io"),
+    ("escalate", "roles.rbac.authorization.k8s.io", "-A"),
+    ("bind", "roles.rbac.authorization.k8s.io", "-A"),
     ("impersonate", "serviceaccounts", "-A"),
     ("list", "namespaces"),
     ("patch", "namespaces"),

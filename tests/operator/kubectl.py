@@ -140,10 +140,12 @@ class PodRecorder:
     _proc: subprocess.Popen[str] | None = None
     _thread: threading.Thread | None = None
 
+    # "|"-separated: kubectl's watch output goes through a tabwriter, which turns tabs into
+    # spaces; no name, node, timestamp or rollout mark holds a "|"
     TEMPLATE = (
-        '{.type}{"\\t"}{.object.metadata.name}{"\\t"}{.object.spec.nodeName}{"\\t"}'
-        '{.object.status.conditions[?(@.type=="Ready")].status}{"\\t"}'
-        '{.object.metadata.deletionTimestamp}{"\\t"}'
+        '{.type}{"|"}{.object.metadata.name}{"|"}{.object.spec.nodeName}{"|"}'
+        '{.object.status.conditions[?(@.type=="Ready")].status}{"|"}'
+        '{.object.metadata.deletionTimestamp}{"|"}'
         '{.object.metadata.annotations.lmcache\\.dev/cache-rollout}{"\\n"}'
     )
 
@@ -160,7 +162,7 @@ class PodRecorder:
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         for raw in self._proc.stdout:
-            parts = raw.rstrip("\n").split("\t")
+            parts = raw.rstrip("\n").split("|", 5)
             if len(parts) == 6:
                 kind, name, node, ready, deleting, mark = parts
                 self.seen.append((kind, name, node, ready == "True", bool(deleting), mark))
@@ -169,3 +171,15 @@ class PodRecorder:
         if self._proc is not None:
             self._proc.terminate()
             self._proc.wait(timeout=10)
+
+    def listed(self, count: int, timeout: float = 30) -> None:
+        """Wait until the watch has reported ``count`` pods (its initial list)."""
+        wait_until(
+            lambda: len({name for _, name, *_ in self.seen}) >= count,
+            timeout,
+            f"the pod watch listing {count} pods",
+        )
+
+    def ready_pods(self, names_not_in: set[str]) -> set[str]:
+        """Pods (not named in ``names_not_in``) the watch has seen Ready."""
+        return {name for _, name, _, ready, _, _ in self.seen if ready} - names_not_in
