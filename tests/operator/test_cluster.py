@@ -127,7 +127,8 @@ def test_apply_creates_children_and_reaches_ready(
 
     owner = k8s_cluster.get("lmcc", "cache", namespace)
     assert owner is not None
-    assert not owner["metadata"].get("finalizers")
+    # a persistent pool (the default) outlives its pods: the cluster waits for its cleanup
+    assert owner["metadata"].get("finalizers") == ["lmcache.dev/pool-cleanup"]
     uid = owner["metadata"]["uid"]
 
     cm = k8s_cluster.get("configmap", "cache-cache-config", namespace)
@@ -144,7 +145,8 @@ def test_apply_creates_children_and_reaches_ready(
     assert {"name": "shm", "hostPath": {"path": "/dev/shm", "type": "Directory"}} in pod["volumes"]
     container = pod["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["resources"]["requests"]["memory"] == "5Gi"  # 3Gi + 2Gi overhead
+    # the 3 GiB pool, its index rounded up to 2 MiB, and 2 GiB for the server
+    assert container["resources"]["requests"]["memory"] == "5122Mi"
     assert "lmcache.dev/config-hash" in ds["spec"]["template"]["metadata"]["annotations"]
     raw = k8s_cluster.kubectl(
         "get", "ds", "cache-cache", "-n", namespace, "-o", "json", "--show-managed-fields"
@@ -429,10 +431,13 @@ def test_operator_restart_mid_reconcile_creates_no_duplicates_and_keeps_status(
         assert set(recorder.phases()) == {"Ready"}  # the ready one never regressed
     daemonsets = k8s_cluster.items("daemonsets", namespace)
     assert sorted(d["metadata"]["name"] for d in daemonsets) == sorted(f"{n}-cache" for n in names)
-    # a config and a public-key ConfigMap, two credential Secrets per cluster (a cluster
-    # killed between creating its Secrets and recording their keys gets a new pair)
+    # a config, a public-key and a connection ConfigMap, two credential Secrets per cluster
+    # (a cluster killed between creating its Secrets and recording their keys gets a new pair)
     selector = "app.kubernetes.io/name=lmcache-node"
-    assert len(k8s_cluster.items("configmaps", namespace, selector)) == 10
+    configmaps = k8s_cluster.items("configmaps", namespace, selector)
+    assert sorted(c["metadata"]["name"] for c in configmaps) == sorted(
+        f"{n}-{kind}" for n in names for kind in ("cache-config", "cache-keys", "connection")
+    )
     assert len(k8s_cluster.items("secrets", namespace, selector)) == 10
     assert len(k8s_cluster.items("services", namespace)) == 10
     pods = k8s_cluster.items("pods", namespace, "app.kubernetes.io/name=lmcache-node")
