@@ -9,6 +9,9 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-stamp
 TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
+# make pytest runs test files on this many pytest-xdist workers (one file stays on one worker:
+# its module fixtures, servers and API server are shared); 0 runs them in this process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: help
 help: ## List the targets
@@ -52,7 +55,7 @@ typecheck: setup ## mypy --strict on both packages
 
 .PHONY: pytest
 pytest: setup ## Unit + integration tests (real redis-server, real server processes, real API server)
-	@rc=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 .PHONY: test

@@ -17,22 +17,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lmcache_node.keygen import ALLOWED_CLIENTS_FILE, SERVER_SECRET_FILE
+from lmcache_node.keygen import generate as generate_keys
 from lmcache_node.server.process import ServerProcess, free_port
 
 from e2e.vllm.harness import VLLMProcess, node_shm_dir, server_python
 from e2e.vllm.make_model import make_model
 
+CREDENTIALS_ENV = "LMCACHE_NODE_CREDENTIALS_DIR"
+
 
 @dataclass
 class NodeServer:
     """A node server that can be killed and restarted on the same ports, disk and shm
-    directory (a restarted server adopts the directory and the segments still held)."""
+    directory (a restarted server adopts the directory and the segments still held). With
+    ``keys_dir`` (``lmcache-node keys generate``) it serves CURVE, as in a cluster."""
 
     work_dir: Path
     disk_dir: Path
     shm_dir: Path = field(default_factory=lambda: node_shm_dir("node"))
     port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
+    keys_dir: Path | None = None
     generation: int = 0
     proc: ServerProcess | None = None
 
@@ -49,10 +55,18 @@ class NodeServer:
         self.proc = ServerProcess(
             "--chunk-size", "256", "--max-local-cpu-size", "0.5",
             "--local-disk", f"file://{self.disk_dir}/", "--max-local-disk-size", "1",
-            "--log-level", "INFO", "--shm-dir", str(self.shm_dir),
+            "--log-level", "INFO", "--shm-dir", str(self.shm_dir), *self.curve_args(),
             port=self.port, http_port=self.http_port, log_file=self.log_file,
             python=server_python(),
         ).start()  # fmt: skip
+
+    def curve_args(self) -> list[str]:
+        if self.keys_dir is None:
+            return []
+        return [
+            "--curve-server-key", str(self.keys_dir / SERVER_SECRET_FILE),
+            "--curve-client-keys", str(self.keys_dir / ALLOWED_CLIENTS_FILE),
+        ]  # fmt: skip
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
@@ -95,13 +109,19 @@ def tiny_model(work_dir: Path) -> Path:
 def deployment(work_dir: Path, tiny_model: Path) -> Iterator[Deployment]:
     disk = work_dir / "disk"
     disk.mkdir()
-    server = NodeServer(work_dir=work_dir, disk_dir=disk)
+    keys = work_dir / "keys"  # CURVE on, as the operator runs it: the workers hold the keys
+    generate_keys(keys)
+    server = NodeServer(work_dir=work_dir, disk_dir=disk, keys_dir=keys)
     server.start()
 
-    def make(name: str, role: str, **options: Any) -> VLLMProcess:
+    def make(
+        name: str, role: str, env: dict[str, str] | None = None, **options: Any
+    ) -> VLLMProcess:
+        env = {CREDENTIALS_ENV: str(keys), **(env or {})}
         return VLLMProcess(
-            name, tiny_model, work_dir=work_dir, kv_role=role, node_port=server.port, **options
-        )
+            name, tiny_model, work_dir=work_dir, kv_role=role, node_port=server.port, env=env,
+            **options,
+        )  # fmt: skip
 
     dep = Deployment(
         server=server,

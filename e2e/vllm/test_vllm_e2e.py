@@ -86,6 +86,17 @@ def test_same_prompt_twice_hits_the_node_server(deployment: Deployment) -> None:
     assert f"loaded {expected} tokens from the node server" in dep.a.log_text()
 
 
+def test_every_worker_reaches_the_server_over_curve(deployment: Deployment) -> None:
+    """The server runs with CURVE keys (as the operator runs it); each vLLM holds the client
+    key, and the hits above went through those authenticated connections."""
+    for instance in deployment.instances:
+        assert f"tcp://127.0.0.1:{deployment.server.port} (CURVE)" in instance.log_text(), (
+            instance.log_tail(3000)
+        )
+    first_run = (deployment.work_dir / "node-server-1.log").read_text(errors="replace")
+    assert "(CURVE, server key " in first_run and "1 allowed client key(s)" in first_run
+
+
 def test_transfer_mode_env_is_honoured(deployment: Deployment) -> None:
     """B runs with LMCACHE_NODE_TRANSFER_MODE=engine, the others with the default (shared)."""
     first_run = (deployment.work_dir / "node-server-1.log").read_text(errors="replace")

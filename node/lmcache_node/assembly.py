@@ -31,7 +31,7 @@ from lmcache_node.engine.policy import make_policy
 from lmcache_node.engine.types import PoolState
 from lmcache_node.keys import HASH_ALGORITHM
 from lmcache_node.sizes import format_bytes
-from lmcache_node.tiers.setup import attach_lower_tiers
+from lmcache_node.tiers.setup import attach_lower_tiers, remote_secret
 from lmcache_node.transfer.shm import ShmDirectory
 from lmcache_node.transfer.shm_checks import SharedMemoryError
 from lmcache_node.transfer.shm_pool import PoolBusyError, PoolFile, populate, remove_pool
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 def build_engine(config: NodeConfig, shm_dir: ShmDirectory | None = None) -> CacheEngine:
     """The engine ``config`` describes, lower tiers attached. Its L1 pool lives in ``shm_dir``
     (adopted or created) when given and ``l1_persistent``; otherwise in process memory."""
+    if config.remote_url is not None and not config.insecure_allow_unauthenticated:
+        remote_secret(config)  # a refusal comes before the pool exists: nothing to undo
     engine = _l1_engine(config, shm_dir)
     log.info(
         "L1 memory tier: %s in %d pages (pinned=%s, policy %s, pool %s)",

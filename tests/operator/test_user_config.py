@@ -202,6 +202,7 @@ def test_the_operator_loads_only_the_nodes_config_loader() -> None:
     assert imported == {
         "lmcache_node",
         "lmcache_node.config",
+        "lmcache_node.dtypes",
         "lmcache_node.kvspec",
         "lmcache_node.lmcache_compat",
         "lmcache_node.sizes",

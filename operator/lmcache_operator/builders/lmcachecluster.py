@@ -1,3 +1,5 @@
+# Long on purpose: the cache DaemonSet and its config, Service and ConfigMaps in one place,
+# so one reading shows every field the operator sets on a cache pod.
 """Objects of an LMCacheCluster: node config, ConfigMap, DaemonSet, Services, ServiceMonitor."""
 
 from __future__ import annotations
