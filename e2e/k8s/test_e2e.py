@@ -77,7 +77,7 @@ def _cache_cluster(settings: Settings) -> dict[str, Any]:
             "device": "cpu",
             "image": {
                 "repository": f"{settings.registry}/lmcache-node",
-                "tag": settings.tag,
+                "tag": f"{settings.tag}-cpu",  # the CPU variant images/build.sh tags
                 "pullPolicy": "Never",
             },
             "cache": {"cpuSize": "512Mi"},
