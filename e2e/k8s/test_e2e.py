@@ -77,7 +77,7 @@ def _cache_cluster(settings: Settings) -> dict[str, Any]:
             "device": "cpu",
             "image": {
                 "repository": f"{settings.registry}/lmcache-node",
-                "tag": settings.tag,
+                "tag": f"{settings.tag}-cpu",  # the CPU variant images/build.sh tags
                 "pullPolicy": "Never",
             },
             "cache": {"cpuSize": "512Mi"},
@@ -555,8 +555,9 @@ def test_deleted_cache_pod_comes_back_and_status_follows(
     with _cache_url(kube, settings) as url:
         assert http_get(f"{url}/healthz")[0] == 200
     if vllm is not None and vllm.cold_text is not None:
-        # the new (empty) cache fills again and serves a later identical request, once the
-        # connector has reconnected (it retries in the background): a bounded number of tries
+        # the new cache server (it adopted the node's pool, or fills again) serves a later
+        # identical request once the connector has reconnected (it retries in the
+        # background): a bounded number of tries
         before = _retrieved(kube, settings)
 
         def hit_again() -> bool:
@@ -566,6 +567,78 @@ def test_deleted_cache_pod_comes_back_and_status_follows(
         start = time.monotonic()
         wait_until(hit_again, 120, "a hit on the new cache server", interval=2)
         timings.record("cache back -> vLLM hits again", time.monotonic() - start)
+
+
+def _gauge(kube: Kube, settings: Settings, name: str) -> float:
+    """A label-less metric of the cache server on the real node (0 when absent)."""
+    with _cache_url(kube, settings) as url:
+        code, text = http_get(f"{url}/metrics")
+    assert code == 200, text
+    match = re.search(rf"^{re.escape(name)}\s+(\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_config_change_rolls_the_cache_pod_and_the_prefix_stays_cached(
+    kube: Kube, settings: Settings, timings: Timings, vllm: VLLM | None
+) -> None:
+    """The operator replaces the cache pod for a new config; the new server adopts the
+    node's L1 pool, so the prompt cached before the roll is served from it after."""
+    if vllm is None or vllm.cold_text is None:
+        pytest.skip("no vLLM pod (or no cold answer) in this run")
+    ns = settings.cache_namespace
+    # the prefix is in the node cache now (a request stores it, or hits it)
+    assert _complete(vllm, vllm.prompt).text == vllm.cold_text
+    before = _status(kube, settings)
+    old_pod = (_real_endpoint(before, settings.node) or {}).get("pod")
+    assert old_pod, before.get("endpoints")
+    old_revision = (before.get("rollout") or {}).get("revision")
+    start = time.monotonic()
+    # a config key the servers read at start: a new pod template, the same pool geometry
+    kube.kubectl("patch", "lmcacheclusters.lmcache.dev", CLUSTER, "-n", ns, "--type=merge",
+                 "-p", json.dumps({"spec": {"config": {"lock_ttl_secs": 25}}}))  # fmt: skip
+
+    def rolled() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        status = _status(kube, settings)
+        rollout = status.get("rollout") or {}
+        entry = next(
+            (n for n in rollout.get("nodes") or [] if n.get("node") == settings.node), None
+        )
+        endpoint = _real_endpoint(status, settings.node)
+        if (
+            rollout.get("revision") not in (None, old_revision)
+            and entry is not None
+            and entry.get("state") == "Updated"
+            and endpoint is not None
+            and endpoint["pod"] != old_pod
+        ):
+            return status, entry
+        return None
+
+    status, entry = wait_until(rolled, 300, "the cache pod on the real node rolled", interval=1)
+    timings.record("config change -> cache pod rolled (real node)", time.monotonic() - start)
+    assert entry["pool"] == "adopted", entry
+    assert entry["adoptedEntries"] > 0 and entry["adoptedBytes"] > 0, entry
+    endpoint = _real_endpoint(status, settings.node)
+    assert endpoint is not None and endpoint["pool"]["state"] == "adopted", endpoint
+    # vLLM kept running through the roll, and its connector re-registered with the new server
+    assert [p["metadata"]["name"] for p in _vllm_pods(kube, settings)] == [vllm.pod]
+    wait_until(
+        lambda: _gauge(kube, settings, "lmcache_node_registered_workers") >= 1,
+        120,
+        "the vLLM connector re-registered with the new cache server",
+        interval=1,
+    )
+    # the new server stored nothing yet: whatever it serves now came from the adopted pool
+    assert _metric(kube, settings, "lmcache_node_tokens_total", 'kind="stored"') == 0
+    retrieved_before = _retrieved(kube, settings)
+    warm = _complete(vllm, vllm.prompt)
+    assert warm.text == vllm.cold_text
+    expected = (warm.prompt_tokens - 1) // CHUNK * CHUNK
+    retrieved = _retrieved(kube, settings) - retrieved_before
+    assert retrieved == expected, (
+        f"after the roll the node cache served {retrieved} tokens of the prompt, not {expected}"
+    )
+    timings.record("vLLM TTFT after the roll (prefix from the adopted pool)", warm.ttft_s)
 
 
 def test_a_plain_deployment_labelled_for_the_webhook_hits_its_nodes_cache(
@@ -672,6 +745,15 @@ NEEDED = [
     ("get", "namespaces"),  # the webhook reads a namespace's lmcache.dev/cluster label
     ("create", "persistentvolumeclaims", "-A"),  # VLLMDeployment model.cache.size
     ("patch", "persistentvolumeclaims", "-A"),
+    ("delete", "daemonsets.apps", "-A"),  # a deleted cluster's servers stop before cleanup
+    ("create", "jobs.batch", "-A"),  # the pool cleanup Job per node
+    ("list", "jobs.batch", "-A"),
+    ("delete", "deployments.apps", "-A"),  # a router switched off
+    ("delete", "services", "-A"),
+    ("create", "serviceaccounts", "-A"),  # the router's ServiceAccount, Role, RoleBinding
+    ("create", "roles.rbac.authorization.k8s.io", "-A"),
+    ("create", "rolebindings.rbac.authorization.k8s.io", "-A"),
+    ("list", "endpointslices.discovery.k8s.io", "-A"),  # what the router's Role grants
 ]
 # ... and what it must not be: read Secrets, exec into pods, modify nodes, and more.
 FORBIDDEN = [
@@ -688,11 +770,13 @@ FORBIDDEN = [
     ("create", "pods", "-A"),
     ("patch", "nodes"),
     ("delete", "nodes"),
-    ("delete", "daemonsets.apps", "-A"),
-    ("delete", "deployments.apps", "-A"),
+    ("delete", "jobs.batch", "-A"),
     ("update", "pods", "-A"),
     ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+    ("create", "clusterroles.rbac.authorization.k8s.io"),
+    ("escalate", "roles.rbac.authorization.k8s.io", "-A"),
+    ("bind", "roles.rbac.authorization.k8s.io", "-A"),
     ("impersonate", "serviceaccounts", "-A"),
     ("list", "namespaces"),
     ("patch", "namespaces"),
@@ -777,8 +861,14 @@ def test_uninstall_and_deleting_the_resources_leaves_nothing(
     )  # fmt: skip
     kube.kubectl(
         "delete", "lmcacheclusters.lmcache.dev", CLUSTER, "-n", settings.cache_namespace,
-        "--wait=true", "--timeout=60s",
+        "--wait=true", "--timeout=240s",  # its finalizer: the pool cleanup Job per node
     )  # fmt: skip
+    removed = [
+        e for e in kube.items("events", settings.cache_namespace)
+        if e.get("reason") in ("PoolsRemoved", "PoolCleanupIncomplete")
+        and (e.get("involvedObject") or {}).get("name") == CLUSTER
+    ]  # fmt: skip
+    assert [e["reason"] for e in removed] == ["PoolsRemoved"], [e.get("message") for e in removed]
     selectors = [
         f"lmcache.dev/cluster={CLUSTER}",
         f"lmcache.dev/vllm-deployment={vllm_deployment.NAME}",

@@ -140,6 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
         "rolling the vLLM pods to it: the time kubelets take to update the cache pods' "
         "mounted key file (default 90)",
     )
+    run.add_argument(
+        "--pool-probe-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to try reading a new cache pod's L1 pool from its /readyz (the node's "
+        "IP and httpPort) once it is Ready: status.endpoints[].pool and the rollout's "
+        "adopted figures; a rollout moves on after it either way; 0 reads nothing "
+        "(default 10)",
+    )
+    run.add_argument(
+        "--pool-cleanup-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long a deleted LMCacheCluster waits for the Jobs that remove its L1 pools "
+        "from its nodes before its finalizer is removed anyway (a Warning Event names the "
+        "nodes left; default 300)",
+    )
 
     run.add_argument(
         "--config-check-interval",
@@ -296,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--secret-check-interval must be greater than zero (seconds)")
         if args.key_propagation_delay < 0:
             parser.error("--key-propagation-delay must be zero or more (seconds)")
+        if args.pool_probe_timeout < 0:
+            parser.error("--pool-probe-timeout must be zero or more (seconds)")
+        if args.pool_cleanup_timeout <= 0:
+            parser.error("--pool-cleanup-timeout must be greater than zero (seconds)")
         if args.config_check_interval <= 0:
             parser.error("--config-check-interval must be greater than zero (seconds)")
         webhook = None
@@ -317,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 images=node_images(args),
                 secret_check_s=args.secret_check_interval,
                 key_propagation_s=args.key_propagation_delay,
+                pool_probe_timeout_s=args.pool_probe_timeout,
+                pool_cleanup_timeout_s=args.pool_cleanup_timeout,
                 config_check_s=args.config_check_interval,
                 webhook=webhook,
             )

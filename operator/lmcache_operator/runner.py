@@ -39,6 +39,8 @@ class RunOptions:
     images: NodeImageDefaults = DEFAULTS
     secret_check_s: float = 30.0
     key_propagation_s: float = 90.0
+    pool_probe_timeout_s: float = 10.0
+    pool_cleanup_timeout_s: float = 300.0
     config_check_s: float = 30.0
     webhook: WebhookOptions | None = None  # serve the injection webhook (every replica)
 
@@ -63,6 +65,8 @@ async def _main(options: RunOptions) -> int:
         images=options.images,
         secret_check_s=options.secret_check_s,
         key_propagation_s=options.key_propagation_s,
+        pool_probe_timeout_s=options.pool_probe_timeout_s,
+        pool_cleanup_timeout_s=options.pool_cleanup_timeout_s,
         config_check_s=options.config_check_s,
     )
     runtime = Runtime(client, settings, metrics)

@@ -108,6 +108,7 @@ class Views:
 
     clusters: dict[Key, ClusterView] = field(default_factory=dict)
     node_problems: dict[str, str] = field(default_factory=dict)  # node -> NotReady/deleted
+    node_memory: dict[str, int] = field(default_factory=dict)  # node -> allocatable bytes
     vllm: dict[Key, VLLMView] = field(default_factory=dict)
     caches: dict[Key, CacheView] = field(default_factory=dict)  # LMCacheClusters, for consumers
 

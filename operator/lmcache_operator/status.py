@@ -29,6 +29,7 @@ class Observed:
     node_problems: Mapping[str, str] = field(default_factory=dict)  # node -> "NotReady", ...
     forbidden: str | None = None  # RBAC refused the last apply: reason Forbidden
     device: str = ""  # what the servers serve (spec.device resolved): each endpoint says it
+    memory_problems: Sequence[str] = ()  # nodes whose pool + vLLM requests do not fit
 
 
 def now_rfc3339() -> str:
@@ -221,6 +222,16 @@ def compute_status(observed: Observed, now: str | None = None) -> dict[str, Any]
     counts = _counts(observed.daemonset)
     eps = endpoints(observed.pods, observed.port, observed.node_problems, observed.device)
     phase, reason, message = _phase_and_reasons(observed, counts, eps)
+    if observed.memory_problems and phase in ("Ready", "Degraded"):
+        memory = (
+            "memory does not fit on "
+            + "; ".join(observed.memory_problems)
+            + (": lower cache.cpuSize or the vLLM pods' memory, or give them other nodes")
+        )
+        if phase == "Ready":
+            phase, reason, message = "Degraded", "MemoryOvercommitted", memory
+        else:
+            message = f"{message}; {memory}"
     previous = {c["type"]: c for c in observed.previous.get("conditions") or []}
     generation = observed.generation
     valid = not observed.problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,11 @@ import pytest
 import yaml
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.policy import DEFAULT_ALLOWED_HOST_PATH_PREFIXES
+from lmcache_operator.api.vllmdeployment import VLLMDeploymentSpec
+from lmcache_operator.builders import router
+from lmcache_operator.builders.cleanup import build_cleanup_job
 from lmcache_operator.builders.lmcachecluster import build_children
+from lmcache_operator.builders.vllm_connector import CacheConnection
 from lmcache_operator.controllers.lmcachecluster import validate
 
 from tests.chart.conftest import CHART, REPO, HelmError, Render, by_kind, one, run_helm
@@ -110,7 +115,14 @@ NAMESPACED_GRANTS = {
     *[("", "persistentvolumeclaims", v) for v in ("create", "patch")],  # model.cache.size
     *[("", "secrets", v) for v in ("create", "patch", "delete")],
     *[("apps", r, v) for r in ("daemonsets", "deployments") for v in ("list", "watch", "create",
-                                                                        "patch")],
+                                                                        "patch", "delete")],
+    ("", "services", "delete"),  # a router switched off
+    # a VLLMDeployment's router: its ServiceAccount, Role and RoleBinding; what its Role grants
+    *[(g, r, v) for g, r in (("", "serviceaccounts"), ("rbac.authorization.k8s.io", "roles"),
+                             ("rbac.authorization.k8s.io", "rolebindings"))
+      for v in ("list", "watch", "create", "patch", "delete")],
+    *[("discovery.k8s.io", "endpointslices", v) for v in ("get", "list", "watch")],
+    *[("batch", "jobs", v) for v in ("create", "list")],  # a deleted cluster's pool cleanup
     *[("", "pods", v) for v in ("get", "list", "watch", "patch", "delete")],
     ("", "pods/status", "patch"),  # the CacheGate condition of a pod gated too long
     ("", "events", "create"),
@@ -143,12 +155,40 @@ def test_default_rbac_is_one_cluster_role_holding_exactly_what_the_code_uses(
         group = child["apiVersion"].rpartition("/")[0]
         for verb in ("create", "patch"):
             assert (group, plural[child["kind"]], verb) in granted, (child["kind"], verb)
+    # a VLLMDeployment's router: applied, deleted when switched off; its Role grants nothing
+    # the operator does not hold (RBAC refuses to create such a Role otherwise)
+    vllm = VLLMDeploymentSpec.model_validate(
+        {
+            "model": {"name": "m"},
+            "cache": {"clusterRef": {"name": "c"}},
+            "router": {"enabled": True},
+        }
+    )
+    connection = CacheConnection.from_cluster("c", spec, namespace="ns")
+    plural.update({"ServiceAccount": "serviceaccounts", "Role": "roles",
+                   "RoleBinding": "rolebindings", "Deployment": "deployments"})  # fmt: skip
+    for child in router.build_children("v", "ns", vllm, connection):
+        group = child["apiVersion"].rpartition("/")[0]
+        for verb in ("create", "patch", "delete"):
+            assert (group, plural[child["kind"]], verb) in granted, (child["kind"], verb)
+        for rule in child.get("rules") or []:
+            for group, resource, verb in itertools.product(
+                rule["apiGroups"], rule["resources"], rule["verbs"]
+            ):
+                assert (group, resource, verb) in granted, (resource, verb)
+    # a deleted persistent cluster: its servers stopped, a pool cleanup Job per node
+    assert ("apps", "daemonsets", "delete") in granted
+    job = build_cleanup_job("c", "ns", spec, "node-0", deadline_s=60)
+    assert (job["apiVersion"].rpartition("/")[0], "jobs", "create") in granted
     # minimal: no wildcards; Secrets written (its credential Secrets) but never read; no exec
     assert all("*" not in triple for triple in granted)
     assert {v for g, r, v in granted if r == "secrets"} == {"create", "patch", "delete"}
     resources = {resource for _, resource, _ in granted}
-    assert not resources & {"pods/exec", "serviceaccounts", "serviceaccounts/token"}
+    assert not resources & {"pods/exec", "serviceaccounts/token", "secrets/status"}
     assert {v for g, r, v in granted if r == "namespaces"} == {"get"}  # labels, nothing else
+    # RBAC objects only in namespaces (the router's Role), never cluster-wide or escalation
+    assert not resources & {"clusterroles", "clusterrolebindings"}
+    assert not [t for t in granted if t[2] in ("escalate", "bind")]
     assert not [t for t in granted if t[2] in ("update", "deletecollection", "impersonate")]
     (binding,) = _operator_role(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -292,6 +332,8 @@ def test_the_operator_container_gets_every_setting_the_run_command_takes(render:
     objects = render(
         {
             "gateTimeoutSeconds": "120",
+            "poolProbeTimeoutSeconds": "0",
+            "poolCleanupTimeoutSeconds": "45",
             "allowedHostPathPrefixes": "{/data,/dev/shm}",
             "nodeImage.repository": "reg.example/node",
             "nodeImage.version": "9.9.9",
@@ -302,6 +344,7 @@ def test_the_operator_container_gets_every_setting_the_run_command_takes(render:
     assert "--gate-timeout=120" in args
     parsed = build_parser().parse_args(args)
     assert parsed.gate_timeout == 120.0
+    assert (parsed.pool_probe_timeout, parsed.pool_cleanup_timeout) == (0.0, 45.0)
     assert pod_policy(parsed).allowed_host_path_prefixes == ("/data", "/dev/shm")
     images = node_images(parsed)
     assert (images.repository, images.version, images.cuda_runtime_class) == (
@@ -313,6 +356,7 @@ def test_the_operator_container_gets_every_setting_the_run_command_takes(render:
     assert pod_policy(defaults).allowed_host_path_prefixes == DEFAULT_ALLOWED_HOST_PATH_PREFIXES
     assert node_images(defaults).version == "0.1.0"  # the chart's appVersion
     assert defaults.gate_timeout == 300.0
+    assert (defaults.pool_probe_timeout, defaults.pool_cleanup_timeout) == (10.0, 300.0)
 
 
 def test_replica_count_sets_the_replicas_and_the_disruption_budget(render: Render) -> None:
@@ -364,6 +408,8 @@ def test_crds_can_be_left_to_another_tool(render: Render) -> None:
         ({"replicas": "2"}, "additional properties 'replicas' not allowed"),
         ({"replicaCount": "0"}, "/replicaCount"),
         ({"gateTimeoutSeconds": "0"}, "/gateTimeoutSeconds"),
+        ({"poolProbeTimeoutSeconds": "-1"}, "/poolProbeTimeoutSeconds"),
+        ({"poolCleanupTimeoutSeconds": "0"}, "/poolCleanupTimeoutSeconds"),
         ({"webhook.certificates": "mine"}, "/webhook/certificates"),
         ({"webhook.timeoutSeconds": "60"}, "/webhook/timeoutSeconds"),
         ({"webhook.excludeNamespaces": "{Bad_Name}"}, "/webhook/excludeNamespaces/0"),

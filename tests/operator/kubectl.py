@@ -126,3 +126,60 @@ class StatusRecorder:
             return next((s for s in reversed(self.seen) if predicate(s)), None)
 
         return wait_until(probe, timeout, what)
+
+
+@dataclass
+class PodRecorder:
+    """Every watch event of the pods matching ``selector``: (type, name, node, Ready,
+    terminating, the cache-rollout annotation), in order."""
+
+    cluster: Cluster
+    namespace: str
+    selector: str
+    seen: list[tuple[str, str, str, bool, bool, str]] = field(default_factory=list)
+    _proc: subprocess.Popen[str] | None = None
+    _thread: threading.Thread | None = None
+
+    # "|"-separated: kubectl's watch output goes through a tabwriter, which turns tabs into
+    # spaces; no name, node, timestamp or rollout mark holds a "|"
+    TEMPLATE = (
+        '{.type}{"|"}{.object.metadata.name}{"|"}{.object.spec.nodeName}{"|"}'
+        '{.object.status.conditions[?(@.type=="Ready")].status}{"|"}'
+        '{.object.metadata.deletionTimestamp}{"|"}'
+        '{.object.metadata.annotations.lmcache\\.dev/cache-rollout}{"\\n"}'
+    )
+
+    def __enter__(self) -> PodRecorder:
+        self._proc = subprocess.Popen(
+            ["kubectl", "get", "pods", "-n", self.namespace, "-l", self.selector, "-w",
+             "--output-watch-events", "-o", f"jsonpath={self.TEMPLATE}"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.cluster.env,
+        )  # fmt: skip
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            parts = raw.rstrip("\n").split("|", 5)
+            if len(parts) == 6:
+                kind, name, node, ready, deleting, mark = parts
+                self.seen.append((kind, name, node, ready == "True", bool(deleting), mark))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+
+    def listed(self, count: int, timeout: float = 30) -> None:
+        """Wait until the watch has reported ``count`` pods (its initial list)."""
+        wait_until(
+            lambda: len({name for _, name, *_ in self.seen}) >= count,
+            timeout,
+            f"the pod watch listing {count} pods",
+        )
+
+    def ready_pods(self, names_not_in: set[str]) -> set[str]:
+        """Pods (not named in ``names_not_in``) the watch has seen Ready."""
+        return {name for _, name, _, ready, _, _ in self.seen if ready} - names_not_in

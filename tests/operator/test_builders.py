@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from lmcache_node.config import load_config
+from lmcache_node.engine.journal import PoolGeometry
+from lmcache_node.keys import HASH_ALGORITHM
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.policy import PodPolicy
+from lmcache_operator.builders.cache_memory import container_resources, pool_bytes
+from lmcache_operator.builders.cache_rollout import TEMPLATE_HASH_ANNOTATION, operator_rolls
 from lmcache_operator.builders.cache_security import server_uid
-from lmcache_operator.builders.common import CONFIG_HASH_ANNOTATION
+from lmcache_operator.builders.common import CONFIG_HASH_ANNOTATION, content_hash
 from lmcache_operator.builders.lmcachecluster import (
     CONFIG_KEY,
     build_children,
     build_configmap,
-    container_resources,
     node_config,
 )
+from lmcache_operator.quantity import parse_bytes
 
 
 def spec_of(**fields: Any) -> LMCacheClusterSpec:
@@ -127,10 +132,15 @@ def test_daemonset_pod_wiring() -> None:
         assert not any("nvidia.com" in r for r in container["resources"][kind])
     env = {e["name"]: e for e in container["env"]}
     assert env["NVIDIA_VISIBLE_DEVICES"]["value"] == "all"  # CUDA IPC on the default GPU nodes
-    assert ds["spec"]["updateStrategy"] == {
-        "type": "RollingUpdate",
-        "rollingUpdate": {"maxUnavailable": 1},
-    }
+    # the operator rolls the pods itself, node by node (controllers/rollout.py)
+    assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    assert operator_rolls(spec_of())
+    assert not operator_rolls(spec_of(updateStrategy={"type": "OnDelete"}))
+    # each pod says which template it was made from
+    annotations = ds["spec"]["template"]["metadata"]["annotations"]
+    template = copy.deepcopy(ds["spec"]["template"])
+    del template["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]
+    assert annotations[TEMPLATE_HASH_ANNOTATION] == content_hash(template)
 
 
 def test_daemonset_without_host_network_and_with_escape_hatches() -> None:
@@ -167,13 +177,25 @@ def test_daemonset_without_host_network_and_with_escape_hatches() -> None:
     container = pod["containers"][0]
     assert {"name": "EXTRA", "value": "1"} in container["env"]
     assert {"name": "extra", "mountPath": "/extra"} in container["volumeMounts"]
-    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    # maxSurge (no host network): the DaemonSet controller rolls, not the operator
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    assert not operator_rolls(spec)
 
 
 def test_memory_is_derived_from_the_cache_size() -> None:
-    resources = container_resources(spec_of(cache={"cpuSize": "8Gi"}))
-    assert resources["requests"]["memory"] == "10240Mi"  # 8 Gi + 2 Gi overhead
-    assert resources["limits"]["memory"] == "12800Mi"  # 25 % above the request
+    spec = spec_of(cache={"cpuSize": "8Gi"})
+    # the pool file the node server makes (its own geometry): 8 GiB of pages + the index
+    for size in ("8Gi", "1536Mi", "100Gi", "3G"):
+        cpu = parse_bytes(size)
+        geometry = PoolGeometry(2**20, cpu // 2**20, 256, HASH_ALGORITHM)
+        assert pool_bytes(spec_of(cache={"cpuSize": size})) == geometry.total_bytes, size
+    assert pool_bytes(spec) == 8 * 2**30 + 2 * 2**20
+    resources = container_resources(spec)
+    assert resources["requests"]["memory"] == "10242Mi"  # the pool + 2 Gi
+    assert resources["limits"]["memory"] == "12803Mi"  # 25 % above the request (whole MiB)
 
 
 def test_memory_override_wins() -> None:

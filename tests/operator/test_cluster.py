@@ -24,16 +24,25 @@ metadata:
   name: {name}
 spec:
   image: {{repository: lmcache.local/node, tag: dev, pullPolicy: Never}}
-  cache: {{cpuSize: {cpu}}}
+  cache: {{cpuSize: {cpu}, persistent: {persistent}}}
   server: {{port: {port}, httpPort: {http_port}, eventsPort: {events_port}}}
 """
 # hostNetwork pods claim their ports on the node: every cluster in the session gets its own.
 _PORTS = itertools.count(20000, 3)
 
 
-def manifest(name: str = "cache", cpu: str = "4Gi", port: int | None = None) -> str:
+def manifest(
+    name: str = "cache", cpu: str = "4Gi", port: int | None = None, *, persistent: bool = True
+) -> str:
     port = next(_PORTS) if port is None else port
-    return CLUSTER.format(name=name, cpu=cpu, port=port, http_port=port + 1, events_port=port + 2)
+    return CLUSTER.format(
+        name=name,
+        cpu=cpu,
+        port=port,
+        http_port=port + 1,
+        events_port=port + 2,
+        persistent=str(persistent).lower(),
+    )
 
 
 def status(k8s: Cluster, ns: str, name: str = "cache") -> dict[str, Any]:
@@ -118,7 +127,8 @@ def test_apply_creates_children_and_reaches_ready(
 
     owner = k8s_cluster.get("lmcc", "cache", namespace)
     assert owner is not None
-    assert not owner["metadata"].get("finalizers")
+    # a persistent pool (the default) outlives its pods: the cluster waits for its cleanup
+    assert owner["metadata"].get("finalizers") == ["lmcache.dev/pool-cleanup"]
     uid = owner["metadata"]["uid"]
 
     cm = k8s_cluster.get("configmap", "cache-cache-config", namespace)
@@ -135,7 +145,8 @@ def test_apply_creates_children_and_reaches_ready(
     assert {"name": "shm", "hostPath": {"path": "/dev/shm", "type": "Directory"}} in pod["volumes"]
     container = pod["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["resources"]["requests"]["memory"] == "5Gi"  # 3Gi + 2Gi overhead
+    # the 3 GiB pool, its index rounded up to 2 MiB, and 2 GiB for the server
+    assert container["resources"]["requests"]["memory"] == "5122Mi"
     assert "lmcache.dev/config-hash" in ds["spec"]["template"]["metadata"]["annotations"]
     raw = k8s_cluster.kubectl(
         "get", "ds", "cache-cache", "-n", namespace, "-o", "json", "--show-managed-fields"
@@ -325,7 +336,7 @@ def test_spec_change_rolls_the_daemonset_and_status_follows(
         after["spec"]["template"]["metadata"]["annotations"]["lmcache.dev/config-hash"] != old_hash
     )
     container = after["spec"]["template"]["spec"]["containers"][0]
-    assert container["resources"]["requests"]["memory"] == "8Gi"
+    assert container["resources"]["requests"]["memory"] == "8194Mi"  # the 6 GiB pool + 2 GiB
     assert container["ports"][0]["containerPort"] == 7100
     cm = k8s_cluster.get("configmap", "cache-cache-config", namespace)
     assert cm is not None
@@ -341,8 +352,12 @@ def test_spec_change_rolls_the_daemonset_and_status_follows(
 def test_deleting_the_cluster_removes_children_even_with_the_operator_stopped(
     k8s_cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
-    k8s_cluster.apply(manifest(), namespace)
+    # without a persistent pool nothing outlives the pods: no finalizer (a persistent
+    # cluster waits for the operator to clean its nodes: test_pools.py)
+    k8s_cluster.apply(manifest(persistent=False), namespace)
     wait_ready(k8s_cluster, namespace)
+    body = k8s_cluster.get("lmcc", "cache", namespace)
+    assert body is not None and not body["metadata"].get("finalizers")
     operator.stop()
     k8s_cluster.kubectl("delete", "lmcc", "cache", "-n", namespace, "--timeout=30s")
 

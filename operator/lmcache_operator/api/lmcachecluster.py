@@ -36,6 +36,7 @@ from lmcache_operator.api.policy import (
     is_under,
     pass_through_problems,
 )
+from lmcache_operator.api.rollout import PoolStatus, RolloutStatus
 from lmcache_operator.quantity import parse_bytes
 
 KIND = "LMCacheCluster"
@@ -201,6 +202,16 @@ class CacheSpec(ApiModel):
     eviction_policy: Literal["LRU"] = Field("LRU", description="L1 eviction policy.")
     disk: DiskTier | None = Field(None, description="Optional local disk tier (L2).")
     remote: RemoteTier | None = Field(None, description="Optional remote tier (L3).")
+    persistent: bool = Field(
+        True,
+        description=(
+            "Keep each node's L1 pool in the cluster's shm directory on the host (node key "
+            "l1_persistent), so a restarted or upgraded cache server adopts its chunks "
+            "instead of starting cold. The pool outlives its pod: deleting the cluster "
+            "removes it with a cleanup Job per node (finalizer lmcache.dev/pool-cleanup). "
+            "false: process memory, lost at every restart."
+        ),
+    )
 
 
 MAX_CONFIG_KEYS = 256
@@ -226,19 +237,29 @@ class ConfigFromSpec(ApiModel):
 
 
 class UpdateStrategy(ApiModel):
-    """How a spec change rolls the cache pods (DaemonSet updateStrategy)."""
+    """How a spec change reaches the cache pods (the DaemonSet itself is OnDelete)."""
 
     type: Literal["RollingUpdate", "OnDelete"] = Field(
-        "RollingUpdate", description="RollingUpdate or OnDelete."
+        "RollingUpdate",
+        description=(
+            "RollingUpdate: the operator replaces the cache pods node by node (maxUnavailable "
+            "at a time), each time waiting until the new server is ready with the node's pool "
+            "adopted (status.rollout); OnDelete: a pod runs the new spec once you delete it."
+        ),
     )
     max_unavailable: int | str = Field(
         1,
-        description="Pods that may be unavailable during a rolling update (number or percent).",
+        description=(
+            "Nodes whose cache pod may be replaced (or unavailable) at once during a rolling "
+            "update (number, or percent of the nodes)."
+        ),
     )
     max_surge: int | str | None = Field(
         None,
         description=(
-            "Extra pods during a rolling update; not allowed with hostNetwork (port clash)."
+            "Extra pods during a rolling update, rolled by the DaemonSet controller without "
+            "the operator's coordination (the new server cannot adopt a pool its predecessor "
+            "still holds); not allowed with hostNetwork (port clash)."
         ),
     )
 
@@ -421,6 +442,9 @@ class Endpoint(ApiModel):
             "cannot serve it exits at start and the Degraded condition quotes why."
         ),
     )
+    pool: PoolStatus | None = Field(
+        None, description="Its L1 pool as the server reported it once ready (/readyz)."
+    )
 
 
 class ServerKeyStatus(ApiModel):
@@ -517,6 +541,16 @@ class LMCacheClusterStatus(ApiModel):
     )
     credentials: CredentialsStatus | None = Field(
         None, description="The cluster's CURVE keys, token and their Secrets."
+    )
+    rollout: RolloutStatus | None = Field(
+        None, description="The rollout of the current spec to the cache pods, node by node."
+    )
+    pool_nodes: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Nodes where a cache pod of this cluster ran with a persistent pool: the pool may "
+            "be there after the pod is gone; deleting the cluster removes it from each."
+        ),
     )
     connection: ConnectionStatus | None = Field(
         None, description="The connection contract for vLLM pods not made by a VLLMDeployment."

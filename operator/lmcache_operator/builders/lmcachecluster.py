@@ -13,6 +13,11 @@ from lmcache_operator.api.common import GPU_NODE_LABEL
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.policy import SHM, PodPolicy
 from lmcache_operator.builders import node_image
+from lmcache_operator.builders.cache_memory import container_resources
+from lmcache_operator.builders.cache_rollout import (
+    TEMPLATE_HASH_ANNOTATION,
+    daemonset_update_strategy,
+)
 from lmcache_operator.builders.cache_security import (
     DISK_MOUNT,
     container_security_context,
@@ -38,7 +43,7 @@ from lmcache_operator.builders.credentials import (
 from lmcache_operator.builders.node_image import NodeImageDefaults
 from lmcache_operator.builders.podsecurity import confine_host_paths
 from lmcache_operator.builders.user_config import merge_into
-from lmcache_operator.quantity import GIB, format_mebibytes, parse_bytes, to_gib
+from lmcache_operator.quantity import parse_bytes, to_gib
 
 APP_NAME = "lmcache-node"
 COMPONENT = "cache-server"
@@ -47,7 +52,6 @@ CONFIG_KEY = "config.yaml"
 CONFIG_DIR = "/etc/lmcache"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 TMP_SIZE_LIMIT = "256Mi"  # /tmp (HOME): the root filesystem is read-only
-MEMORY_OVERHEAD_BYTES = 2 * GIB
 REMOTE_URL_ENV = "LMCACHE_REMOTE_URL"
 HTTP_HOST_ENV = "LMCACHE_HTTP_HOST"  # not in the config file: it needs the pod's own IP
 METRICS_LABEL = "lmcache.dev/metrics"
@@ -123,6 +127,7 @@ def node_config(
         "max_workers": spec.server.max_workers,
         "device": effective_device(spec),
         "log_level": spec.server.log_level,
+        "l1_persistent": cache.persistent,
         "shm_dir": shm_dir(namespace, name),
         "shm_group": spec.group(namespace, name),
         **node_credential_config(name, namespace, remote=cache.remote is not None),
@@ -150,22 +155,6 @@ def build_configmap(
         "metadata": {"name": configmap_name(name), "namespace": namespace, "labels": labels(name)},
         "data": {CONFIG_KEY: text},
     }
-
-
-def container_resources(spec: LMCacheClusterSpec) -> dict[str, Any]:
-    """Requests/limits: memory = L1 size + overhead, limit above it, unless given."""
-    cpu_bytes = parse_bytes(spec.cache.cpu_size)
-    request = cpu_bytes + MEMORY_OVERHEAD_BYTES
-    limit = request + max(MEMORY_OVERHEAD_BYTES, request // 4)
-    requests: dict[str, str] = {"memory": format_mebibytes(request)}
-    limits: dict[str, str] = {"memory": format_mebibytes(limit)}
-    if spec.resources is not None:
-        requests.update(spec.resources.requests)
-        limits.update(spec.resources.limits)
-        if "memory" in spec.resources.requests and "memory" not in spec.resources.limits:
-            given = parse_bytes(spec.resources.requests["memory"])
-            limits["memory"] = format_mebibytes(given + max(MEMORY_OVERHEAD_BYTES, given // 4))
-    return {"requests": requests, "limits": limits}
 
 
 def _field_env(name: str, path: str) -> dict[str, Any]:
@@ -306,24 +295,19 @@ def build_daemonset(
         pod_spec["initContainers"] = [disk_init]
     pod_spec.update({key: value for key, value in optional.items() if value is not None})
     confine_host_paths(pod_spec, PodPolicy() if policy is None else policy)
-    strategy = spec.update_strategy
-    update: dict[str, Any] = {"type": strategy.type}
-    if strategy.type == "RollingUpdate":
-        rolling: dict[str, Any] = {"maxUnavailable": strategy.max_unavailable}
-        if strategy.max_surge is not None:
-            rolling["maxSurge"] = strategy.max_surge
-        update["rollingUpdate"] = rolling
+    template: dict[str, Any] = {
+        "metadata": {"labels": pod_labels, "annotations": pod_annotations},
+        "spec": pod_spec,
+    }
+    pod_annotations[TEMPLATE_HASH_ANNOTATION] = content_hash(template)
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
         "metadata": {"name": daemonset_name(name), "namespace": namespace, "labels": labels(name)},
         "spec": {
             "selector": {"matchLabels": selector_labels(name)},
-            "updateStrategy": update,
-            "template": {
-                "metadata": {"labels": pod_labels, "annotations": pod_annotations},
-                "spec": pod_spec,
-            },
+            "updateStrategy": daemonset_update_strategy(spec),
+            "template": template,
         },
     }
 

@@ -29,6 +29,7 @@ SPEC_KEYS: dict[str, str] = {
     "chunk_size": "spec.server.chunkSize",
     "local_cpu": "the operator (always true)",
     "max_local_cpu_size": "spec.cache.cpuSize",
+    "l1_persistent": "spec.cache.persistent",
     "cache_policy": "spec.cache.evictionPolicy",
     "port": "spec.server.port",
     "http_port": "spec.server.httpPort",

@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmcache_operator.podfailures import container_failures, describe
+from lmcache_operator.quantity import parse_bytes
 from lmcache_operator.status import now_rfc3339, pod_ready
 
 # Set by the operator when it lifts a pod's scheduling gate: the nodes it may run on.
 CACHE_NODES_ANNOTATION = "lmcache.dev/cache-nodes"
+# Set by the operator while the cache pod of the vLLM pod's node is being replaced.
+CACHE_ROLLOUT_ANNOTATION = "lmcache.dev/cache-rollout"
 
 CONDITION_TYPES = (
     "Ready",
@@ -42,6 +45,7 @@ class VLLMObserved:
     pods: Sequence[Mapping[str, Any]] = ()
     previous: Mapping[str, Any] = field(default_factory=dict)
     url: str = ""
+    router_url: str = ""  # spec.router.enabled: the router Service's URL
     selector: str = ""
     forbidden: str = ""  # RBAC refused the last apply: reason Forbidden
 
@@ -56,11 +60,13 @@ def pod_summary(body: Mapping[str, Any]) -> dict[str, Any]:
         "metadata": {
             "name": meta.get("name", ""),
             "deletionTimestamp": meta.get("deletionTimestamp"),
+            "cacheRollout": (meta.get("annotations") or {}).get(CACHE_ROLLOUT_ANNOTATION),
         },
         "spec": {
             "nodeName": spec.get("nodeName"),
             "gated": bool(spec.get("schedulingGates")),
             "cacheNodes": (meta.get("annotations") or {}).get(CACHE_NODES_ANNOTATION),
+            "memoryRequest": memory_request(spec),
         },
         "status": {
             "phase": status.get("phase"),
@@ -71,6 +77,22 @@ def pod_summary(body: Mapping[str, Any]) -> dict[str, Any]:
         },
         "failures": failures,
     }
+
+
+def memory_request(pod_spec: Mapping[str, Any]) -> int:
+    """The pod's memory request in bytes, as the scheduler counts it: its containers' sum,
+    or its largest init container's when that is more."""
+
+    def requested(container: Mapping[str, Any]) -> int:
+        value = ((container.get("resources") or {}).get("requests") or {}).get("memory")
+        try:
+            return parse_bytes(str(value)) if value is not None else 0
+        except ValueError:
+            return 0
+
+    running = sum(requested(c) for c in pod_spec.get("containers") or [])
+    init = max((requested(c) for c in pod_spec.get("initContainers") or []), default=0)
+    return max(running, init)
 
 
 def _active(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -277,6 +299,7 @@ def compute_status(observed: VLLMObserved, now: str | None = None) -> dict[str, 
         **counts,
         "selector": observed.selector,
         "url": observed.url,
+        "routerUrl": observed.router_url,
         "cache": {
             "clusterRef": observed.cluster_ref,
             "state": state,

@@ -106,6 +106,10 @@ class ChildRepairer:
             key = (str(result["kind"]), str(meta["namespace"]), str(meta["name"]))
             self.records[key] = _record(owner_kind, owner, shape, result)
 
+    def forget_child(self, kind: str, namespace: str, name: str) -> None:
+        """A child its owner removes on purpose (e.g. a router turned off): not repaired."""
+        self.records.pop((kind, namespace, name), None)
+
     def forget_owner(self, owner_kind: str, owner: Key) -> None:
         for key in [
             k for k, r in self.records.items() if (r.owner_kind, r.owner) == (owner_kind, owner)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lmcache_operator.builders.cache_rollout import TEMPLATE_HASH_ANNOTATION
 from lmcache_operator.builders.common import CLUSTER_LABEL, MANAGED_BY
 from lmcache_operator.builders.lmcachecluster import APP_NAME
 from lmcache_operator.podfailures import container_failures
+from lmcache_operator.quantity import parse_bytes
 from lmcache_operator.state import Key, Views, forget_unseen, owner_key
 
 DAEMONSET_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY},app.kubernetes.io/name={APP_NAME}"
@@ -15,16 +17,23 @@ POD_SELECTOR = f"app.kubernetes.io/name={APP_NAME},{CLUSTER_LABEL}"
 
 
 def pod_summary(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
     status = body.get("status", {})
     return {
         "metadata": {
-            "name": body["metadata"]["name"],
-            "deletionTimestamp": body["metadata"].get("deletionTimestamp"),
+            "name": meta["name"],
+            "uid": meta.get("uid", ""),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+            "templateHash": (meta.get("annotations") or {}).get(TEMPLATE_HASH_ANNOTATION, ""),
         },
-        "spec": {"nodeName": body.get("spec", {}).get("nodeName")},
+        "spec": {
+            "nodeName": body.get("spec", {}).get("nodeName"),
+            "hostNetwork": bool(body.get("spec", {}).get("hostNetwork")),
+        },
         "status": {
             "phase": status.get("phase"),
             "hostIP": status.get("hostIP", ""),
+            "podIP": status.get("podIP", ""),
             "conditions": status.get("conditions") or [],
             "containerStatuses": [
                 {"restartCount": s.get("restartCount", 0)}
@@ -78,8 +87,19 @@ class ClusterObserver:
             seen_nodes = {name for _, name in obj["seen"]}
             for name in [n for n in problems if n not in seen_nodes]:
                 problems[name] = "deleted"
+            for name in [n for n in self.views.node_memory if n not in seen_nodes]:
+                del self.views.node_memory[name]
             return
         name = obj["metadata"]["name"]
+        memory_before = self.views.node_memory.get(name)
+        if event == "DELETED":
+            self.views.node_memory.pop(name, None)
+        else:
+            allocatable = (obj.get("status") or {}).get("allocatable") or {}
+            try:
+                self.views.node_memory[name] = parse_bytes(str(allocatable["memory"]))
+            except (KeyError, ValueError):
+                self.views.node_memory.pop(name, None)
         problem: str | None = None
         if event == "DELETED":
             problem = "deleted"
@@ -87,7 +107,7 @@ class ClusterObserver:
             for condition in obj.get("status", {}).get("conditions") or []:
                 if condition.get("type") == "Ready" and condition.get("status") != "True":
                     problem = "NotReady"
-        if problems.get(name) == problem:
+        if problems.get(name) == problem and memory_before == self.views.node_memory.get(name):
             return
         if problem is None:
             problems.pop(name, None)

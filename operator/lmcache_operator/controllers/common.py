@@ -25,6 +25,8 @@ class Settings:
     images: NodeImageDefaults = DEFAULTS  # the chart's nodeImage
     secret_check_s: float = 30.0  # how often the credential Secrets are checked (POST: 409)
     key_propagation_s: float = 90.0  # a rotated key reaches the cache pods' files (kubelet)
+    pool_probe_timeout_s: float = 10.0  # reading a new cache pod's pool (/readyz); 0: off
+    pool_cleanup_timeout_s: float = 300.0  # a deleted cluster's pool cleanup Jobs, at most
 
     @property
     def namespaced(self) -> bool:

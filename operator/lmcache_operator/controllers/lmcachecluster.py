@@ -34,11 +34,15 @@ from lmcache_operator.builders.lmcachecluster import (
     name_problems,
 )
 from lmcache_operator.controllers.children import ChildRepairer
+from lmcache_operator.controllers.cleanup import PoolCleanup
 from lmcache_operator.controllers.cluster_config import ClusterConfigs
 from lmcache_operator.controllers.common import InvalidSpec, RetryLater, Settings
 from lmcache_operator.controllers.credentials import CredentialController
 from lmcache_operator.controllers.events import post_event
+from lmcache_operator.controllers.pool_probe import HttpPoolProbe, PoolProbe
+from lmcache_operator.controllers.pool_status import add_pool_fields, pools
 from lmcache_operator.controllers.queue import WorkQueue
+from lmcache_operator.controllers.rollout import RolloutController
 from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeClient, KubeError, forbidden_message
 from lmcache_operator.kube import transient as transient_error
 from lmcache_operator.metrics import OperatorMetrics
@@ -72,7 +76,8 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     """What status and credentials need of the body (the rotation annotation, not the
     others); no deep copy: kopf replaces, never edits, raw bodies."""
     meta = body["metadata"]
-    kept = {k: meta[k] for k in ("name", "namespace", "uid", "generation") if k in meta}
+    fields = ("name", "namespace", "uid", "generation", "deletionTimestamp", "finalizers")
+    kept = {k: meta[k] for k in fields if k in meta}
     rotate = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION)
     if rotate is not None:
         kept["annotations"] = {ROTATE_ANNOTATION: rotate}
@@ -91,6 +96,8 @@ class ClusterController:
         metrics: OperatorMetrics,
         children: ChildRepairer,
         settings: Settings | None = None,
+        *,
+        probe: PoolProbe | None = None,
     ) -> None:
         self.client = client
         self.views = views
@@ -108,6 +115,12 @@ class ClusterController:
         self.credentials = CredentialController(
             client, views, metrics, self.settings, self.repairs.request
         )
+        self.rollout = RolloutController(
+            client, views, metrics, self.status.request,
+            probe=probe if probe is not None else HttpPoolProbe(),
+            probe_budget_s=self.settings.pool_probe_timeout_s,
+        )  # fmt: skip
+        self.cleanup = PoolCleanup(client, views, metrics, self.settings)
         self.configs = ClusterConfigs(client, self.repairs.request)
 
     async def api_serves(self, api_version: str, plural: str) -> bool:
@@ -220,6 +233,7 @@ class ClusterController:
             for child in children:
                 child["metadata"]["ownerReferences"] = [owner_reference(owner)]
             results = await asyncio.gather(*(self.client.apply(child) for child in children))
+            await self.cleanup.ensure_finalizer(key, model.cache.persistent)
         except KubeError as exc:
             forbidden = forbidden_message(exc)
             if forbidden is not None:  # the operator's RBAC, not the spec: retry, never give up
@@ -289,8 +303,11 @@ class ClusterController:
             self.status.forget(key)
             self.children.forget_owner(KIND, key)
             self.credentials.forget(key)
+            self.rollout.forget(key)
             self.configs.forget(key)
             return
+        if body["metadata"].get("deletionTimestamp"):
+            self.cleanup.on_deleting(key, body)
         self.views.cluster(key).body = snapshot(body)
         self.credentials.on_cluster_event(key)
         self.status.request(key)
@@ -325,6 +342,8 @@ class ClusterController:
             return  # not reconciled by this process yet: keep the status as it is
         body, applied = view.body, view.applied
         spec = body.get("spec", {})
+        model = self._spec(spec)
+        nodes_with_pool, memory = pools(self.views, key, view, model)
         observed = Observed(
             generation=int(body["metadata"].get("generation", 0)),
             applied_generation=applied.generation,
@@ -338,9 +357,11 @@ class ClusterController:
             monitoring_condition=applied.monitoring_condition,
             node_problems=self.views.node_problems,
             forbidden=applied.forbidden,
-            device=self._device(spec),
+            device=effective_device(model) if model is not None else "",
+            memory_problems=memory,
         )
         status = compute_status(observed)
+        add_pool_fields(status, view, self.rollout, key, nodes_with_pool)
         status["consumers"] = sorted(k[1] for k in self.views.consumers(*key))
         credentials = self.credentials.known(key)
         if credentials is not None:
@@ -368,11 +389,11 @@ class ClusterController:
         logger.debug("status of %s/%s: %s", key[0], key[1], status["phase"])
 
     @staticmethod
-    def _device(spec: Mapping[str, Any]) -> str:
+    def _spec(spec: Mapping[str, Any]) -> LMCacheClusterSpec | None:
         try:
-            return effective_device(LMCacheClusterSpec.model_validate(dict(spec)))
+            return LMCacheClusterSpec.model_validate(dict(spec))
         except ValidationError:
-            return ""
+            return None
 
 
 def removals(

@@ -24,6 +24,7 @@ from lmcache_operator.controllers.credentials import every
 from lmcache_operator.controllers.gates import GateController
 from lmcache_operator.controllers.injection import REPORTED_POD_SELECTOR, InjectionReporter
 from lmcache_operator.controllers.lmcachecluster import ClusterController
+from lmcache_operator.controllers.router import ROUTER_SELECTOR
 from lmcache_operator.controllers.vllm_events import (
     CACHE_POD_SELECTOR,
     DEPLOYMENT_SELECTOR,
@@ -63,10 +64,15 @@ class Runtime:
         )
         self.gates = GateController(self.client, self.views, self.metrics, self.settings)
         self.injection = InjectionReporter(self.client, self.metrics)
-        self.cluster_observer = ClusterObserver(self.views, self.clusters.status.request)
+        self.cluster_observer = ClusterObserver(self.views, self._cluster_moved)
         self.vllm_observer = VLLMObserver(
             self.views, self.vllm, self.gates, self.clusters.status.request
         )
+
+    def _cluster_moved(self, key: tuple[str, str]) -> None:
+        """A cluster's DaemonSet, pods or nodes changed: its status, and its rollout."""
+        self.clusters.status.request(key)
+        self.clusters.rollout.queue.request(key)
 
     def _repair_cluster(self, key: tuple[str, str]) -> None:
         self.clusters.repairs.request(key)
@@ -77,6 +83,7 @@ class Runtime:
     def watch_loops(self) -> list[WatchLoop]:
         """Label-selected list+watch loops of everything but the two CRDs (kopf's)."""
         restarted = self.metrics.watch_restarts
+        routers = self.vllm.router
         namespaces: list[str | None] = list(self.settings.namespaces) or [None]
         loops = []
         if not self.settings.namespaced:  # namespaced mode: Roles only, no Node access
@@ -102,7 +109,20 @@ class Runtime:
             ("v1", "Pod", VLLM_POD_SELECTOR, [self.vllm_observer.on_vllm_pod]),
             ("v1", "Pod", CACHE_POD_SELECTOR, [self.vllm_observer.on_cache_pod]),
             ("v1", "ConfigMap", CHILD_SELECTOR, [self.children.on_event]),
-            ("v1", "Service", CHILD_SELECTOR, [self.children.on_event]),
+            (
+                "v1", "Service", CHILD_SELECTOR,
+                [self.children.on_event, routers.on_event_of("Service")],
+            ),
+            # a VLLMDeployment's router (spec.router): repairs, and removal when turned off
+            *[
+                (api_version, kind, ROUTER_SELECTOR,
+                 [self.children.on_event, routers.on_event_of(kind)])
+                for api_version, kind in (
+                    ("apps/v1", "Deployment"), ("v1", "ServiceAccount"),
+                    ("rbac.authorization.k8s.io/v1", "Role"),
+                    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+                )
+            ],
             # pods labelled for the webhook: an Event on each it could not wire
             ("v1", "Pod", REPORTED_POD_SELECTOR, [self.injection.on_pod]),
         ]  # fmt: skip
@@ -137,8 +157,10 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self.watch_tasks, return_exceptions=True)
         self.watch_tasks.clear()
+        await self.clusters.rollout.close()
         for queue in (
             self.clusters.status, self.clusters.repairs, self.clusters.credentials.rotations,
+            self.clusters.cleanup.queue,
             self.vllm.status,
             self.vllm.applies, self.vllm.repairs, self.gates.queue, self.injection.queue,
         ):  # fmt: skip

@@ -20,6 +20,7 @@ from lmcache_operator.api.common import API_VERSION, FIELD_MANAGER
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.policy import PodPolicy
 from lmcache_operator.api.vllmdeployment import KIND, VLLMDeploymentSpec
+from lmcache_operator.builders import router
 from lmcache_operator.builders.common import owner_reference
 from lmcache_operator.builders.credentials import public_keys_from_status
 from lmcache_operator.builders.lmcachecluster import name_problems as cluster_name_problems
@@ -34,6 +35,7 @@ from lmcache_operator.builders.vllmdeployment import (
 from lmcache_operator.controllers.children import ChildRepairer
 from lmcache_operator.controllers.common import InvalidSpec, RetryLater, Settings
 from lmcache_operator.controllers.queue import WorkQueue
+from lmcache_operator.controllers.router import RouterChildren
 from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeClient, KubeError, forbidden_message
 from lmcache_operator.kube import transient as transient_error
 from lmcache_operator.metrics import OperatorMetrics
@@ -57,6 +59,8 @@ def validate(
     except ValidationError as exc:
         return None, describe_validation_error(exc, prefix="spec")
     problems = name_problems(name) + model.semantic_problems(policy)
+    if model.router.enabled:
+        problems += router.name_problems(name)
     return (None if problems else model), problems
 
 
@@ -115,6 +119,7 @@ class VLLMController:
         self.status = WorkQueue("vllm-status", self.refresh_status, depth=depth)
         self.applies = WorkQueue("vllm-apply", self.apply_in_background, depth=depth)
         self.repairs = WorkQueue("vllm-repair", self.repair, depth=depth)
+        self.router = RouterChildren(client, children.forget_child)
 
     def _record(self, key: Key, applied: VLLMApplied) -> None:
         self.views.vllm.setdefault(key, VLLMView()).applied = applied
@@ -216,8 +221,12 @@ class VLLMController:
             ):
                 del child["spec"]["replicas"]  # leave the scaler's replicas alone
         results = [await self.client.apply(child) for child in children]
-        self.children.record(KIND, key, children, results)
         deployment_generation = int(results[-1]["metadata"].get("generation", 0))
+        was_enabled = bool((view.body.get("status") or {}).get("routerUrl"))
+        router_children, router_results = await self.router.reconcile(
+            key, model, conn, owner, was_enabled=was_enabled
+        )
+        self.children.record(KIND, key, [*children, *router_children], [*results, *router_results])
         self._record(
             key, VLLMApplied(generation=generation, deployment_generation=deployment_generation)
         )
@@ -275,6 +284,11 @@ class VLLMController:
             pods=list(view.pods.values()),
             previous=body.get("status") or {},
             url=service_url(name, namespace, model) if model is not None else "",
+            router_url=(
+                router.router_url(name, namespace, model)
+                if model is not None and model.router.enabled
+                else ""
+            ),
             selector=selector_string(name),
             forbidden=applied.forbidden,
         )

@@ -209,11 +209,17 @@ class KubeClient:
         name: str,
         *,
         resource_version: str | None = None,
+        uid: str | None = None,
+        propagation: str | None = None,
     ) -> bool:
-        """Delete (only that version, when given); False when it was already gone."""
-        body = (
-            {"preconditions": {"resourceVersion": resource_version}} if resource_version else None
-        )
+        """Delete (only that version or that uid, when given; ``propagation``: Background,
+        Foreground or Orphan); False when it was already gone."""
+        preconditions = {
+            k: v for k, v in (("resourceVersion", resource_version), ("uid", uid)) if v
+        }
+        body: dict[str, Any] | None = {"preconditions": preconditions} if preconditions else None
+        if propagation:
+            body = {**(body or {}), "propagationPolicy": propagation}
         try:
             await self.request("DELETE", object_path(api_version, kind, namespace, name), body=body)
         except KubeError as exc:
