@@ -93,7 +93,11 @@ class Kube:
         return items
 
     def can_i(self, service_account: str, verb: str, resource: str, *extra: str) -> bool:
-        """`kubectl auth can-i` as a ServiceAccount ("ns:name")."""
+        """`kubectl auth can-i` as a ServiceAccount ("ns:name"). ``resource/sub`` asks about
+        the subresource (can-i itself would read it as TYPE/NAME: an object named ``sub``)."""
+        resource, _, subresource = resource.partition("/")
+        if subresource:
+            extra = (f"--subresource={subresource}", *extra)
         result = self.kubectl(
             "auth",
             "can-i",

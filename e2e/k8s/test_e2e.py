@@ -31,7 +31,13 @@ from lmcache_operator.api.policy import DEFAULT_ALLOWED_HOST_PATH_PREFIXES
 from e2e.k8s import plain_vllm, vllm_deployment
 from e2e.k8s.conftest import REPO, Settings
 from e2e.k8s.kube import Kube, Timings, http_get
-from e2e.vllm.harness import Completion, prompt_text, retrieved_tokens_logged, stream_completion
+from e2e.vllm.harness import (
+    Completion,
+    prompt_text,
+    retrieved_tokens_logged,
+    stream_completion,
+    vllm_counter,
+)
 from tests.support import wait_until
 
 pytestmark = pytest.mark.k8s
@@ -39,6 +45,7 @@ pytestmark = pytest.mark.k8s
 CLUSTER = "cache"
 HTTP_PORT = 8080
 CHUNK = 256  # the LMCacheCluster's server.chunkSize (default)
+VERIFY = "vllm:lmcache_node_verify_chunks_total"  # verify mode's outcomes, on vLLM's /metrics
 CHART = REPO / "charts" / "lmcache-operator"
 HOST_IP = "status.hostIP"
 # the connector's log line for a hit served by the node server
@@ -471,6 +478,10 @@ def _retrieved(kube: Kube, settings: Settings) -> float:
     return _metric(kube, settings, "lmcache_node_tokens_total", 'kind="retrieved"')
 
 
+def _verified(vllm: VLLM) -> dict[str, float]:
+    return {o: vllm_counter(vllm.url, VERIFY, outcome=o) for o in ("matched", "mismatched")}
+
+
 def _complete(vllm: VLLM, prompt: str) -> Completion:
     return stream_completion(vllm.url, vllm_deployment.SERVED_MODEL, prompt)
 
@@ -481,10 +492,20 @@ def test_vllm_second_request_is_served_by_the_node_cache(
     if vllm is None:
         pytest.skip("E2E_VLLM_MODEL_DIR not set: no vLLM pod in this run")
     before = _retrieved(kube, settings)
+    verified_before = _verified(vllm)
     cold = _complete(vllm, vllm.prompt)
     warm = _complete(vllm, vllm.prompt)
     expected = (cold.prompt_tokens - 1) // CHUNK * CHUNK
     assert expected >= 2 * CHUNK, f"prompt too short: {cold.prompt_tokens} tokens"
+    # verify mode: the KV bytes vLLM got back are the bytes it stored, chunk by chunk (vLLM
+    # publishes the connector's counts with its stats, a moment after the request)
+    wait_until(
+        lambda: _verified(vllm)["matched"] - verified_before["matched"] >= expected // CHUNK,
+        60,
+        f"{expected // CHUNK} verified chunks",
+    )
+    verified = _verified(vllm)
+    assert verified["mismatched"] == verified_before["mismatched"], verified
     assert warm.text == cold.text, "greedy output changed when the prefix came from the cache"
     retrieved = _retrieved(kube, settings) - before
     assert retrieved == expected, f"the node cache served {retrieved} tokens, not {expected}"
@@ -657,16 +678,17 @@ def test_a_plain_deployment_labelled_for_the_webhook_hits_its_nodes_cache(
         # one vLLM at a time on this node: the VLLMDeployment makes room (scale subresource)
         kube.kubectl("scale", "vllmdeployments.lmcache.dev", vllm_deployment.NAME,
                      "--replicas=0", "-n", ns)  # fmt: skip
-        wait_until("the VLLMDeployment's pod gone", lambda: not _vllm_pods(kube, settings),
-                   timeout=180)  # fmt: skip
+        wait_until(lambda: not _vllm_pods(kube, settings), 180, "the VLLMDeployment's pod gone")
     start = time.monotonic()
     for obj in plain_vllm.build(settings, settings.vllm_model_dir, CLUSTER):
         kube.apply(obj)
     try:
         pod = wait_until(
-            "the plain vLLM pod Ready", lambda: plain_vllm.ready_pod(kube, settings),
-            timeout=600, interval=2,
-        )  # fmt: skip
+            lambda: plain_vllm.ready_pod(kube, settings),
+            600,
+            "the plain vLLM pod Ready",
+            interval=2,
+        )
         timings.record("plain Deployment (webhook) apply -> Ready", time.monotonic() - start)
         annotations = pod["metadata"].get("annotations") or {}
         assert annotations.get("lmcache.dev/injection") == "injected", annotations
@@ -711,8 +733,11 @@ def test_a_plain_deployment_labelled_for_the_webhook_hits_its_nodes_cache(
     finally:
         kube.kubectl("delete", "deployment,service", plain_vllm.NAME, "-n", ns,
                      "--ignore-not-found", "--wait=false", check=False)  # fmt: skip
-        wait_until("the plain vLLM pod gone", lambda: not kube.items("pods", ns,
-                   f"app={plain_vllm.NAME}"), timeout=120)  # fmt: skip
+        wait_until(
+            lambda: not kube.items("pods", ns, f"app={plain_vllm.NAME}"),
+            120,
+            "the plain vLLM pod gone",
+        )
 
 
 # What the operator must be allowed (it did all of the above with exactly this, and it

@@ -48,6 +48,8 @@ def build(settings: Settings, model_dir: str, cluster: str) -> dict[str, Any]:
                     {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"},
                     {"name": "HF_HUB_OFFLINE", "value": "1"},
                     {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
+                    # verify mode: each chunk loaded is checked against the digest saved with it
+                    {"name": "LMCACHE_NODE_VERIFY", "value": "1"},
                 ],
             },
             # 1 GiB of KV cache + the model + the engine's processes
