@@ -123,6 +123,10 @@ class VLLMProcess:
             "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
             "--enforce-eager", "--no-enable-prefix-caching",
             "--max-model-len", str(max_model_len), "--seed", "0",
+            # float32: the generated model's weights are random, so in bfloat16 its greedy
+            # choices are near-ties that can flip between a full prefill and one over loaded
+            # KV even when every KV byte is the same (verify mode checks the bytes)
+            "--dtype", "float32",
             *extra_args,
         ]  # fmt: skip
         if kv_role is not None:

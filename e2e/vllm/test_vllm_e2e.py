@@ -267,7 +267,7 @@ def prompt_keys(dep: Deployment, prompt: str) -> list[bytes]:
         model_name=str(dep.a.model),
         world_size=1,
         worker_id=0,
-        kv_dtype="bfloat16",
+        kv_dtype="float32",  # the harness serves the model in float32
         layout=kv_layout("cpu", 128, use_mla=False),
     )
     return list(chunk_keys(tokens["tokens"], CHUNK, namespace))
