@@ -140,7 +140,12 @@ def test_a_prompt_goes_back_to_the_node_that_holds_it(
     model = str(nodes[0].vllm.model)
     before = {n.vllm.url: router.routed(n.vllm.url) for n in nodes}
     first = stream_completion(router.url, model, prompt)
-    owner = next(n for n in nodes if router.routed(n.vllm.url) > before[n.vllm.url])
+    # the router counts a request once its stream has ended: a moment after the client saw it
+    owner = wait_until(
+        lambda: next((n for n in nodes if router.routed(n.vllm.url) > before[n.vllm.url]), None),
+        10,
+        "the first request counted for its replica",
+    )
     other = next(n for n in nodes if n is not owner)
     expected = (first.prompt_tokens - 1) // CHUNK * CHUNK
     assert expected >= 3 * CHUNK
@@ -155,6 +160,11 @@ def test_a_prompt_goes_back_to_the_node_that_holds_it(
     retrieved_before = {id(n): retrieved(n) for n in nodes}
     routed_before = router.routed(owner.vllm.url)
     again = stream_completion(router.url, model, prompt)
+    wait_until(
+        lambda: router.routed(owner.vllm.url) >= routed_before + 1,
+        10,
+        "the second request counted for the owner",
+    )
     assert router.routed(owner.vllm.url) == routed_before + 1  # routed back to the owner
     assert again.text == first.text
     assert retrieved(owner) - retrieved_before[id(owner)] == expected  # a hit on its node
