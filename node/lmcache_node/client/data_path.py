@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import msgspec
 import torch
 
+from lmcache_node.client.calls import ClientCalls
 from lmcache_node.client.errors import (
     NodeUnavailableError,
     RemoteError,
@@ -27,27 +27,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmcache_node.client.node_client")  # the client's log, as before the split
 
-T = TypeVar("T", bound=msgspec.Struct)
 
-
-class DataPathCalls:
+class DataPathCalls(ClientCalls):
     """``lookup`` / ``store`` / ``retrieve``: whole chunks between the registration's
     blocks and the server, the reply after the server committed."""
 
     if TYPE_CHECKING:
         info: HandshakeInfo | None
         _executor: ThreadPoolExecutor
-
-        def _call(
-            self,
-            op: m.Op,
-            payload: msgspec.Struct,
-            reply_type: type[T],
-            *,
-            timeout: float | None = None,
-            internal: bool = False,
-            retry_session: bool = True,
-        ) -> T: ...
 
     # ----- data path -----
     def lookup(

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import msgspec
 import torch
 
+from lmcache_node.client.calls import ClientCalls
 from lmcache_node.client.errors import (
     RemoteError,
 )
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     pass
 
 log = logging.getLogger("lmcache_node.client.node_client")  # the client's log, as before the split
-
-T = TypeVar("T", bound=msgspec.Struct)
 
 
 @dataclass(eq=False)
@@ -50,7 +48,7 @@ class Registration:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
-class RegistrationCalls:
+class RegistrationCalls(ClientCalls):
     """``register_kv_caches`` / ``unregister`` and the re-registration after a restart."""
 
     if TYPE_CHECKING:
@@ -58,17 +56,6 @@ class RegistrationCalls:
         _registrations: list[Registration]
 
         def _shm_directory(self) -> shm.ShmDirectory: ...
-
-        def _call(
-            self,
-            op: m.Op,
-            payload: msgspec.Struct,
-            reply_type: type[T],
-            *,
-            timeout: float | None = None,
-            internal: bool = False,
-            retry_session: bool = True,
-        ) -> T: ...
 
     # ----- registration -----
     def register_kv_caches(
