@@ -42,9 +42,8 @@ from lmcache_operator.builders.vllm_connector import (
     CONNECTOR_DIR,
     CONNECTOR_MODULE,
     CONNECTOR_VOLUME,
-    CREDENTIALS_DIR_ENV,
-    HOST_IP_ENV,
     CacheConnection,
+    connector_env,
     host_ip_env,
     install_connector_container,
 )
@@ -238,18 +237,11 @@ def kv_transfer_args(kv_role: str = "kv_both") -> list[str]:
 
 def env(conn: Connection, *, install: bool = True) -> list[dict[str, Any]]:
     """The vLLM container's env, in order: ``HOST_IP`` first (the others reference it)."""
-    items: list[dict[str, Any]] = [
+    return [
         host_ip_env(),
         {"name": "PYTHONHASHSEED", "value": "0"},
-        {"name": "LMCACHE_NODE_HOST", "value": f"tcp://$({HOST_IP_ENV})"},
-        {"name": "LMCACHE_NODE_PORT", "value": str(conn.port)},
-        {"name": "LMCACHE_CHUNK_SIZE", "value": str(conn.chunk_size)},
-        {"name": "LMCACHE_NODE_TRANSFER_MODE", "value": conn.transfer_mode},
-        {"name": CREDENTIALS_DIR_ENV, "value": CLIENT_DIR},
+        *connector_env(conn, install=install),
     ]
-    if install:
-        items.append({"name": "PYTHONPATH", "value": CONNECTOR_DIR})
-    return items
 
 
 def volumes(conn: Connection, *, install: bool = True) -> list[dict[str, Any]]:

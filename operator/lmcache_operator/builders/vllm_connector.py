@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.vllmdeployment import VLLMDeploymentSpec
@@ -176,7 +176,19 @@ def host_ip_env() -> dict[str, Any]:
     return {"name": HOST_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}
 
 
-def connector_env(conn: CacheConnection, *, install: bool) -> list[dict[str, Any]]:
+class ConnectorEndpoint(Protocol):
+    """What the connector's env is made of (a CacheConnection, or the connection contract's
+    Connection)."""
+
+    @property
+    def port(self) -> int: ...
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def transfer_mode(self) -> str: ...
+
+
+def connector_env(conn: ConnectorEndpoint, *, install: bool) -> list[dict[str, Any]]:
     """The connector's LMCACHE_* variables (after HOST_IP, which they reference)."""
     env: list[dict[str, Any]] = [
         {"name": "LMCACHE_NODE_HOST", "value": f"tcp://$({HOST_IP_ENV})"},
