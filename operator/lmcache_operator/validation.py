@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -22,6 +22,19 @@ def describe_validation_error(exc: ValidationError, *, prefix: str = "") -> list
             message = f"{message} (got {error['input']!r})"
         problems.append(f"{where or '(spec)'}: {message}")
     return problems
+
+
+def validated_spec(
+    model: type[SpecT], spec: Mapping[str, Any], problems: Callable[[SpecT], list[str]]
+) -> tuple[SpecT | None, list[str]]:
+    """``spec`` as ``model``, or the problems that make it invalid: the schema's (each named
+    ``spec.<field>``), else what ``problems`` finds in the model."""
+    try:
+        parsed = model.model_validate(dict(spec))
+    except ValidationError as exc:
+        return None, describe_validation_error(exc, prefix="spec")
+    found = problems(parsed)
+    return (None if found else parsed), found
 
 
 class RenderError(ValueError):

@@ -48,7 +48,7 @@ from lmcache_operator.kube import transient as transient_error
 from lmcache_operator.metrics import OperatorMetrics
 from lmcache_operator.state import Applied, ClusterView, Key, Views
 from lmcache_operator.status import Observed, compute_status, now_rfc3339, same_status
-from lmcache_operator.validation import describe_validation_error
+from lmcache_operator.validation import validated_spec
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,11 @@ def validate(
 ) -> tuple[LMCacheClusterSpec | None, list[str]]:
     """The spec model, or the problems that make it invalid under the chart's guard rails
     ``policy`` (default: the chart's defaults); each names the field."""
-    try:
-        model = LMCacheClusterSpec.model_validate(dict(spec))
-    except ValidationError as exc:
-        return None, describe_validation_error(exc, prefix="spec")
-    problems = name_problems(name) + model.semantic_problems(policy)
-    return (None if problems else model), problems
+    return validated_spec(
+        LMCacheClusterSpec,
+        spec,
+        lambda model: name_problems(name) + model.semantic_problems(policy),
+    )
 
 
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from pydantic import ValidationError
-
 from lmcache_operator.api.common import API_VERSION, FIELD_MANAGER
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.api.policy import PodPolicy
@@ -40,7 +38,7 @@ from lmcache_operator.kube import FORBIDDEN_RETRY_S, KubeClient, KubeError, forb
 from lmcache_operator.kube import transient as transient_error
 from lmcache_operator.metrics import OperatorMetrics
 from lmcache_operator.state import CacheView, Key, Views, VLLMApplied, VLLMView, cluster_ref
-from lmcache_operator.validation import describe_validation_error
+from lmcache_operator.validation import validated_spec
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +52,12 @@ def validate(
 ) -> tuple[VLLMDeploymentSpec | None, list[str]]:
     """The spec model, or the problems that make it invalid under the chart's guard rails
     ``policy`` (default: the chart's defaults); each names the field."""
-    try:
-        model = VLLMDeploymentSpec.model_validate(dict(spec))
-    except ValidationError as exc:
-        return None, describe_validation_error(exc, prefix="spec")
-    problems = name_problems(name) + model.semantic_problems(policy)
-    if model.router.enabled:
-        problems += router.name_problems(name)
-    return (None if problems else model), problems
+
+    def problems(model: VLLMDeploymentSpec) -> list[str]:
+        found = name_problems(name) + model.semantic_problems(policy)
+        return found + (router.name_problems(name) if model.router.enabled else [])
+
+    return validated_spec(VLLMDeploymentSpec, spec, problems)
 
 
 def connection(
@@ -73,13 +69,12 @@ def connection(
     namespace, cluster = key
     if view is None or view.body is None:
         return None, ""
-    try:
-        spec = LMCacheClusterSpec.model_validate(view.body.get("spec") or {})
-    except ValidationError as exc:
-        problems = describe_validation_error(exc, prefix="spec")
-        return None, f"LMCacheCluster {cluster!r} has an invalid spec: {'; '.join(problems)}"
-    problems = cluster_name_problems(cluster) + spec.semantic_problems(settings.policy)
-    if problems:
+    spec, problems = validated_spec(
+        LMCacheClusterSpec,
+        view.body.get("spec") or {},
+        lambda model: cluster_name_problems(cluster) + model.semantic_problems(settings.policy),
+    )
+    if spec is None:
         return None, f"LMCacheCluster {cluster!r} has an invalid spec: {'; '.join(problems)}"
     conn = CacheConnection.from_cluster(
         cluster, spec, namespace=namespace, images=settings.images, keys=view.keys
