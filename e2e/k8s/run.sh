@@ -15,7 +15,10 @@
 # Env: E2E_DIR (cluster state, default /tmp/lmcache-e2e), E2E_SKIP_BUILD=1 (reuse images),
 # E2E_HOST_REACHES_NODE=0 (reach the cache and vLLM through kubectl port-forward, as on kind),
 # E2E_KEEP=1 (leave the cluster running for debugging; down.sh --dir $E2E_DIR stops it),
-# PYTEST_ARGS (extra pytest arguments).
+# E2E_PRUNE_IMAGES=1 (default when CI is set): drop each image's build stages right after it
+# is built and its buildah copy once the node's containerd holds it, so the disk holds each
+# image about once instead of four times (build stage, image, archive, containerd; the
+# vLLM image is ~2.8 GiB), PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 K8S_TOOLS=$(cd "${K8S_TOOLS:-../shared/k8s}" && pwd)
@@ -25,9 +28,16 @@ TAG=${IMAGE_TAG:-0.1.0}
 TIMINGS=$(mktemp /tmp/lmcache-e2e-timings.XXXXXX)
 PY=${PY:-.venv/bin/python}
 export E2E_TIMINGS=$TIMINGS
+PRUNE=${E2E_PRUNE_IMAGES:-$([ -n "${CI:-}" ] && echo 1 || true)}
+[ "$PRUNE" = 0 ] && PRUNE=""
 
 record() { printf '{"name": "%s", "seconds": %s}\n' "$1" "$2" >> "$TIMINGS"; }
 step() { printf '\033[36m[e2e %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*"; }
+# Free space (GiB) where buildah keeps images; the node's containerd lives under $DIR.
+free_gib() { df -P -k "$1" 2>/dev/null | awk 'NR == 2 { printf "%.1f", $4 / 1048576 }'; }
+disk() {
+  step "free disk: $(free_gib "$STORE") GiB under $STORE, $(free_gib "$(dirname "$DIR")") GiB under $(dirname "$DIR") ($1)"
+}
 table() {
   "$PY" - "$TIMINGS" <<'PY'
 import json, sys
@@ -40,6 +50,7 @@ PY
 }
 cleanup() {
   local rc=$?
+  [ -z "${STORE:-}" ] || disk "end"
   if [ -n "${E2E_KEEP:-}" ]; then
     step "E2E_KEEP set: cluster left running; stop it with $K8S_TOOLS/down.sh --dir $DIR"
   elif [ -e "$DIR/run/pids" ]; then
@@ -52,6 +63,10 @@ cleanup() {
 }
 START=$(date +%s)
 trap cleanup EXIT
+command -v buildah >/dev/null || "$K8S_TOOLS/image.sh" base  # installs buildah on first use
+STORE=$(buildah info --format '{{.store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers/storage)
+mkdir -p "$STORE"
+disk "start"
 
 IMAGES=(node operator)
 if [ -n "${E2E_VLLM:-}" ]; then
@@ -69,9 +84,27 @@ if [ -n "${E2E_VLLM:-}" ]; then
   export E2E_VLLM_MODEL_DIR=$MODEL_DIR
 fi
 if [ -z "${E2E_SKIP_BUILD:-}" ]; then
-  step "building the CPU images (${IMAGES[*]})"
+  # What building and loading the images take at their peak (docs/testing.md): a warning,
+  # since the peak depends on the layers already cached.
+  need=$([ -n "${E2E_VLLM:-}" ] && echo 11 || echo 8)
+  have=$(free_gib "$STORE")
+  if [ -n "$have" ] && awk -v h="$have" -v n="$need" 'BEGIN { exit !(h < n) }'; then
+    echo "e2e: warning: $have GiB free under $STORE; building and loading the images from" \
+      "scratch took up to $need GiB here${PRUNE:+ (pruning on)}. If a build fails with 'no space" \
+      "left on device', free space (buildah rmi --prune) or set E2E_VLLM= to skip the vLLM image." >&2
+  fi
+  step "building the CPU images (${IMAGES[*]})${PRUNE:+, dropping build stages after each}"
   t=$(date +%s)
-  IMAGE_REGISTRY=$REGISTRY IMAGE_TAG=$TAG K8S_TOOLS=$K8S_TOOLS images/build.sh "${IMAGES[@]}"
+  if [ -n "$PRUNE" ]; then
+    for name in "${IMAGES[@]}"; do
+      IMAGE_REGISTRY=$REGISTRY IMAGE_TAG=$TAG K8S_TOOLS=$K8S_TOOLS images/build.sh "$name"
+      buildah rmi --prune >/dev/null
+      disk "after building $name"
+    done
+  else
+    IMAGE_REGISTRY=$REGISTRY IMAGE_TAG=$TAG K8S_TOOLS=$K8S_TOOLS images/build.sh "${IMAGES[@]}"
+    disk "after the builds"
+  fi
   record "build images (${IMAGES[*]})" "$(( $(date +%s) - t ))"
 fi
 
@@ -92,7 +125,12 @@ refs=()  # the tags images/build.sh gives: the cache server's CPU variant is <ta
 for name in "${IMAGES[@]}"; do
   if [ "$name" = node ]; then refs+=("$REGISTRY/lmcache-node:$TAG-cpu"); else refs+=("$REGISTRY/lmcache-$name:$TAG"); fi
 done
-"$K8S_TOOLS/image.sh" load --dir "$DIR" "${refs[@]}"
+for ref in "${refs[@]}"; do
+  "$K8S_TOOLS/image.sh" load --dir "$DIR" "$ref"
+  # The node's containerd has its own copy now: E2E_PRUNE_IMAGES drops buildah's.
+  [ -z "$PRUNE" ] || buildah rmi "$ref" >/dev/null
+done
+disk "after loading the images"
 record "load images into node-0 (${IMAGES[*]})" "$(( $(date +%s) - t ))"
 
 step "running e2e/k8s"
