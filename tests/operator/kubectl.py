@@ -71,6 +71,27 @@ class Cluster:
         return self.kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest, check=check)
 
 
+class _Watch:
+    """A ``kubectl get ... -w`` process whose output lines go to ``on_line`` on a thread."""
+
+    def __init__(self, cluster: Cluster, args: list[str], on_line: Callable[[str], None]):
+        self._proc = subprocess.Popen(
+            ["kubectl", "get", *args, "-w"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=cluster.env,
+        )  # fmt: skip
+        self._on_line = on_line
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            self._on_line(raw)
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=10)
+
+
 @dataclass
 class StatusRecorder:
     """Every status the API server reports for one LMCacheCluster, through a watch."""
@@ -79,42 +100,21 @@ class StatusRecorder:
     namespace: str
     name: str
     seen: list[dict[str, Any]] = field(default_factory=list)
-    _proc: subprocess.Popen[str] | None = None
-    _thread: threading.Thread | None = None
+    _watch: _Watch | None = None
 
     def __enter__(self) -> StatusRecorder:
-        self._proc = subprocess.Popen(
-            [
-                "kubectl",
-                "get",
-                "lmcc",
-                self.name,
-                "-n",
-                self.namespace,
-                "-w",
-                "-o",
-                'jsonpath={.status}{"\\n"}',
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=self.cluster.env,
-        )
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
+        args = ["lmcc", self.name, "-n", self.namespace, "-o", 'jsonpath={.status}{"\\n"}']
+        self._watch = _Watch(self.cluster, args, self._line)
         return self
 
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for raw in self._proc.stdout:
-            text = raw.strip()
-            if text:
-                self.seen.append(json.loads(text))
+    def _line(self, raw: str) -> None:
+        text = raw.strip()
+        if text:
+            self.seen.append(json.loads(text))
 
     def __exit__(self, *exc: object) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(timeout=10)
+        if self._watch is not None:
+            self._watch.stop()
 
     def phases(self) -> list[str]:
         return [s.get("phase", "") for s in self.seen]
@@ -137,8 +137,7 @@ class PodRecorder:
     namespace: str
     selector: str
     seen: list[tuple[str, str, str, bool, bool, str]] = field(default_factory=list)
-    _proc: subprocess.Popen[str] | None = None
-    _thread: threading.Thread | None = None
+    _watch: _Watch | None = None
 
     # "|"-separated: kubectl's watch output goes through a tabwriter, which turns tabs into
     # spaces; no name, node, timestamp or rollout mark holds a "|"
@@ -150,27 +149,20 @@ class PodRecorder:
     )
 
     def __enter__(self) -> PodRecorder:
-        self._proc = subprocess.Popen(
-            ["kubectl", "get", "pods", "-n", self.namespace, "-l", self.selector, "-w",
-             "--output-watch-events", "-o", f"jsonpath={self.TEMPLATE}"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.cluster.env,
-        )  # fmt: skip
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
+        args = ["pods", "-n", self.namespace, "-l", self.selector, "--output-watch-events",
+                "-o", f"jsonpath={self.TEMPLATE}"]  # fmt: skip
+        self._watch = _Watch(self.cluster, args, self._line)
         return self
 
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for raw in self._proc.stdout:
-            parts = raw.rstrip("\n").split("|", 5)
-            if len(parts) == 6:
-                kind, name, node, ready, deleting, mark = parts
-                self.seen.append((kind, name, node, ready == "True", bool(deleting), mark))
+    def _line(self, raw: str) -> None:
+        parts = raw.rstrip("\n").split("|", 5)
+        if len(parts) == 6:
+            kind, name, node, ready, deleting, mark = parts
+            self.seen.append((kind, name, node, ready == "True", bool(deleting), mark))
 
     def __exit__(self, *exc: object) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(timeout=10)
+        if self._watch is not None:
+            self._watch.stop()
 
     def listed(self, count: int, timeout: float = 30) -> None:
         """Wait until the watch has reported ``count`` pods (its initial list)."""
