@@ -18,6 +18,7 @@ kept in ``status.rollout`` and read back for the same revision.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -71,10 +72,10 @@ class Rollout:
 
 def max_unavailable(value: int | str, nodes: int) -> int:
     """updateStrategy.maxUnavailable as a node count: a number, or a percent of the nodes
-    (rounded down, as the DaemonSet controller does), at least 1."""
+    (rounded up, as the DaemonSet controller does), at least 1."""
     if isinstance(value, str) and value.endswith("%"):
         try:
-            return max(1, int(float(value[:-1]) * nodes / 100))
+            return max(1, math.ceil(float(value[:-1]) * nodes / 100))
         except ValueError:
             return 1
     try:
@@ -191,7 +192,10 @@ class RolloutController:
             if node and pod["status"].get("phase") not in ("Succeeded", "Failed"):
                 by_node.setdefault(str(node), []).append(pod)
         for node in [n for n, r in rollout.nodes.items() if n not in by_node]:
-            if rollout.nodes[node].state != "Replacing":  # between the old pod and the new
+            # a node between its old pod and the new stays, unless the node itself is gone
+            # (it would count as in progress forever and hold up the other nodes)
+            deleted = self.views.node_problems.get(node) == "deleted"
+            if rollout.nodes[node].state != "Replacing" or deleted:
                 del rollout.nodes[node]
         for node, pods in sorted(by_node.items()):
             roll = rollout.nodes.setdefault(node, NodeRoll())
