@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-GIB = float(1 << 30)
+from lmcache_operator.quantity import GIB
 
 
 def _gib(nbytes: int) -> str:

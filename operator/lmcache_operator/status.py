@@ -32,8 +32,25 @@ class Observed:
     memory_problems: Sequence[str] = ()  # nodes whose pool + vLLM requests do not fit
 
 
+RFC3339 = "%Y-%m-%dT%H:%M:%SZ"  # what the API server writes (creationTimestamp, ...)
+
+
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(timezone.utc).strftime(RFC3339)
+
+
+def rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime(RFC3339)
+
+
+def parse_rfc3339(text: str) -> float | None:
+    """Seconds since the epoch of an RFC 3339 time (UTC when it names no zone); None when
+    ``text`` is not one."""
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def pod_ready(pod: Mapping[str, Any]) -> bool:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -39,7 +38,7 @@ from lmcache_operator.controllers.queue import Retry, WorkQueue
 from lmcache_operator.kube import KubeClient, KubeError
 from lmcache_operator.metrics import OperatorMetrics
 from lmcache_operator.state import Key, Views
-from lmcache_operator.status import now_rfc3339
+from lmcache_operator.status import now_rfc3339, parse_rfc3339
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +51,6 @@ def pool_nodes(status: Mapping[str, Any], pod_nodes: set[str], gone: set[str]) -
     nodes that were deleted (their /dev/shm went with them)."""
     recorded = {str(n) for n in status.get("poolNodes") or []}
     return sorted((recorded | pod_nodes) - gone)
-
-
-def _stamp(value: str) -> float:
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return time.time()
 
 
 class PoolCleanup:
@@ -130,8 +122,9 @@ class PoolCleanup:
         nodes = pool_nodes(body.get("status") or {}, pods, gone)
         # from the deletion, or from when this process saw it (the operator was down)
         first_seen = self._first_seen.setdefault(key, time.time())
+        deleted_at = parse_rfc3339(str(meta["deletionTimestamp"]))
         deadline = self.settings.pool_cleanup_timeout_s + max(
-            _stamp(str(meta["deletionTimestamp"])), first_seen
+            time.time() if deleted_at is None else deleted_at, first_seen
         )
         if key not in self._jobs_made:
             refused = await self._start(key, body, spec, nodes, deadline)

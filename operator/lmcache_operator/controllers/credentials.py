@@ -25,7 +25,6 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
-from datetime import datetime, timezone
 from typing import Any
 
 import zmq
@@ -59,6 +58,7 @@ from lmcache_operator.controllers.queue import WorkQueue
 from lmcache_operator.kube import KubeClient, KubeError
 from lmcache_operator.metrics import OperatorMetrics
 from lmcache_operator.state import Key, Views, cluster_ref, owner_key
+from lmcache_operator.status import parse_rfc3339, rfc3339
 
 logger = logging.getLogger(__name__)
 
@@ -70,18 +70,6 @@ def curve_keypair() -> tuple[str, str]:
     """A CURVE key pair from libzmq (pyzmq), as Z85 text."""
     public, secret = zmq.curve_keypair()
     return public.decode("ascii"), secret.decode("ascii")
-
-
-def rfc3339(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_rfc3339(text: str) -> float | None:
-    try:
-        parsed = datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
-    except ValueError:
-        return None
-    return parsed.replace(tzinfo=timezone.utc).timestamp()
 
 
 class CredentialController:

@@ -24,6 +24,7 @@ from lmcache_operator.controllers.queue import Retry, WorkQueue
 from lmcache_operator.kube import KubeClient, KubeError
 from lmcache_operator.metrics import OperatorMetrics
 from lmcache_operator.state import CacheView, Key, Views, cluster_ref
+from lmcache_operator.status import now_rfc3339
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,6 @@ def stale_placement(summary: Mapping[str, Any], ready: list[str]) -> bool:
     if allowed is None or summary["spec"].get("nodeName"):
         return False
     return bool(set(ready) - set(allowed.split(",")))
-
-
-def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def age_s(obj: Mapping[str, Any]) -> float:

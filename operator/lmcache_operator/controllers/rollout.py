@@ -22,7 +22,6 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -36,7 +35,7 @@ from lmcache_operator.kube import KubeClient, KubeError
 from lmcache_operator.metrics import OperatorMetrics
 from lmcache_operator.podfailures import describe
 from lmcache_operator.state import ClusterView, Key, Views
-from lmcache_operator.status import now_rfc3339, pod_failures, pod_ready
+from lmcache_operator.status import now_rfc3339, parse_rfc3339, pod_failures, pod_ready
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +83,6 @@ def max_unavailable(value: int | str, nodes: int) -> int:
         return 1
 
 
-def _wall_seconds(stamp: str) -> float | None:
-    try:
-        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def _seeded(revision: str, previous: Mapping[str, Any]) -> Rollout:
     """A rollout from the status of an earlier process (same revision)."""
     rollout = Rollout(
@@ -103,7 +95,7 @@ def _seeded(revision: str, previous: Mapping[str, Any]) -> Rollout:
             state=str(item.get("state") or "Waiting"),
             pod=str(item.get("pod") or ""),
             started_at=str(item.get("startedAt") or ""),
-            started=_wall_seconds(str(item.get("startedAt") or "")),
+            started=parse_rfc3339(str(item.get("startedAt") or "")),
             seconds=item.get("seconds"),
             pool=PoolReport(
                 str(pool),

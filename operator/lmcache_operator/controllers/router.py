@@ -17,7 +17,7 @@ from lmcache_operator.api.vllmdeployment import VLLMDeploymentSpec
 from lmcache_operator.builders import router
 from lmcache_operator.builders.common import MANAGED_BY, owner_reference
 from lmcache_operator.builders.vllm_connector import CacheConnection
-from lmcache_operator.kube import KubeClient, KubeError
+from lmcache_operator.kube import KubeClient
 from lmcache_operator.state import Key
 
 logger = logging.getLogger(__name__)
@@ -97,15 +97,8 @@ class RouterChildren:
             if kind not in kinds:
                 continue
             self.forget(kind, namespace, router.router_name(name))
-            try:
-                deleted = await self.client.delete(
-                    api_version, kind, namespace, router.router_name(name)
-                )
-            except KubeError as exc:
-                if exc.status != 404:
-                    raise
-                deleted = False
-            if deleted:
+            # delete() answers False when the object is gone already (404)
+            if await self.client.delete(api_version, kind, namespace, router.router_name(name)):
                 logger.info("router of %s/%s off: deleted %s %s", namespace, name, kind,
                             router.router_name(name))  # fmt: skip
         self.present.pop(key, None)
