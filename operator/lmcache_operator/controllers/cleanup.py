@@ -66,10 +66,11 @@ class PoolCleanup:
         self._jobs_made: set[Key] = set()
         self._first_seen: dict[Key, float] = {}
 
-    async def ensure_finalizer(self, key: Key, persistent: bool) -> None:
+    async def ensure_finalizer(self, key: Key, persistent: bool, meta: Mapping[str, Any]) -> None:
         """A persistent cluster carries the finalizer (kept once set: its pools may stay
-        on the nodes after persistent is turned off, until the servers there restart)."""
-        if persistent:
+        on the nodes after persistent is turned off, until the servers there restart).
+        ``meta``: the metadata the reconcile read; when it lists ours, no read is needed."""
+        if persistent and FINALIZER not in (meta.get("finalizers") or []):
             await self._edit_finalizers(key, add=True)
 
     async def _edit_finalizers(self, key: Key, *, add: bool) -> bool:

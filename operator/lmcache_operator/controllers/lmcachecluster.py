@@ -232,7 +232,7 @@ class ClusterController:
             for child in children:
                 child["metadata"]["ownerReferences"] = [owner_reference(owner)]
             results = await asyncio.gather(*(self.client.apply(child) for child in children))
-            await self.cleanup.ensure_finalizer(key, model.cache.persistent)
+            await self.cleanup.ensure_finalizer(key, model.cache.persistent, meta)
         except KubeError as exc:
             forbidden = forbidden_message(exc)
             if forbidden is not None:  # the operator's RBAC, not the spec: retry, never give up
