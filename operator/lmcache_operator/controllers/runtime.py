@@ -24,7 +24,7 @@ from lmcache_operator.controllers.credentials import every
 from lmcache_operator.controllers.gates import GateController
 from lmcache_operator.controllers.injection import REPORTED_POD_SELECTOR, InjectionReporter
 from lmcache_operator.controllers.lmcachecluster import ClusterController
-from lmcache_operator.controllers.router import ROUTER_SELECTOR
+from lmcache_operator.controllers.router import ROUTER_KINDS, ROUTER_SELECTOR
 from lmcache_operator.controllers.vllm_events import (
     CACHE_POD_SELECTOR,
     DEPLOYMENT_SELECTOR,
@@ -114,14 +114,12 @@ class Runtime:
                 [self.children.on_event, routers.on_event_of("Service")],
             ),
             # a VLLMDeployment's router (spec.router): repairs, and removal when turned off
+            # (its Service comes through the Service watch above)
             *[
                 (api_version, kind, ROUTER_SELECTOR,
                  [self.children.on_event, routers.on_event_of(kind)])
-                for api_version, kind in (
-                    ("apps/v1", "Deployment"), ("v1", "ServiceAccount"),
-                    ("rbac.authorization.k8s.io/v1", "Role"),
-                    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
-                )
+                for api_version, kind in ROUTER_KINDS
+                if kind != "Service"
             ],
             # pods labelled for the webhook: an Event on each it could not wire
             ("v1", "Pod", REPORTED_POD_SELECTOR, [self.injection.on_pod]),
