@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +95,8 @@ def memory_request(pod_spec: Mapping[str, Any]) -> int:
     return max(running, init)
 
 
-def _active(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def active_pods(pods: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The pods neither being deleted nor finished."""
     return [
         p
         for p in pods
@@ -105,7 +106,7 @@ def _active(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 
 def nodes_without_ready_cache(observed: VLLMObserved) -> list[str]:
-    nodes = {p["spec"]["nodeName"] for p in _active(observed.pods) if p["spec"].get("nodeName")}
+    nodes = {p["spec"]["nodeName"] for p in active_pods(observed.pods) if p["spec"].get("nodeName")}
     return sorted(nodes - observed.ready_cache_nodes)
 
 
@@ -145,7 +146,7 @@ def _cache(observed: VLLMObserved) -> tuple[str, tuple[bool, str, str], list[str
     if observed.cluster_problem:
         return "Incompatible", (False, "ClusterInvalid", observed.cluster_problem), []
     missing = nodes_without_ready_cache(observed)
-    gated = [p for p in _active(observed.pods) if p["spec"].get("gated")]
+    gated = [p for p in active_pods(observed.pods) if p["spec"].get("gated")]
     if missing:
         return (
             "Degraded",
@@ -176,7 +177,7 @@ def _cache(observed: VLLMObserved) -> tuple[str, tuple[bool, str, str], list[str
 
 def _replica_failure(observed: VLLMObserved) -> tuple[bool, str, str]:
     failing = sorted(
-        (p for p in _active(observed.pods) if p.get("failures")),
+        (p for p in active_pods(observed.pods) if p.get("failures")),
         key=lambda p: str(p["metadata"]["name"]),
     )
     if failing:

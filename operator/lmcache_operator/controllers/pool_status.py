@@ -7,6 +7,7 @@ from typing import Any
 
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.builders.cache_memory import pool_bytes
+from lmcache_operator.builders.vllm_status import active_pods
 from lmcache_operator.controllers.cleanup import pool_nodes
 from lmcache_operator.controllers.rollout import RolloutController
 from lmcache_operator.memory import memory_problems
@@ -18,11 +19,9 @@ def vllm_requests(views: Views, key: Key) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}
     for consumer in views.consumers(*key):
         view = views.vllm.get(consumer)
-        for pod in (view.pods if view else {}).values():
+        for pod in active_pods((view.pods if view else {}).values()):
             node = pod["spec"].get("nodeName")
-            if not node or pod["metadata"].get("deletionTimestamp"):
-                continue
-            if pod["status"].get("phase") in ("Succeeded", "Failed"):
+            if not node:
                 continue
             requested, count = out.get(node, (0, 0))
             out[node] = (requested + int(pod["spec"].get("memoryRequest") or 0), count + 1)
