@@ -1,4 +1,4 @@
-"""Test helpers for the real API server: kubectl calls, bounded waits, a status recorder."""
+"""Test helpers for the real API server: kubectl calls, bounded waits, watch recorders."""
 
 from __future__ import annotations
 
@@ -126,6 +126,41 @@ class StatusRecorder:
             return next((s for s in reversed(self.seen) if predicate(s)), None)
 
         return wait_until(probe, timeout, what)
+
+
+@dataclass
+class ConfigMapRecorder:
+    """Every value one key of a ConfigMap had, in order, through a watch (a value that held
+    only between two polls is seen too)."""
+
+    cluster: Cluster
+    namespace: str
+    name: str
+    key: str
+    seen: list[str] = field(default_factory=list)
+    _lines: list[str] = field(default_factory=list)
+    _watch: _Watch | None = None
+
+    END = "--end-of-value--"  # a line of its own after each value (values span lines)
+
+    def __enter__(self) -> ConfigMapRecorder:
+        path = self.key.replace(".", "\\.")
+        template = f'{{.data.{path}}}{{"\\n{self.END}\\n"}}'
+        args = ["configmap", self.name, "-n", self.namespace, "-o", f"jsonpath={template}"]
+        self._watch = _Watch(self.cluster, args, self._line)
+        return self
+
+    def _line(self, raw: str) -> None:
+        text = raw.rstrip("\n")
+        if text == self.END:
+            self.seen.append("\n".join(self._lines))
+            self._lines = []
+        else:
+            self._lines.append(text)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._watch is not None:
+            self._watch.stop()
 
 
 @dataclass
