@@ -21,7 +21,7 @@ import yaml
 from lmcache_node.client.errors import NodeAuthenticationError
 from lmcache_node.client.node_client import NodeClient
 from lmcache_node.protocol.credentials import ClientCredentials
-from lmcache_node.server.process import ServerProcess
+from lmcache_node.server.process import ServerProcess, free_port
 from lmcache_operator.api.lmcachecluster import LMCacheClusterSpec
 from lmcache_operator.builders.credentials import (
     ACTIVE,
@@ -75,7 +75,8 @@ def _server_config(root: Path) -> Path:
             ("/var/run/lmcache/credentials/", "/var/run/lmcache/keys/")
         )
         config[key] = str(root / str(config[key]).lstrip("/"))
-    config.update(shm_dir=str(root / "shm"), shm_group=None, chunk_size=64)
+    # a free events port: the rendered one (the pod's, 5556) may be taken on this host
+    config.update(shm_dir=str(root / "shm"), shm_group=None, chunk_size=64, events_port=free_port())
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
