@@ -62,6 +62,11 @@ class ClusterView:
     defer_until: float | None = None  # loop time before which same-phase writes wait
     credentials: KeyState | None = None  # the public side of its Secrets (also in status)
 
+    def recorded_status(self) -> dict[str, Any]:
+        """The status as last written: this process's own last write when there is one,
+        which is newer than a watch event that has not caught up with it yet."""
+        return self.last_written or (self.body or {}).get("status") or {}
+
 
 @dataclass
 class VLLMApplied:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -46,10 +46,13 @@ FINALIZER = "lmcache.dev/pool-cleanup"
 POLL_S = 2.0
 
 
-def pool_nodes(status: Mapping[str, Any], pod_nodes: set[str], gone: set[str]) -> list[str]:
-    """status.poolNodes: the nodes recorded before and those running a pod now, without the
-    nodes that were deleted (their /dev/shm went with them)."""
-    recorded = {str(n) for n in status.get("poolNodes") or []}
+def pool_nodes(
+    statuses: Iterable[Mapping[str, Any]], pod_nodes: set[str], gone: set[str]
+) -> list[str]:
+    """status.poolNodes: the nodes recorded before (in any of ``statuses``: the object's, and
+    this process's last write, which a lagging watch may not show yet) and those running a
+    pod now, without the nodes that were deleted (their /dev/shm went with them)."""
+    recorded = {str(n) for status in statuses for n in status.get("poolNodes") or []}
     return sorted((recorded | pod_nodes) - gone)
 
 
@@ -120,7 +123,8 @@ class PoolCleanup:
         pods = {str(p["spec"]["nodeName"]) for p in (view.pods.values() if view else [])
                 if p["spec"].get("nodeName")}  # fmt: skip
         gone = {n for n, why in self.views.node_problems.items() if why == "deleted"}
-        nodes = pool_nodes(body.get("status") or {}, pods, gone)
+        written = [view.last_written] if view and view.last_written else []
+        nodes = pool_nodes([body.get("status") or {}, *written], pods, gone)
         # from the deletion, or from when this process saw it (the operator was down)
         first_seen = self._first_seen.setdefault(key, time.time())
         deleted_at = parse_rfc3339(str(meta["deletionTimestamp"]))

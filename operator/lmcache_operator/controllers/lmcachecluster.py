@@ -317,7 +317,7 @@ class ClusterController:
         Phase changes (Ready, Degraded, ...) are written at once; counts and endpoints that
         move within one phase are written at most every DEFER_SAME_PHASE_S.
         """
-        before = view.last_written or (view.body or {}).get("status") or {}
+        before = view.recorded_status()
         same_phase = before.get("phase") == status["phase"] and before.get(
             "observedGeneration"
         ) == status.get("observedGeneration")
@@ -343,6 +343,10 @@ class ClusterController:
         spec = body.get("spec", {})
         model = self._spec(spec)
         nodes_with_pool, memory = pools(self.views, key, view, model)
+        on_object = body.get("status") or {}
+        # judged against a late event's stale Progressing, a node lost after Ready would read
+        # as Progressing instead of Degraded (and the phase would flip with each late event)
+        recorded = view.recorded_status()
         observed = Observed(
             generation=int(body["metadata"].get("generation", 0)),
             applied_generation=applied.generation,
@@ -352,7 +356,7 @@ class ClusterController:
             node_selector=spec.get("placement", {}).get("nodeSelector", {}),
             daemonset=view.daemonset,
             pods=list(view.pods.values()),
-            previous=body.get("status") or {},
+            previous=recorded,
             monitoring_condition=applied.monitoring_condition,
             node_problems=self.views.node_problems,
             forbidden=applied.forbidden,
@@ -370,16 +374,15 @@ class ClusterController:
                 "configMap": connection_configmap_name(key[1]),
                 "podLabel": pod_label(key[1]),
             }
-        if same_status(status, observed.previous) or (
-            view.last_written is not None and same_status(status, view.last_written)
-        ):
+        if same_status(status, recorded):
             return
         if self._defer(key, view, status):
             return
         try:
             await self.client.patch_status(
-                API_VERSION, KIND, key[0], key[1], removals(status, observed.previous)
-            )
+                API_VERSION, KIND, key[0], key[1],
+                removals(removals(status, on_object), view.last_written or {}),
+            )  # fmt: skip
         except KubeError as exc:
             if exc.status == 404:
                 return  # deleted meanwhile

@@ -38,9 +38,9 @@ def pools(
         if p["spec"].get("nodeName") and p["status"].get("phase") not in ("Succeeded", "Failed")
     }
     gone = {n for n, why in views.node_problems.items() if why == "deleted"}
-    previous = (view.body or {}).get("status") or {}
+    recorded = [(view.body or {}).get("status") or {}, view.last_written or {}]
     persistent = spec is None or spec.cache.persistent
-    nodes = pool_nodes(previous, pod_nodes if persistent else set(), gone)
+    nodes = pool_nodes(recorded, pod_nodes if persistent else set(), gone)
     if spec is None:
         return nodes, []
     problems = memory_problems(
