@@ -41,6 +41,15 @@ def forget_unseen(
     return changed
 
 
+def recorded_status(
+    body: Mapping[str, Any] | None, last_written: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The status as last written: this process's own last write when there is one, which
+    is newer than a watch event that has not caught up with it yet (kopf hands an object's
+    events over behind its handlers), else the object's."""
+    return last_written or dict((body or {}).get("status") or {})
+
+
 @dataclass
 class Applied:
     """The result of the last successful reconcile of a cluster (memory only)."""
@@ -63,9 +72,7 @@ class ClusterView:
     credentials: KeyState | None = None  # the public side of its Secrets (also in status)
 
     def recorded_status(self) -> dict[str, Any]:
-        """The status as last written: this process's own last write when there is one,
-        which is newer than a watch event that has not caught up with it yet."""
-        return self.last_written or (self.body or {}).get("status") or {}
+        return recorded_status(self.body, self.last_written)
 
 
 @dataclass
@@ -85,6 +92,9 @@ class VLLMView:
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     applied: VLLMApplied | None = None
     last_written: dict[str, Any] | None = None
+
+    def recorded_status(self) -> dict[str, Any]:
+        return recorded_status(self.body, self.last_written)
 
 
 @dataclass

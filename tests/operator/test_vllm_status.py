@@ -13,6 +13,7 @@ from lmcache_operator.builders.vllm_status import (
 )
 from lmcache_operator.controllers.gates import narrowed_affinity
 from lmcache_operator.controllers.vllmdeployment import same_status
+from lmcache_operator.state import VLLMView
 
 NOW = "2026-11-23T20:00:00Z"
 
@@ -210,6 +211,19 @@ def test_transition_times_move_only_on_change() -> None:
     )
     assert cond(flipped, "CacheReady")["lastTransitionTime"] == "2026-11-23T21:00:00Z"
     assert not same_status(first, flipped)
+
+
+def test_a_lagging_watch_event_does_not_move_transition_times() -> None:
+    """kopf can hand over an event older than the operator's last write: the status is
+    judged against that write, so a late event causes no write and no new timestamp."""
+    unready = replace(BASE, ready_cache_nodes=frozenset({"gpu-0"}))
+    first = compute_status(unready, NOW)
+    second = compute_status(replace(BASE, previous=first), "2026-11-23T20:05:00Z")
+    view = VLLMView(body={"status": first}, last_written=second)  # the event of `first`
+    late = compute_status(replace(BASE, previous=view.recorded_status()), "2026-11-23T20:09:00Z")
+    assert cond(late, "CacheReady")["lastTransitionTime"] == "2026-11-23T20:05:00Z"
+    assert same_status(late, view.recorded_status())
+    assert VLLMView(body={"status": first}).recorded_status() == first  # no write yet
 
 
 def test_ready_cache_nodes_ignore_unready_and_deleting_pods() -> None:

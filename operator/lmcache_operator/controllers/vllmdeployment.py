@@ -277,7 +277,7 @@ class VLLMController:
             ready_cache_nodes=cache_view.ready_nodes if cache_view else frozenset(),
             deployment=view.deployment,
             pods=list(view.pods.values()),
-            previous=body.get("status") or {},
+            previous=view.recorded_status(),
             url=service_url(name, namespace, model) if model is not None else "",
             router_url=(
                 router.router_url(name, namespace, model)
@@ -294,9 +294,7 @@ class VLLMController:
         if view is None or observed is None:
             return
         status = compute_status(observed)
-        if same_status(status, observed.previous) or (
-            view.last_written is not None and same_status(status, view.last_written)
-        ):
+        if same_status(status, observed.previous):
             return
         if status["cache"].get("compatible") is None:
             status["cache"]["compatible"] = None  # merge patch: remove a stale value
