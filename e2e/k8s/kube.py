@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmcache_node.server.process import free_port
+
 from tests.support import wait_until
 
 
@@ -148,9 +150,7 @@ class Kube:
     @contextmanager
     def port_forward(self, namespace: str, target: str, port: int) -> Iterator[str]:
         """``kubectl port-forward`` to ``target`` (pod/x, svc/x): yields http://127.0.0.1:<p>."""
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            local = probe.getsockname()[1]
+        local = free_port()
         process = subprocess.Popen(
             ["kubectl", "port-forward", "-n", namespace, target, f"{local}:{port}",
              "--address", "127.0.0.1"],

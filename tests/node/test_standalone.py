@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from lmcache_node.server.process import free_port
 
 from tests.support import wait_until
 
@@ -114,11 +115,7 @@ def test_mla_shape_runs() -> None:
 
 @pytest.mark.slow
 def test_internal_api_server_serves_stats(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [
             *STARTER,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lmcache_node.server.process import free_port
 
 from tests.operator.kubectl import Cluster
 from tests.support import wait_until
@@ -93,12 +93,6 @@ def namespace(k8s_cluster: Cluster) -> Iterator[str]:
         k8s_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class OperatorProcess:
     """`lmcache-operator run` as a subprocess watching one namespace (namespaced mode: no
     Node watch), or every namespace (``namespaced=False``)."""
@@ -141,7 +135,7 @@ class OperatorProcess:
     def start(self) -> None:
         assert self.proc is None, "already running"
         self.starts += 1
-        self.port = _free_port()
+        self.port = free_port()
         url = f"{self.base_url}/healthz"
         log = self.log_path.open("wb")
         # kwok pods run nothing: their /readyz cannot be read (test_pools.py reads real ones)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from lmcache_node.server.process import free_port
 
 from tests.operator.conftest import OperatorProcess
 from tests.operator.kubectl import Cluster
@@ -39,12 +40,6 @@ spec:
 def cluster_manifest(name: str = "cache", extra: str = "") -> str:
     port = next(_PORTS)
     return CLUSTER.format(name=name, port=port, http=port + 1) + extra
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def events(k8s: Cluster, ns: str, name: str) -> list[dict[str, Any]]:

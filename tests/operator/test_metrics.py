@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import urllib.request
 from pathlib import Path
 
+from lmcache_node.server.process import free_port
 from lmcache_operator.metrics import OperatorMetrics
 from lmcache_operator.serving import serve
 from prometheus_client import generate_latest
@@ -38,15 +38,9 @@ def test_dashboard_operator_row_uses_exported_metrics() -> None:
     assert used - _exported() == set()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_health_and_metrics_are_served() -> None:
     metrics = OperatorMetrics()
-    port = _free_port()
+    port = free_port()
 
     async def scrape() -> tuple[dict[str, object], str]:
         runner = await serve(f"http://127.0.0.1:{port}/healthz", metrics)

@@ -24,11 +24,23 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port nothing listens on, never one this process handed out before.
+
+    The kernel can give a port it gave a moment ago to the next bind to port 0, so two
+    callers that bind later (a vLLM and another vLLM, both with SO_REUSEPORT) could share one
+    and split each other's connections; remembering the ports handed out rules that out.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class ServerProcess:

@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import pytest
 import redis
 import torch
 from lmcache_node.keys import ChunkKey, KeyNamespace, chunk_keys
+from lmcache_node.server.process import free_port
 
 from tests.support import wait_until
 
@@ -31,12 +31,6 @@ def payload_for(key: ChunkKey, nbytes: int) -> torch.Tensor:
     seed = int.from_bytes(key[:8], "little") & 0x7FFFFFFF
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=generator)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
