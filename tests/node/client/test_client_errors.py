@@ -21,7 +21,7 @@ from lmcache_node.keys import HASH_ALGORITHM
 from lmcache_node.protocol import messages as m
 from lmcache_node.server.process import ServerProcess, free_port
 
-from tests.support import wait_until
+from tests.support import continue_process, stop_process, wait_until
 
 pytestmark = pytest.mark.integration  # real server processes / subprocesses
 
@@ -133,14 +133,14 @@ def test_stopped_server_gives_timeout_not_hang(tmp_path: Path) -> None:
         node = NodeClient(proc.endpoint, timeout_s=1.0, expected_chunk_size=64)
         node.connect()
         assert proc.proc is not None
-        os.kill(proc.proc.pid, 19)  # SIGSTOP: connected but silent
+        stop_process(proc.proc.pid)  # connected but silent
         try:
             with pytest.raises(NodeTimeoutError):
                 node.lookup([os.urandom(16)])
             with pytest.raises(NodeUnavailableError):  # fails fast while it is unavailable
                 node.lookup([os.urandom(16)])
         finally:
-            os.kill(proc.proc.pid, 18)  # SIGCONT
+            continue_process(proc.proc.pid)
         wait_until(lambda: node.available, 20, "the client to recover after SIGCONT")
         assert node.lookup([os.urandom(16)]) == (0, None)
         node.close()

@@ -19,7 +19,7 @@ import torch
 from lmcache_node.client import NodeClient, NodeClientError, NodeUnavailableError, RemoteError
 from lmcache_node.server.process import ServerProcess, free_port
 
-from tests.support import sample, wait_until
+from tests.support import sample, stop_process, wait_until
 
 pytestmark = pytest.mark.integration  # real server processes / subprocesses
 
@@ -255,7 +255,7 @@ def test_stalled_client_keeps_its_memory_and_comes_back(
     try:
         names = proc.stdout.readline().split()
         assert names
-        os.kill(proc.pid, signal.SIGSTOP)
+        stop_process(proc.pid)
         with NodeClient(server.endpoint, timeout_s=10) as node:
             node.connect()
             wait_until(

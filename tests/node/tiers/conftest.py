@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import torch
 from lmcache_node.keys import ChunkKey, KeyNamespace, chunk_keys
 from lmcache_node.server.process import free_port
 
-from tests.support import wait_until
+from tests.support import continue_process, stop_process, wait_until
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -78,7 +77,7 @@ class RedisServer:
         if self.process is None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGCONT)
+            continue_process(self.process.pid)
         self.process.terminate()
         try:
             self.process.wait(timeout=10)
@@ -89,11 +88,11 @@ class RedisServer:
 
     def pause(self) -> None:
         assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
+        stop_process(self.process.pid)
 
     def resume(self) -> None:
         assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
+        continue_process(self.process.pid)
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=2.0)
