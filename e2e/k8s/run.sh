@@ -18,7 +18,8 @@
 # E2E_PRUNE_IMAGES=1 (default when CI is set): drop each image's build stages right after it
 # is built and its buildah copy once the node's containerd holds it, so the disk holds each
 # image about once instead of four times (build stage, image, archive, containerd; the
-# vLLM image is ~2.8 GiB), PYTEST_ARGS (extra pytest arguments).
+# vLLM image is ~2.8 GiB) and, before the first build, remove buildah working containers
+# that interrupted builds left, PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 K8S_TOOLS=$(cd "${K8S_TOOLS:-../shared/k8s}" && pwd)
@@ -61,6 +62,25 @@ cleanup() {
   rm -f "$TIMINGS"
   exit $rc
 }
+# Pruning saves disk, nothing more: when it fails, say why and go on.
+prune() {
+  local out
+  out=$("$@" 2>&1 >/dev/null) || echo "e2e: warning: '$*' failed, the disk keeps that image: $out" >&2
+}
+# A build that was killed leaves its working containers (buildah names them
+# <image>-working-container) and they keep their images: `buildah rmi --prune` then fails
+# with "image is in use by a container" (CI's machine once held eight after a killed run).
+# With pruning on (CI), they go before the first build; buildah containers only come from
+# builds there.
+drop_interrupted_builds() {
+  local stale
+  stale=$(buildah containers --format '{{.ContainerID}} {{.ContainerName}}' \
+    | awk '$2 ~ /-working-container$/ { print $1 }')
+  [ -n "$stale" ] || return 0
+  step "removing $(wc -l <<<"$stale") buildah working container(s) left by interrupted builds"
+  # shellcheck disable=SC2086 # one id per word
+  buildah rm $stale >/dev/null
+}
 START=$(date +%s)
 trap cleanup EXIT
 command -v buildah >/dev/null || "$K8S_TOOLS/image.sh" base  # installs buildah on first use
@@ -96,9 +116,10 @@ if [ -z "${E2E_SKIP_BUILD:-}" ]; then
   step "building the CPU images (${IMAGES[*]})${PRUNE:+, dropping build stages after each}"
   t=$(date +%s)
   if [ -n "$PRUNE" ]; then
+    drop_interrupted_builds
     for name in "${IMAGES[@]}"; do
       IMAGE_REGISTRY=$REGISTRY IMAGE_TAG=$TAG K8S_TOOLS=$K8S_TOOLS images/build.sh "$name"
-      buildah rmi --prune >/dev/null
+      prune buildah rmi --prune
       disk "after building $name"
     done
   else
@@ -128,7 +149,7 @@ done
 for ref in "${refs[@]}"; do
   "$K8S_TOOLS/image.sh" load --dir "$DIR" "$ref"
   # The node's containerd has its own copy now: E2E_PRUNE_IMAGES drops buildah's.
-  [ -z "$PRUNE" ] || buildah rmi "$ref" >/dev/null
+  [ -z "$PRUNE" ] || prune buildah rmi "$ref"
 done
 disk "after loading the images"
 record "load images into node-0 (${IMAGES[*]})" "$(( $(date +%s) - t ))"
