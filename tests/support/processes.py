@@ -1,8 +1,9 @@
 """Stop and continue a process for a test, waiting until the stop has taken effect.
 
 ``kill(pid, SIGSTOP)`` returns before the process stops: here its threads went on running
-for milliseconds after the call, long enough to answer a request sent after it (3 of 80
-tries). A test that relies on a silent process waits until every thread shows stopped.
+for milliseconds after the call, long enough to answer a request sent after it (5 of 100
+tries; 0 of 120 with the wait). A test that relies on a silent process waits until every
+thread shows stopped.
 """
 
 from __future__ import annotations

@@ -25,22 +25,30 @@ from pathlib import Path
 from types import TracebackType
 
 _HANDED_OUT: set[int] = set()
+_FREE_PORT_TRIES = 1000  # binds to port 0 before giving up (repeats are ~8 % here)
 
 
-def free_port() -> int:
+def free_port(*, handed_out: set[int] | None = None) -> int:
     """A loopback TCP port nothing listens on, never one this process handed out before.
 
     The kernel can give a port it gave a moment ago to the next bind to port 0, so two
     callers that bind later (a vLLM and another vLLM, both with SO_REUSEPORT) could share one
     and split each other's connections; remembering the ports handed out rules that out.
+    ``handed_out`` replaces this process's record (tests).
     """
-    while True:
+    seen = _HANDED_OUT if handed_out is None else handed_out
+    for _ in range(_FREE_PORT_TRIES):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
+        if port not in seen:
+            seen.add(port)
             return port
+    raise RuntimeError(
+        f"free_port: {_FREE_PORT_TRIES} binds to port 0 gave only ports this process handed "
+        f"out before ({len(seen)} of them): the loopback ephemeral range is used up; "
+        "stop processes that hold ports, or widen net.ipv4.ip_local_port_range"
+    )
 
 
 class ServerProcess:

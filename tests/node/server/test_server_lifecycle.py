@@ -19,7 +19,7 @@ import torch
 from lmcache_node.client import NodeClient, NodeClientError, NodeUnavailableError, RemoteError
 from lmcache_node.server.process import ServerProcess, free_port
 
-from tests.support import sample, stop_process, wait_until
+from tests.support import continue_process, sample, stop_process, wait_until
 
 pytestmark = pytest.mark.integration  # real server processes / subprocesses
 
@@ -264,13 +264,14 @@ def test_stalled_client_keeps_its_memory_and_comes_back(
                 "the stalled client's registration to be dropped after the heartbeat timeout",
             )
         assert all((shm_path / n).exists() for n in names)  # but it is alive: memory kept
-        os.kill(proc.pid, signal.SIGCONT)
+        continue_process(proc.pid)
         proc.stdin.write("go\n")
         proc.stdin.flush()
         assert proc.stdout.readline().split() == ["ok", "1", "1"]
         assert proc.wait(timeout=60) == 0
     finally:
-        os.kill(proc.pid, signal.SIGCONT) if proc.poll() is None else None
+        if proc.poll() is None:
+            continue_process(proc.pid)
         proc.kill()
         proc.wait()
 
@@ -281,3 +282,14 @@ def test_free_port_never_hands_out_a_port_twice() -> None:
     each other's connections, as a CI run of the vLLM e2e once did."""
     ports = [free_port() for _ in range(2000)]
     assert len(set(ports)) == len(ports)
+
+
+def test_free_port_says_when_every_port_it_draws_was_handed_out() -> None:
+    """Bounded, not a spin: when the kernel only offers ports handed out before, it says so."""
+    with pytest.raises(RuntimeError, match="ephemeral range is used up"):
+        free_port(handed_out=_EveryPort())
+
+
+class _EveryPort(set[int]):
+    def __contains__(self, port: object) -> bool:
+        return True
